@@ -1,0 +1,86 @@
+"""Audio I/O shared by every stage: decode with soundfile, down-mix, resample with soxr.
+
+datasets' own decoding needs torchcodec, which does not load against the CPU torch wheel, so every
+dataset is read with `Audio(decode=False)` and decoded here from bytes or a path.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+
+class AudioDecodeError(ValueError):
+    """An audio sample that cannot be turned into a waveform (unreadable, empty, missing)."""
+
+
+def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
+    if orig_sr == target_sr:
+        return wave.astype(np.float32, copy=False)
+    return soxr.resample(wave, orig_sr, target_sr, quality="HQ").astype(np.float32, copy=False)
+
+
+def to_mono(wave: np.ndarray) -> np.ndarray:
+    return wave.mean(axis=1) if wave.ndim == 2 else wave
+
+
+def _describe(audio: Any) -> str:
+    if isinstance(audio, dict):
+        return str(audio.get("path") or "<in-memory bytes>")
+    if isinstance(audio, (str, Path)):
+        return str(audio)
+    return "<in-memory bytes>"
+
+
+def decode_audio(audio: Any, target_sr: int = 16_000) -> np.ndarray:
+    """Decode one sample to a mono float32 waveform at `target_sr`.
+
+    `audio` is what a datasets `Audio(decode=False)` column holds (`{"bytes": ..., "path": ...}`),
+    a path, raw encoded bytes, or an already decoded `{"array", "sampling_rate"}` dict.
+    Raises AudioDecodeError naming the source when the audio cannot be used.
+    """
+    source = _describe(audio)
+    try:
+        if isinstance(audio, dict) and audio.get("array") is not None:
+            wave, sr = np.asarray(audio["array"], dtype=np.float32), int(audio["sampling_rate"])
+        else:
+            if isinstance(audio, dict):
+                data = audio.get("bytes") or audio.get("path")
+            else:
+                data = audio
+            if data is None or (isinstance(data, (bytes, bytearray)) and len(data) == 0):
+                raise AudioDecodeError(f"audio sample {source} has neither bytes nor a path")
+            handle = io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data)
+            wave, sr = sf.read(handle, dtype="float32", always_2d=False)
+    except AudioDecodeError:
+        raise
+    except Exception as err:  # soundfile raises several types for bad files
+        raise AudioDecodeError(f"cannot decode audio {source}: {err}") from err
+    wave = to_mono(np.asarray(wave, dtype=np.float32))
+    if wave.size == 0:
+        raise AudioDecodeError(f"audio {source} is empty (0 samples)")
+    return resample(wave, sr, target_sr)
+
+
+def encode_flac(wave: np.ndarray, sampling_rate: int) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, wave, sampling_rate, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def add_noise(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
+    """Mix `noise` (tiled or cut to length) into `wave` at the given signal-to-noise ratio in dB."""
+    if noise.size < wave.size:
+        noise = np.tile(noise, int(np.ceil(wave.size / noise.size)))
+    noise = noise[: wave.size]
+    signal_power = float(np.mean(wave**2)) or 1e-12
+    noise_power = float(np.mean(noise**2)) or 1e-12
+    scale = np.sqrt(signal_power / (noise_power * 10 ** (snr_db / 10)))
+    mixed = wave + scale * noise
+    peak = float(np.max(np.abs(mixed)))
+    return (mixed / peak * 0.99 if peak > 0.99 else mixed).astype(np.float32)
