@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 
 import jiwer
 from whisper_normalizer.basic import BasicTextNormalizer
@@ -18,12 +18,12 @@ from whisper_normalizer.english import EnglishTextNormalizer
 Normalizer = Callable[[str], str]
 
 
-@lru_cache(maxsize=None)
+@cache
 def english_normalizer() -> EnglishTextNormalizer:
     return EnglishTextNormalizer()
 
 
-@lru_cache(maxsize=None)
+@cache
 def basic_normalizer() -> BasicTextNormalizer:
     return BasicTextNormalizer()
 
@@ -84,7 +84,9 @@ def _pairs(references: Iterable[str], predictions: Iterable[str], normalizer: No
     return refs, hyps, skipped
 
 
-def corpus_wer(references: Iterable[str], predictions: Iterable[str], normalizer: Normalizer = identity) -> WERResult:
+def corpus_wer(
+    references: Iterable[str], predictions: Iterable[str], normalizer: Normalizer = identity
+) -> WERResult:
     refs, hyps, skipped = _pairs(references, predictions, normalizer)
     if not refs:
         return WERResult(None, 0, 0, 0, 0, 0, skipped)
@@ -109,7 +111,9 @@ def sample_wer(reference: str | None, prediction: str, normalizer: Normalizer | 
     return corpus_wer([reference], [prediction], normalizer or english_normalizer()).wer
 
 
-def corpus_cer(references: Iterable[str], predictions: Iterable[str], normalizer: Normalizer = identity) -> float | None:
+def corpus_cer(
+    references: Iterable[str], predictions: Iterable[str], normalizer: Normalizer = identity
+) -> float | None:
     """Percent character error rate, for languages written without spaces."""
     refs, hyps, _ = _pairs(references, predictions, normalizer)
     if not refs:

@@ -30,7 +30,9 @@ def require_engine(engine: str) -> str:
     return exe
 
 
-def synthesize(text: str, engine: str, voice: str, sampling_rate: int = 16_000, rate: int | None = None) -> np.ndarray:
+def synthesize(
+    text: str, engine: str, voice: str, sampling_rate: int = 16_000, rate: int | None = None
+) -> np.ndarray:
     """Speak `text` with `engine`/`voice` and return a mono float32 waveform at `sampling_rate`.
 
     espeak-ng voices look like "en-us", "en-gb+m3", "en+f2"; flite voices like "slt", "kal", "awb", "rms".

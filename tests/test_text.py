@@ -2,7 +2,14 @@
 
 import pytest
 
-from distil.text import basic_normalizer, corpus_cer, corpus_wer, english_normalizer, get_normalizer, sample_wer
+from distil.text import (
+    basic_normalizer,
+    corpus_cer,
+    corpus_wer,
+    english_normalizer,
+    get_normalizer,
+    sample_wer,
+)
 
 
 @pytest.mark.parametrize(
@@ -44,7 +51,9 @@ def test_corpus_wer_counts_edits_over_reference_words():
 
 def test_empty_normalised_references_are_skipped_and_counted():
     # "[music]" and "um" normalise to nothing: those samples are skipped, not scored as 0 or 100.
-    result = corpus_wer(["[music]", "um", "good morning"], ["anything", "", "good morning"], english_normalizer())
+    result = corpus_wer(
+        ["[music]", "um", "good morning"], ["anything", "", "good morning"], english_normalizer()
+    )
     assert result.scored == 1
     assert result.skipped_empty_reference == 2
     assert result.wer == 0.0
