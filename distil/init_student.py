@@ -1,0 +1,41 @@
+"""Stage 2: build the student from the teacher (`python -m distil.init_student teacher=tiny_en student=2dec`).
+
+The student directory lands at `${paths.students}/${teacher.name}-${student.name}` (see
+conf/init_student.yaml), where `student.name` is derived from the layer settings, so
+`student.decoder_layers=4` writes `.../tiny_en-dec4` and never overwrites the 2-layer student.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distil.runinfo import write_run_info
+from distil.student import init_student
+
+
+def init_student_from_config(cfg: DictConfig) -> Path:
+    """Resolve the teacher, then build (or reuse) the student described by `cfg.student`."""
+    from distil.models import resolve_model
+
+    teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
+    return init_student(
+        teacher_dir,
+        cfg.out_dir,
+        encoder_layers=cfg.student.encoder_layers,
+        decoder_layers=cfg.student.decoder_layers,
+        overwrite=cfg.get("overwrite", False),
+    )
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="init_student")
+def main(cfg: DictConfig) -> None:
+    write_run_info(cfg)
+    out = init_student_from_config(cfg)
+    print(f"student written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,178 @@
+"""Distillation losses: CE on (pseudo-)labels, temperature-scaled KL to the teacher, hidden-state MSE.
+
+`L = ce_weight * CE + kl_weight * KL (+ mse_weight * MSE)` (Distil-Whisper; reference defaults
+ce_weight 0.8, or 1.0 when kl_weight = 0, kl_weight 1.0, temperature 2.0).
+
+Logits are `[batch, time, vocab]` aligned with `labels` `[batch, time]` (logit `t` predicts label `t`;
+see distil.targets), and positions whose label is -100 (padding, prompt) are excluded everywhere.
+The vocabulary is large (51k), so the masked positions are selected first and only those rows are
+upcast to float32: no extra full `[B, T, V]` copy is made, and bf16 logits are reduced in fp32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+DEFAULT_CE_WEIGHT = 0.8
+DEFAULT_KL_WEIGHT = 1.0
+DEFAULT_TEMPERATURE = 2.0
+
+
+def effective_ce_weight(ce_weight: float | None, kl_weight: float) -> float:
+    """The CE weight to use: an explicit value wins; otherwise 0.8 with KD and 1.0 without (kl_weight 0)."""
+    if ce_weight is not None:
+        return float(ce_weight)
+    return 1.0 if kl_weight == 0 else DEFAULT_CE_WEIGHT
+
+
+def _select(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of `logits` (as float32) and their labels at the positions that count (label != -100)."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(
+            f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} do not line up: expected "
+            "logits [batch, time, vocab] with labels [batch, time]"
+        )
+    mask = labels != IGNORE_INDEX
+    return logits[mask].float(), labels[mask]
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    # Keeps the graph connected (DDP expects every parameter to get a gradient) when nothing counts.
+    return like.sum() * 0.0
+
+
+def cross_entropy(student_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean token cross-entropy over positions whose label is not -100 (0 if there are none)."""
+    logits, targets = _select(student_logits, labels)
+    if targets.numel() == 0:
+        return _zero(student_logits).float()
+    return F.cross_entropy(logits, targets, reduction="mean")
+
+
+def kl_divergence(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float = DEFAULT_TEMPERATURE,
+) -> torch.Tensor:
+    """`T^2 * sum_t sum_v p_T(v) (log p_T(v) - log p_S(v)) / n_tokens` with `p = softmax(z / T)`.
+
+    Summed over the vocabulary, averaged over the positions whose label is not -100. The `T^2`
+    factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student logits {tuple(student_logits.shape)} and teacher logits "
+            f"{tuple(teacher_logits.shape)} differ; they must share batch, time and vocabulary"
+        )
+    s, _ = _select(student_logits, labels)
+    t, _ = _select(teacher_logits.detach(), labels)
+    n_tokens = s.shape[0]
+    if n_tokens == 0:
+        return _zero(student_logits).float()
+    # s and t are fresh copies (boolean indexing), so dividing in place saves a [N, V] buffer each.
+    log_p_s = F.log_softmax(s.div_(temperature), dim=-1)
+    with torch.no_grad():
+        log_p_t = F.log_softmax(t.div_(temperature), dim=-1)
+        # A teacher logit of -inf (suppressed token) gives p = 0; clamping avoids 0 * inf = nan.
+        log_p_t.clamp_(min=torch.finfo(log_p_t.dtype).min)
+    # kl_div(input=log q, target=log p, log_target=True) sums p (log p - log q).
+    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
+    return kl * (temperature**2) / n_tokens
+
+
+def hidden_layer_pairs(layer_map: Sequence[int]) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `output_hidden_states` tuples for a student built with `layer_map`.
+
+    Those tuples start with the embedding output (index 0) followed by one entry per layer, so the
+    embeddings are paired with each other and student layer `i` with teacher layer `layer_map[i]`.
+    """
+    return [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+
+
+def hidden_mse(
+    student_hidden: Sequence[torch.Tensor],
+    teacher_hidden: Sequence[torch.Tensor],
+    layer_pairs: Sequence[tuple[int, int]],
+    mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Mean over `layer_pairs` of the MSE between student and teacher hidden states `[B, T, D]`.
+
+    `mask` `[B, T]` (bool or 0/1) restricts the positions (e.g. the decoder's non-padding tokens);
+    each pair's MSE is the mean over the selected positions and the hidden dimension.
+    """
+    if not layer_pairs:
+        raise ValueError("hidden_mse needs at least one (student, teacher) layer pair")
+    keep = None if mask is None else mask.bool()
+    total = None
+    for s_idx, t_idx in layer_pairs:
+        if not (-len(student_hidden) <= s_idx < len(student_hidden)):
+            raise IndexError(
+                f"student hidden-state index {s_idx} out of range ({len(student_hidden)} states)"
+            )
+        if not (-len(teacher_hidden) <= t_idx < len(teacher_hidden)):
+            raise IndexError(
+                f"teacher hidden-state index {t_idx} out of range ({len(teacher_hidden)} states)"
+            )
+        s, t = student_hidden[s_idx], teacher_hidden[t_idx].detach()
+        if s.shape != t.shape:
+            raise ValueError(
+                f"hidden states of student {s_idx} {tuple(s.shape)} and teacher {t_idx} {tuple(t.shape)} differ"
+            )
+        if keep is not None:
+            s, t = s[keep], t[keep]
+        term = _zero(s).float() if s.numel() == 0 else F.mse_loss(s.float(), t.float(), reduction="mean")
+        total = term if total is None else total + term
+    return total / len(layer_pairs)
+
+
+HiddenTerm = tuple[
+    Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[tuple[int, int]], torch.Tensor | None
+]
+
+
+def distillation_loss(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    *,
+    ce_weight: float | None = None,
+    kl_weight: float = DEFAULT_KL_WEIGHT,
+    mse_weight: float = 0.0,
+    temperature: float = DEFAULT_TEMPERATURE,
+    hidden_terms: Sequence[HiddenTerm] = (),
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`ce_weight * CE + kl_weight * KL + mse_weight * MSE` and its parts (detached, for logging).
+
+    `ce_weight=None` means the reference default (`effective_ce_weight`). `hidden_terms` is one
+    `(student_hidden, teacher_hidden, layer_pairs, mask)` tuple per stack (encoder, decoder); MSE is
+    the mean of their `hidden_mse`, so each stack counts equally whatever its depth. Terms with a
+    zero weight are not computed (no teacher logits/hidden states needed for them).
+    """
+    ce_w = effective_ce_weight(ce_weight, kl_weight)
+    total = _zero(student_logits).float()
+    parts: dict[str, torch.Tensor] = {}
+    if ce_w != 0:
+        ce = cross_entropy(student_logits, labels)
+        total = total + ce_w * ce
+        parts["ce"] = ce.detach()
+    if kl_weight != 0:
+        if teacher_logits is None:
+            raise ValueError("kl_weight > 0 needs teacher_logits; set kl_weight=0 to train without a teacher")
+        kl = kl_divergence(student_logits, teacher_logits, labels, temperature)
+        total = total + kl_weight * kl
+        parts["kl"] = kl.detach()
+    if mse_weight != 0:
+        if not hidden_terms:
+            raise ValueError("mse_weight > 0 needs hidden_terms (student and teacher hidden states)")
+        mse = sum(hidden_mse(*term) for term in hidden_terms) / len(hidden_terms)
+        total = total + mse_weight * mse
+        parts["mse"] = mse.detach()
+    parts["loss"] = total.detach()
+    return total, parts

@@ -1,0 +1,217 @@
+"""Distillation losses against float64 hand computations on tiny tensors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from distil.losses import (
+    IGNORE_INDEX,
+    cross_entropy,
+    distillation_loss,
+    effective_ce_weight,
+    hidden_layer_pairs,
+    hidden_mse,
+    kl_divergence,
+)
+
+B, T, V = 2, 4, 7
+
+
+@pytest.fixture
+def batch():
+    g = torch.Generator().manual_seed(0)
+    student = torch.randn(B, T, V, generator=g) * 3
+    teacher = torch.randn(B, T, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, 0] = IGNORE_INDEX  # a masked prompt position
+    labels[1, 2:] = IGNORE_INDEX  # padding
+    return student, teacher, labels
+
+
+def _log_softmax64(z: np.ndarray) -> np.ndarray:
+    z = z - z.max()
+    return z - np.log(np.exp(z).sum())
+
+
+def manual_kl(student, teacher, labels, temperature) -> float:
+    total, n = 0.0, 0
+    for b in range(labels.shape[0]):
+        for t in range(labels.shape[1]):
+            if labels[b, t] == IGNORE_INDEX:
+                continue
+            log_ps = _log_softmax64(student[b, t].double().numpy() / temperature)
+            log_pt = _log_softmax64(teacher[b, t].double().numpy() / temperature)
+            total += float((np.exp(log_pt) * (log_pt - log_ps)).sum())
+            n += 1
+    return temperature**2 * total / n
+
+
+def manual_ce(student, labels) -> float:
+    losses = [
+        -_log_softmax64(student[b, t].double().numpy())[labels[b, t]]
+        for b in range(labels.shape[0])
+        for t in range(labels.shape[1])
+        if labels[b, t] != IGNORE_INDEX
+    ]
+    return float(np.mean(losses))
+
+
+def test_kl_of_a_distribution_with_itself_is_zero(batch):
+    student, _, labels = batch
+    for temperature in (0.5, 1.0, 2.0, 5.0):
+        assert kl_divergence(student, student.clone(), labels, temperature).abs().item() < 1e-6
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+def test_kl_matches_float64_hand_computation(batch, temperature):
+    student, teacher, labels = batch
+    got = kl_divergence(student, teacher, labels, temperature).item()
+    assert got == pytest.approx(manual_kl(student, teacher, labels, temperature), rel=1e-5)
+    assert got > 0
+
+
+def test_kl_temperature_squared_factor():
+    """One position in closed form: student uniform over 2 tokens, teacher logits [ln 3, 0]."""
+    student = torch.zeros(1, 1, 2)
+    teacher = torch.tensor([[[np.log(3.0), 0.0]]])
+    labels = torch.zeros(1, 1, dtype=torch.long)
+    # T = 1: p_T = [3/4, 1/4] against [1/2, 1/2].
+    expected1 = 0.75 * np.log(0.75 / 0.5) + 0.25 * np.log(0.25 / 0.5)
+    assert kl_divergence(student, teacher, labels, 1.0).item() == pytest.approx(expected1, rel=1e-6)
+    # T = 2: p_T = softmax([ln 3 / 2, 0]) = [sqrt3, 1] / (sqrt3 + 1), and the KL is multiplied by 4.
+    p = np.array([np.sqrt(3.0), 1.0]) / (np.sqrt(3.0) + 1)
+    expected2 = 4 * float((p * np.log(p / 0.5)).sum())
+    assert kl_divergence(student, teacher, labels, 2.0).item() == pytest.approx(expected2, rel=1e-6)
+
+
+def test_masked_positions_do_not_count(batch):
+    student, teacher, labels = batch
+    mask = labels == IGNORE_INDEX
+    s2, t2 = student.clone(), teacher.clone()
+    s2[mask] = torch.randn(int(mask.sum()), V) * 50
+    t2[mask] = torch.randn(int(mask.sum()), V) * 50
+    assert kl_divergence(s2, t2, labels).item() == pytest.approx(
+        kl_divergence(student, teacher, labels).item()
+    )
+    assert cross_entropy(s2, labels).item() == pytest.approx(cross_entropy(student, labels).item())
+
+
+def test_cross_entropy_matches_hand_computation(batch):
+    student, _, labels = batch
+    assert cross_entropy(student, labels).item() == pytest.approx(manual_ce(student, labels), rel=1e-5)
+
+
+def test_bf16_logits_are_reduced_in_float32(batch):
+    student, teacher, labels = batch
+    s16, t16 = student.bfloat16().requires_grad_(), teacher.bfloat16()
+    kl = kl_divergence(s16, t16, labels)
+    ce = cross_entropy(s16, labels)
+    assert kl.dtype == torch.float32 and ce.dtype == torch.float32
+    # Same numbers as an fp32 computation on the bf16-rounded values.
+    assert kl.item() == pytest.approx(manual_kl(s16.detach().float(), t16.float(), labels, 2.0), rel=1e-5)
+    (kl + ce).backward()
+    assert s16.grad is not None and s16.grad.dtype == torch.bfloat16
+
+
+def test_gradients_flow_to_the_student_only(batch):
+    student, teacher, labels = batch
+    student.requires_grad_()
+    teacher.requires_grad_()
+    kl_divergence(student, teacher, labels).backward()
+    assert student.grad is not None and student.grad[labels != IGNORE_INDEX].abs().sum() > 0
+    assert student.grad[labels == IGNORE_INDEX].abs().sum() == 0
+    assert teacher.grad is None
+
+
+def test_all_masked_gives_zero_with_a_graph(batch):
+    student, teacher, labels = batch
+    student.requires_grad_()
+    labels = torch.full_like(labels, IGNORE_INDEX)
+    kl, ce = kl_divergence(student, teacher, labels), cross_entropy(student, labels)
+    assert kl.item() == 0 and ce.item() == 0
+    (kl + ce).backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+def test_shape_and_argument_errors(batch):
+    student, teacher, labels = batch
+    with pytest.raises(ValueError, match="differ"):
+        kl_divergence(student, teacher[:, :, :-1], labels)
+    with pytest.raises(ValueError, match="line up"):
+        cross_entropy(student, labels[:, :-1])
+    with pytest.raises(ValueError, match="temperature"):
+        kl_divergence(student, teacher, labels, 0.0)
+
+
+def test_hidden_layer_pairs_include_embeddings():
+    assert hidden_layer_pairs([0, 31]) == [(0, 0), (1, 1), (2, 32)]
+    assert hidden_layer_pairs([0, 1, 2]) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+
+
+def test_hidden_mse_matches_hand_computation():
+    g = torch.Generator().manual_seed(1)
+    student = [torch.randn(2, 3, 5, generator=g) for _ in range(3)]  # embeddings + 2 layers
+    teacher = [torch.randn(2, 3, 5, generator=g) for _ in range(7)]  # embeddings + 6 layers
+    pairs = hidden_layer_pairs([0, 5])
+    mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
+
+    def manual(use_mask):
+        per_pair = []
+        for s, t in pairs:
+            a, b = student[s].double().numpy(), teacher[t].double().numpy()
+            if use_mask:
+                keep = mask.numpy().astype(bool)
+                a, b = a[keep], b[keep]
+            per_pair.append(((a - b) ** 2).mean())
+        return float(np.mean(per_pair))
+
+    assert hidden_mse(student, teacher, pairs).item() == pytest.approx(manual(False), rel=1e-5)
+    assert hidden_mse(student, teacher, pairs, mask).item() == pytest.approx(manual(True), rel=1e-5)
+    assert hidden_mse(teacher, teacher, [(i, i) for i in range(7)]).item() == 0
+    with pytest.raises(IndexError, match="teacher"):
+        hidden_mse(student, teacher, [(0, 7)])
+
+
+def test_effective_ce_weight():
+    assert effective_ce_weight(None, 1.0) == 0.8
+    assert effective_ce_weight(None, 0.0) == 1.0
+    assert effective_ce_weight(0.5, 0.0) == 0.5
+    assert effective_ce_weight(0.0, 1.0) == 0.0
+
+
+def test_total_loss_equals_hand_computation(batch):
+    student, teacher, labels = batch
+    g = torch.Generator().manual_seed(2)
+    s_hidden = [torch.randn(B, T, 3, generator=g) for _ in range(3)]
+    t_hidden = [torch.randn(B, T, 3, generator=g) for _ in range(5)]
+    enc_s = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
+    enc_t = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
+    dec_pairs = hidden_layer_pairs([0, 3])
+    hidden_terms = [
+        (enc_s, enc_t, [(0, 0), (1, 1)], None),
+        (s_hidden, t_hidden, dec_pairs, labels != IGNORE_INDEX),
+    ]
+
+    total, parts = distillation_loss(
+        student, labels, teacher, kl_weight=1.0, mse_weight=0.3, temperature=2.0, hidden_terms=hidden_terms
+    )
+    ce, kl = manual_ce(student, labels), manual_kl(student, teacher, labels, 2.0)
+    mse = (hidden_mse(*hidden_terms[0]).item() + hidden_mse(*hidden_terms[1]).item()) / 2
+    assert total.item() == pytest.approx(0.8 * ce + 1.0 * kl + 0.3 * mse, rel=1e-5)
+    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
+    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
+    assert parts["mse"].item() == pytest.approx(mse, rel=1e-5)
+    assert parts["loss"].item() == pytest.approx(total.item())
+
+
+def test_loss_without_teacher_is_plain_cross_entropy(batch):
+    student, _, labels = batch
+    total, parts = distillation_loss(student, labels, None, kl_weight=0.0)
+    assert total.item() == pytest.approx(manual_ce(student, labels), rel=1e-5)
+    assert set(parts) == {"ce", "loss"}
+    with pytest.raises(ValueError, match="teacher_logits"):
+        distillation_loss(student, labels, None, kl_weight=1.0)
+    with pytest.raises(ValueError, match="hidden"):
+        distillation_loss(student, labels, None, kl_weight=0.0, mse_weight=1.0)
