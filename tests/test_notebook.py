@@ -1,0 +1,15 @@
+"""The walk-through notebook executes top to bottom (its cells carry their own assertions)."""
+
+import json
+
+from distil.paths import REPO_ROOT
+
+
+def test_walkthrough_notebook_runs():
+    notebook = json.loads((REPO_ROOT / "notebooks" / "walkthrough.ipynb").read_text())
+    namespace: dict = {}
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] != "code":
+            continue
+        source = "".join(cell["source"])
+        exec(compile(source, f"walkthrough.ipynb[cell {index}]", "exec"), namespace)
