@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.paths import CONF_DIR
 from distil.runinfo import write_run_info
 from distil.student import init_student
 
@@ -30,7 +31,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
     )
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="init_student")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     out = init_student_from_config(cfg)
