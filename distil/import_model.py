@@ -1,0 +1,59 @@
+"""Import a teacher once (CTranslate2 package -> Hugging Face directory) and print where it is.
+
+python -m distil.import_model teacher=tiny_en          # or teacher=base, teacher=tiny_random
+python -m distil.import_model ct2_dir=/path/to/ct2 out=/path/to/hf_dir   # any CTranslate2 Whisper directory
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distil import ct2_import
+from distil.models import resolve_model
+from distil.runinfo import write_run_info
+
+
+def import_model(
+    teacher: Mapping | None = None,
+    ct2_dir: str | Path | None = None,
+    out: str | Path | None = None,
+    models_root: str | Path | None = None,
+    force: bool = False,
+) -> Path:
+    """Import `ct2_dir` into `out` (default `<models_root>/<ct2_dir name>`) or, without `ct2_dir`, resolve `teacher`.
+
+    Idempotent: a complete output is reused unless `force`.
+    """
+    if ct2_dir is not None:
+        source = ct2_import.CT2Source.from_dir(ct2_dir)
+        if out is None:
+            if models_root is None:
+                from distil.paths import models_dir
+
+                models_root = models_dir()
+            out = Path(models_root).expanduser() / Path(ct2_dir).expanduser().resolve().name
+        return ct2_import.import_ct2(source, out, force=force)
+    if out is not None:
+        raise ValueError(
+            "`out` applies to `ct2_dir` imports; teachers are imported into ${paths.models}/<teacher.name>"
+        )
+    if teacher is None:
+        raise ValueError("nothing to import: give a teacher config (teacher=tiny_en) or ct2_dir=/path")
+    return Path(resolve_model(teacher, models_root, force=force))
+
+
+@hydra.main(version_base=None, config_path="../conf", config_name="import_model")
+def main(cfg: DictConfig) -> None:
+    write_run_info(cfg)
+    path = import_model(
+        cfg.teacher, cfg.get("ct2_dir"), cfg.get("out"), cfg.paths.models, bool(cfg.get("force"))
+    )
+    print(path)
+
+
+if __name__ == "__main__":
+    main()

