@@ -1,0 +1,126 @@
+"""Generation speed: real-time factor and tokens per second, measured the same way for every model.
+
+Only `generate` is timed (features are computed beforehand), warm-up runs are discarded, and on a GPU
+the clock is read after `torch.cuda.synchronize()` so queued kernels are counted. Tokens/s counts only
+what the model really produced: the forced decoder prompt, the padding after a finished sequence and
+anything after its end-of-text token are left out.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import time
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import torch
+
+
+def count_real_tokens(
+    sequences: torch.Tensor, eos_token_id: int, prompt_token_ids: Iterable[int] = ()
+) -> int:
+    """Generated tokens per row up to and including the first end-of-text, summed over the batch.
+
+    Leading tokens in `prompt_token_ids` (start-of-transcript, language, task, no-timestamps) were
+    forced, not generated, so they are not counted; neither is anything after the first `eos_token_id`
+    (Whisper pads finished rows with end-of-text).
+    """
+    prompt = set(int(t) for t in prompt_token_ids)
+    total = 0
+    for row in sequences.tolist():
+        start = 0
+        while start < len(row) and row[start] in prompt and row[start] != eos_token_id:
+            start += 1
+        generated = row[start:]
+        if eos_token_id in generated:
+            generated = generated[: generated.index(eos_token_id) + 1]
+        total += len(generated)
+    return total
+
+
+def device_info(device: torch.device | str) -> dict:
+    device = torch.device(device)
+    info = {
+        "device": str(device),
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        info["device_name"] = platform.processor() or platform.machine()
+    return info
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decoder_prompt_ids(model) -> set[int]:
+    """Token ids Whisper forces at the start of every transcript (never counted as generated)."""
+    gc = model.generation_config
+    ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None)}
+    ids |= set((getattr(gc, "lang_to_id", None) or {}).values())
+    ids |= set((getattr(gc, "task_to_id", None) or {}).values())
+    return {int(i) for i in ids if i is not None}
+
+
+@torch.inference_mode()
+def timed_generate(model, features: torch.Tensor, generate_kwargs: dict) -> tuple[torch.Tensor, float]:
+    """Run `generate` once and return (sequences, seconds), synchronising the device around it."""
+    synchronize(model.device)
+    start = time.perf_counter()
+    out = model.generate(input_features=features, **generate_kwargs)
+    synchronize(model.device)
+    seconds = time.perf_counter() - start
+    return (out if torch.is_tensor(out) else out["sequences"]), seconds
+
+
+def measure_latency(
+    model,
+    processor,
+    waves: Sequence[np.ndarray],
+    batch_sizes: Sequence[int] = (1, 8),
+    warmup: int = 1,
+    repeats: int = 1,
+    generate_kwargs: dict | None = None,
+    sampling_rate: int = 16_000,
+) -> dict:
+    """RTFx and tokens/s of `model.generate` over `waves` for each batch size (greedy unless told)."""
+    if not waves:
+        raise ValueError("latency needs at least one audio sample")
+    generate_kwargs = dict(generate_kwargs or {})
+    eos = model.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+    prompt = decoder_prompt_ids(model)
+    fe = processor.feature_extractor
+    results = {}
+    for batch_size in batch_sizes:
+        batches = []
+        for start in range(0, len(waves), batch_size):
+            chunk = [np.asarray(w, dtype=np.float32) for w in waves[start : start + batch_size]]
+            feats = fe(chunk, sampling_rate=sampling_rate, return_tensors="pt").input_features
+            batches.append((feats.to(model.device, model.dtype), sum(len(w) for w in chunk) / sampling_rate))
+        for _ in range(warmup):  # compile kernels, fill caches, let clocks settle
+            timed_generate(model, batches[0][0], generate_kwargs)
+        seconds = tokens = audio = 0.0
+        for _ in range(repeats):
+            for feats, audio_s in batches:
+                ids, elapsed = timed_generate(model, feats, generate_kwargs)
+                seconds += elapsed
+                audio += audio_s
+                tokens += count_real_tokens(ids, eos, prompt)
+        results[str(batch_size)] = {
+            "batch_size": int(batch_size),
+            "samples": len(waves) * repeats,
+            "audio_seconds": audio,
+            "generation_seconds": seconds,
+            "rtfx": audio / seconds if seconds else None,
+            "tokens": int(tokens),
+            "tokens_per_second": tokens / seconds if seconds else None,
+        }
+    return {"batch_sizes": results, "warmup_runs": warmup, "repeats": repeats, **device_info(model.device)}

@@ -1,0 +1,283 @@
+"""The evaluation stage: metrics.json schema, predictions, bad inputs, checkpoints, speculative decoding."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from distil.audio import encode_flac
+from distil.evaluate import EvalInputError, averages, evaluate, load_model, primary_metric
+from distil.latency import count_real_tokens
+
+SR = 16_000
+
+
+def write_split(root: Path, name: str, rows: list[dict], split: str = "test") -> Path:
+    out = root / name / split
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "part-00000.parquet")
+    return root / name
+
+
+def row(i: int, wave: np.ndarray, text: str | None) -> dict:
+    return {
+        "audio": {"bytes": encode_flac(wave, SR), "path": f"clip{i}.flac"},
+        "text": text,
+        "id": f"clip-{i}",
+        "duration": len(wave) / SR,
+    }
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory, tts_clips) -> Path:
+    """Small eval sets in the corpus layout: references, no references, too-short audio, long-form."""
+    root = tmp_path_factory.mktemp("corpora")
+    write_split(root, "espeak", [row(i, c["audio"], c["text"]) for i, c in enumerate(tts_clips[:4])])
+    write_split(root, "flite", [row(i, c["audio"], c["text"]) for i, c in enumerate(tts_clips[4:6])])
+    write_split(root, "noref", [row(i, c["audio"], None) for i, c in enumerate(tts_clips[6:8])])
+    write_split(root, "blip", [row(0, tts_clips[0]["audio"], "x"), row(1, np.zeros(80, np.float32), "y")])
+    long_wave = np.concatenate([c["audio"] for c in tts_clips[:8]] + [np.zeros(SR, np.float32)] * 6)
+    write_split(root, "longform", [row(0, long_wave, " ".join(c["text"] for c in tts_clips[:8]))])
+    return root
+
+
+def eval_cfg(model_path, corpora: Path, **sections) -> OmegaConf:
+    base = {
+        "model": {"path": str(model_path), "name": "under-test"},
+        "device": "cpu",
+        "dtype": "auto",
+        "eval": {
+            "batch_size": 2,
+            "max_new_tokens": 8,
+            "num_beams": 1,
+            "seed": 0,
+            "sets": {
+                "espeak": {"path": str(corpora / "espeak"), "split": "test"},
+                "flite": {"path": str(corpora / "flite"), "split": "test"},
+            },
+            "long_form": None,
+            "speculative": None,
+            "latency": None,
+            "noise": None,
+        },
+    }
+    base["eval"].update(sections)
+    return OmegaConf.create(base)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_full_evaluation_writes_metrics_predictions_and_tensorboard(tiny_random_dir, corpora, tmp_path):
+    cfg = eval_cfg(
+        tiny_random_dir,
+        corpora,
+        long_form={
+            "sets": {"longform": {"path": str(corpora / "longform"), "split": "test"}},
+            "algorithms": ["chunked", "sequential"],
+            "chunk_length_s": 10,
+            "stride_length_s": None,
+            "batch_size": 4,
+            "max_new_tokens": 8,
+            "sequential": {
+                "batch_size": 1,
+                "temperature": [0.0],  # fallback itself: the tiny.en test in test_longform.py
+                "compression_ratio_threshold": 1.35,
+                "logprob_threshold": -1.0,
+                "no_speech_threshold": 0.6,
+                "condition_on_prev_tokens": False,
+            },
+        },
+        latency={"set": "flite", "batch_sizes": [1, 2], "samples": 2, "warmup": 1},
+        noise={"set": "flite", "types": ["white", "pink"], "snr_db": [0], "samples": 2, "seed": 0},
+    )
+    metrics = evaluate(cfg, tmp_path)
+    on_disk = json.loads((tmp_path / "metrics.json").read_text())
+    assert on_disk["short_form"]["average"] == pytest.approx(metrics["short_form"]["average"])
+
+    assert metrics["model"]["name"] == "under-test" and metrics["model"]["parameters"] > 0
+    assert metrics["device"]["device"] == "cpu" and metrics["device"]["threads"] >= 1
+    sets = metrics["short_form"]["sets"]
+    for name, n in (("espeak", 4), ("flite", 2)):
+        entry = sets[name]
+        assert entry["status"] == "ok" and entry["samples"] == n
+        assert entry["wer"] is not None and entry["wer_orthographic"] is not None
+        rows = read_jsonl(tmp_path / entry["predictions"])
+        assert [r["id"] for r in rows] == [f"clip-{i}" for i in range(n)]  # input order, not duration order
+        assert set(rows[0]) == {"id", "reference", "prediction", "wer"}
+    avg = metrics["short_form"]["average"]
+    assert {
+        "wer_macro",
+        "wer_sample_weighted",
+        "wer_orthographic_macro",
+        "wer_orthographic_sample_weighted",
+    } <= set(avg)
+
+    long_entry = metrics["long_form"]["sets"]["longform"]
+    assert long_entry["status"] == "ok" and long_entry["audio_seconds"] > 30
+    for algo in ("chunked", "sequential"):
+        result = long_entry[algo]
+        for key in ("wer", "insertion_rate", "deletion_rate", "substitution_rate", "repeated_5grams"):
+            assert key in result, (algo, key)
+        assert (tmp_path / result["predictions"]).exists()
+    assert long_entry["chunked"]["settings"]["stride_length_s"] == pytest.approx(10 / 6)
+
+    lat = metrics["latency"]
+    assert set(lat["batch_sizes"]) == {"1", "2"}
+    for entry in lat["batch_sizes"].values():
+        assert entry["rtfx"] > 0 and entry["tokens"] > 0 and entry["tokens_per_second"] > 0
+    assert lat["warmup_runs"] == 1 and "threads" in lat
+
+    noise = metrics["noise"]
+    assert set(noise["white"]) == {"0"} and set(noise["pink"]) == {"0"}
+    assert noise["clean"] is not None
+
+    events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    assert primary_metric(metrics) == avg["wer_macro"]
+
+
+def test_bad_sets_are_reported_and_the_others_still_evaluated(tiny_random_dir, corpora, tmp_path):
+    cfg = eval_cfg(tiny_random_dir, corpora, speculative={"assistant": None, "set": "flite"})
+    cfg.eval.max_samples = 2
+    cfg.eval.sets.pop("espeak")
+    cfg.eval.sets.noref = {"path": str(corpora / "noref"), "split": "test"}
+    cfg.eval.sets.nocolumn = {"path": str(corpora / "noref"), "split": "test", "text_column": None}
+    cfg.eval.sets.blip = {"path": str(corpora / "blip"), "split": "test"}
+    cfg.eval.sets.missing = {"path": str(corpora / "does_not_exist"), "split": "test"}
+    cfg.eval.sets.badcol = {"path": str(corpora / "espeak"), "split": "test", "text_column": "transcript"}
+    metrics = evaluate(cfg, tmp_path)
+    sets = metrics["short_form"]["sets"]
+    assert sets["flite"]["status"] == "ok"
+    assert metrics["speculative"]["status"] == "skipped"  # no assistant configured
+    for name in ("noref", "nocolumn"):
+        assert sets[name]["status"] == "no references"
+        rows = read_jsonl(tmp_path / sets[name]["predictions"])
+        assert len(rows) == 2 and all(r["reference"] is None and r["wer"] is None for r in rows)
+        assert all(isinstance(r["prediction"], str) for r in rows)
+    assert sets["blip"]["status"] == "error" and "shorter than one 10 ms frame" in sets["blip"]["error"]
+    assert sets["missing"]["status"] == "error" and "does_not_exist" in sets["missing"]["error"]
+    assert sets["badcol"]["status"] == "error" and "transcript" in sets["badcol"]["error"]
+    assert metrics["short_form"]["average"]["wer_sets"] == 1  # only the scorable sets are averaged
+
+    # With skip_bad_audio the short clip is skipped and listed, the rest is scored.
+    cfg.eval.skip_bad_audio = True
+    cfg.eval.sets = {"blip": {"path": str(corpora / "blip"), "split": "test"}}
+    blip = evaluate(cfg, tmp_path / "skip")["short_form"]["sets"]["blip"]
+    assert blip["status"] == "ok" and blip["samples"] == 1
+    assert [p["id"] for p in blip["skipped_bad_audio"]] == ["clip-1"]
+
+
+def test_model_directory_without_processor_is_a_clear_error(tiny_random_dir, tmp_path):
+    from transformers import WhisperForConditionalGeneration
+
+    bare = tmp_path / "bare"
+    WhisperForConditionalGeneration.from_pretrained(tiny_random_dir).save_pretrained(bare)
+    with pytest.raises(EvalInputError, match="feature extractor|tokenizer|processor"):
+        load_model({"path": str(bare)}, device="cpu")
+
+
+def test_training_checkpoint_loads_and_other_architectures_are_rejected(tiny_random_dir, tmp_path):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    reference = load_model({"path": str(tiny_random_dir)}, device="cpu")
+    state = {f"student.{k}": v.clone() for k, v in reference.model.state_dict().items()}
+    state["teacher.some.weight"] = torch.zeros(1)  # the frozen teacher is not the model to evaluate
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": state, "epoch": 1}, ckpt)
+    loaded = load_model({"path": str(ckpt), "base": str(tiny_random_dir)}, device="cpu")
+    assert loaded.kind == "checkpoint"
+    for key, value in reference.model.state_dict().items():
+        assert torch.equal(value, loaded.model.state_dict()[key]), key
+
+    with pytest.raises(EvalInputError, match=r"model\.base"):
+        load_model({"path": str(ckpt)}, device="cpu")
+
+    other = WhisperForConditionalGeneration(
+        WhisperConfig.from_pretrained(tiny_random_dir, decoder_layers=1, d_model=32, encoder_ffn_dim=64)
+    )
+    torch.save(
+        {"state_dict": {f"student.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.ckpt"
+    )
+    with pytest.raises(EvalInputError, match="does not fit the architecture"):
+        load_model({"path": str(tmp_path / "other.ckpt"), "base": str(tiny_random_dir)}, device="cpu")
+
+    torch.save({"state_dict": {"model.layer.weight": torch.zeros(2)}}, tmp_path / "foreign.ckpt")
+    with pytest.raises(EvalInputError, match="not a distil"):
+        load_model({"path": str(tmp_path / "foreign.ckpt"), "base": str(tiny_random_dir)}, device="cpu")
+
+
+def test_speculative_decoding_with_a_one_layer_student_is_exact(tiny_random_dir, corpora, tmp_path):
+    """Fast version on the random teacher: its 1-decoder-layer student drafts, the teacher verifies."""
+    from distil.student import init_student
+
+    student = init_student(tiny_random_dir, tmp_path / "student", decoder_layers=1)
+    cfg = eval_cfg(
+        tiny_random_dir,
+        corpora,
+        speculative={"assistant": str(student), "set": "flite", "samples": 2, "warmup": 1},
+    )
+    cfg.eval.sets = {"flite": cfg.eval.sets.flite}
+    cfg.eval.max_samples = 1
+    spec = evaluate(cfg, tmp_path / "run")["speculative"]
+    assert spec["status"] == "ok", spec
+    assert spec["shares_encoder"] is True and spec["assistant"]["decoder_layers"] == 1
+    assert spec["identical_fraction"] == 1.0
+    assert spec["teacher_seconds"] > 0 and spec["speculative_seconds"] > 0
+
+
+@pytest.mark.slow  # ~1 min on 2 shared cores
+def test_speculative_decoding_reproduces_the_teacher(tiny_en_dir, corpora, tmp_path):
+    """tiny.en verified by a 2-decoder-layer student made from it: outputs identical to greedy tiny.en."""
+    from distil.student import init_student
+
+    student = init_student(tiny_en_dir, tmp_path / "student", decoder_layers=2)
+    cfg = eval_cfg(
+        tiny_en_dir,
+        corpora,
+        speculative={"assistant": str(student), "set": "espeak", "samples": 2, "warmup": 0},
+    )
+    cfg.eval.sets = {"espeak": cfg.eval.sets.espeak}
+    cfg.eval.max_samples = 2
+    metrics = evaluate(cfg, tmp_path / "run")
+    spec = metrics["speculative"]
+    assert spec["status"] == "ok", spec
+    assert spec["shares_encoder"] is True  # decoder-only assistant fed the teacher's encoder output
+    assert spec["identical_fraction"] == 1.0 and spec["mismatched_samples"] == []
+    assert spec["speedup"] > 0 and spec["batch_size"] == 1
+    rows = read_jsonl(tmp_path / "run" / spec["predictions"])
+    assert all(r["teacher"] == r["speculative"] for r in rows)
+    short = read_jsonl(tmp_path / "run" / metrics["short_form"]["sets"]["espeak"]["predictions"])
+    assert [r["teacher"].strip() for r in rows] == [r["prediction"] for r in short]
+
+
+def test_count_real_tokens_skips_prompt_padding_and_after_eos():
+    eos, sot, notimestamps = 50256, 50257, 50362
+    seqs = torch.tensor(
+        [
+            [sot, notimestamps, 10, 11, 12, eos, eos, eos],  # 3 text + eos
+            [sot, notimestamps, 20, eos, 7, 7, 7, 7],  # junk after eos is not counted
+            [30, 31, 32, 33, 34, 35, 36, 37],  # no prompt (transformers strips it), no eos (hit max)
+        ]
+    )
+    assert count_real_tokens(seqs, eos, {sot, notimestamps}) == 4 + 2 + 8
+
+
+def test_macro_and_sample_weighted_averages_differ_as_labelled():
+    sets = {
+        "big": {"status": "ok", "wer": 10.0, "wer_orthographic": 20.0, "scored": 90},
+        "small": {"status": "ok", "wer": 50.0, "wer_orthographic": 60.0, "scored": 10},
+        "broken": {"status": "error", "error": "x"},
+    }
+    avg = averages(sets)
+    assert avg["wer_macro"] == pytest.approx(30.0)
+    assert avg["wer_sample_weighted"] == pytest.approx(14.0)
+    assert avg["wer_sets"] == 2
