@@ -27,6 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.audio import AudioDecodeError, add_noise, decode_audio
+from distil.paths import CONF_DIR
 from distil.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
 
 log = logging.getLogger(__name__)
@@ -729,7 +730,7 @@ def primary_metric(metrics: dict) -> float | None:
     return None
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="evaluate")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
     from distil.runinfo import write_run_info
 

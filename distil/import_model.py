@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from distil import ct2_import
 from distil.models import resolve_model
+from distil.paths import CONF_DIR
 from distil.runinfo import write_run_info
 
 
@@ -46,7 +47,7 @@ def import_model(
     return Path(resolve_model(teacher, models_root, force=force))
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="import_model")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     path = import_model(
