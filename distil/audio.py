@@ -7,6 +7,7 @@ dataset is read with `Audio(decode=False)` and decoded here from bytes or a path
 from __future__ import annotations
 
 import io
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +61,9 @@ def decode_audio(audio: Any, target_sr: int = 16_000) -> np.ndarray:
     except AudioDecodeError:
         raise
     except Exception as err:  # soundfile raises several types for bad files
-        raise AudioDecodeError(f"cannot decode audio {source}: {err}") from err
+        # soundfile names in-memory input by its object repr (an address that changes every run).
+        reason = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "<in-memory bytes>", str(err))
+        raise AudioDecodeError(f"cannot decode audio {source}: {reason}") from err
     wave = to_mono(np.asarray(wave, dtype=np.float32))
     if wave.size == 0:
         raise AudioDecodeError(f"audio {source} is empty (0 samples)")

@@ -1,0 +1,201 @@
+"""Dataset entries shared by every stage: one schema, one loader, one column check.
+
+A stage's `data` config holds a list of entries::
+
+    datasets:
+      - name: espeak
+        path: ${paths.corpora}/espeak   # local dir of parquet/arrow/json/csv files, a saved dataset, or a Hub id
+        config: null                     # Hub config name
+        splits: [train, validation]
+        audio_column: audio
+        text_column: text                # null for audio-only data
+        id_column: id                    # null -> stable generated ids "<name>:<split>:<index>"
+        speaker_column: speaker          # optional (packing needs it)
+        duration_column: duration        # optional; read from the audio headers when null or absent
+        language: null                   # per-dataset language (WER normaliser, multilingual generation)
+        samples: 1.0                     # mixing weight (training)
+
+Local directories are read in this order: a `save_to_disk` dataset (or DatasetDict), a directory per split
+(`<path>/<split>/*.parquet` - the corpus layout and the pseudo-label layout), then `data_dir=<path>` with the
+builder's own split inference. Anything else is a Hub id, loaded with `load_dataset(path, config, split=...)`.
+Audio is always cast to `Audio(decode=False)`: datasets' decoder needs torchcodec, so stages decode with
+`distil.audio.decode_audio`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import datasets
+from datasets import Audio
+
+# File extensions a local split directory may hold, mapped to the datasets builder that reads them.
+BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+
+
+class DataConfigError(ValueError):
+    """A dataset entry that does not match the data (missing split or column, bad path)."""
+
+
+@dataclass
+class DatasetEntry:
+    name: str
+    path: str
+    config: str | None = None
+    splits: list[str] = field(default_factory=lambda: ["train"])
+    audio_column: str = "audio"
+    text_column: str | None = "text"
+    id_column: str | None = "id"
+    speaker_column: str | None = None
+    duration_column: str | None = "duration"
+    language: str | None = None
+    samples: float = 1.0
+    index: int = 0  # position in `data.datasets`, for error messages naming the config key
+
+    @property
+    def key(self) -> str:
+        return f"data.datasets[{self.index}]"
+
+
+def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEntry]:
+    """Turn the `data.datasets` config list into entries, rejecting unknown keys and duplicate names."""
+    known = {f.name for f in fields(DatasetEntry)} - {"index"}
+    entries = []
+    for i, raw in enumerate(datasets_cfg):
+        raw = dict(raw)
+        unknown = set(raw) - known
+        if unknown:
+            raise DataConfigError(
+                f"data.datasets[{i}] has unknown keys {sorted(unknown)}; known keys: {sorted(known)}"
+            )
+        for required in ("name", "path"):
+            if raw.get(required) in (None, "", "???"):
+                raise DataConfigError(f"data.datasets[{i}].{required} must be set")
+        if isinstance(raw.get("splits"), str):
+            raw["splits"] = [raw["splits"]]
+        raw["splits"] = list(raw.get("splits") or ["train"])
+        entries.append(DatasetEntry(index=i, **raw))
+    names = [e.name for e in entries]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise DataConfigError(
+            f"data.datasets names must be unique (they name output directories): {duplicates}"
+        )
+    return entries
+
+
+def stable_id(name: str, split: str, index: int) -> str:
+    """The id given to samples of a dataset without an id column: stable across runs and shards."""
+    return f"{name}:{split}:{index}"
+
+
+def _split_files(directory: Path) -> list[str]:
+    """Data files of one split. Columnar formats win over json/csv, so sidecar files (e.g. the pseudo-label
+    stage's `summary.json`, `skipped.jsonl`) next to parquet shards are not mistaken for data."""
+    files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith((".", "_"))]
+    for suffixes in ((".parquet",), (".arrow",), (".jsonl", ".json"), (".csv",)):
+        chosen = sorted(str(p) for p in files if p.suffix in suffixes)
+        if chosen:
+            return chosen
+    return []
+
+
+def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, cache_dir: str | None):
+    if (root / "dataset_dict.json").exists():
+        saved = datasets.load_from_disk(str(root))
+        if split not in saved:
+            raise DataConfigError(
+                f"dataset {entry.name!r} ({root}) has no split {split!r}; available: {sorted(saved)} "
+                f"(set {entry.key}.splits)"
+            )
+        ds = saved[split]
+        return ds.to_iterable_dataset() if streaming else ds
+    if (root / split / "state.json").exists():
+        ds = datasets.load_from_disk(str(root / split))
+        return ds.to_iterable_dataset() if streaming else ds
+    if (root / split).is_dir():
+        files = _split_files(root / split)
+        if not files:
+            raise DataConfigError(
+                f"dataset {entry.name!r}: {root / split} holds no data files ({', '.join(sorted(BUILDERS))})"
+            )
+        builder = BUILDERS[Path(files[0]).suffix]
+        return datasets.load_dataset(
+            builder, data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    if (root / "state.json").exists():
+        raise DataConfigError(
+            f"dataset {entry.name!r}: {root} is a single saved Dataset without splits; save a DatasetDict or "
+            f"put it under {root / split}"
+        )
+    try:
+        return datasets.load_dataset(
+            str(root), data_dir=None, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    except ValueError as err:  # datasets says "Unknown split" with the available ones
+        raise DataConfigError(f"dataset {entry.name!r} ({root}): cannot load split {split!r}: {err}") from err
+
+
+def load_split(
+    entry: DatasetEntry, split: str, streaming: bool = False, cache_dir: str | None = None
+) -> datasets.Dataset | datasets.IterableDataset:
+    """Load one split of a dataset entry with its audio column cast to `Audio(decode=False)`."""
+    root = Path(str(entry.path)).expanduser()
+    if root.exists():
+        if not root.is_dir():
+            raise DataConfigError(
+                f"dataset {entry.name!r}: {root} is a file; {entry.key}.path must be a directory"
+            )
+        ds = _load_local(entry, root, split, streaming, cache_dir)
+    elif str(entry.path).startswith(("/", ".", "~")):
+        raise DataConfigError(
+            f"dataset {entry.name!r}: local path {root} does not exist (set {entry.key}.path)"
+        )
+    else:  # a Hub id: the real code path, used when the machine is online
+        ds = datasets.load_dataset(
+            str(entry.path), entry.config, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+    names = column_names(ds)
+    if entry.audio_column in names:
+        ds = ds.cast_column(entry.audio_column, Audio(decode=False))
+    return ds
+
+
+def column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
+    """Column names, peeking at the first row when a streamed dataset does not declare its features."""
+    if ds.column_names is not None:
+        return list(ds.column_names)
+    first = next(iter(ds), None)
+    return list(first) if first is not None else []
+
+
+def validate_columns(
+    entry: DatasetEntry, split: str, names: Iterable[str], need_speaker: bool = False
+) -> None:
+    """Raise DataConfigError naming dataset, split, missing column, available columns and the key to set."""
+    names = list(names)
+    wanted = [("audio_column", entry.audio_column, False)]
+    wanted += [("text_column", entry.text_column, True), ("id_column", entry.id_column, True)]
+    wanted += [("speaker_column", entry.speaker_column, True)]
+    if need_speaker and entry.speaker_column is None:
+        raise DataConfigError(
+            f"dataset {entry.name!r}: packing merges clips of one speaker, so it needs a speaker column; "
+            f"set {entry.key}.speaker_column to one of {names} (or disable packing)"
+        )
+    for key, column, nullable in wanted:
+        if column is None:
+            continue
+        if column not in names:
+            fix = f"set {entry.key}.{key} to one of {names}" + (" or null" if nullable else "")
+            raise DataConfigError(
+                f"dataset {entry.name!r} split {split!r} has no column {column!r} ({key}); "
+                f"available columns: {names}; {fix}"
+            )
+
+
+def duration_column(entry: DatasetEntry, names: Iterable[str]) -> str | None:
+    """The duration column to trust, if the entry names one that exists (else durations come from headers)."""
+    return entry.duration_column if entry.duration_column and entry.duration_column in set(names) else None

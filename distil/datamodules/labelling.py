@@ -1,0 +1,467 @@
+"""Feeding the teacher: units of work, shards, packing, duration-sorted batches, audio decoding.
+
+Vocabulary
+----------
+- clip: one row of the input dataset, at its original `index`.
+- unit: what the teacher labels as one sample - one clip, or (with packing) several consecutive clips of
+  one speaker concatenated. Units are numbered 0, 1, 2, ... in dataset order; without packing the unit
+  index is the clip index.
+- shard: units [k * shard_size, (k + 1) * shard_size). A shard is the unit of resume (written whole, or not
+  at all), of job splitting (`shard.index`/`shard.count`: job j owns shards k with k % count == j) and of
+  rank splitting under DDP (rank r of W takes every W-th shard the job still has to do). Because shards are
+  defined on the dataset order, every job and rank derives the same partition and none ever collides.
+
+Packing (`packing.enabled`), precisely
+--------------------------------------
+Clips are read in dataset order. A clip joins the open unit iff the unit's speaker equals the clip's
+speaker (both known) and the unit's duration plus the clip's stays <= `max_seconds`; otherwise the open unit
+is closed and the clip opens a new one. A unit `continues` its predecessor iff the predecessor unit exists,
+has the same speaker, and no clip was dropped between them; only then does it get the predecessor's
+pseudo-label as its previous-context prompt (`<|startofprev|>` + text, added when the split is merged).
+So a speaker change always starts a prompt-less unit, and clips of different speakers are never merged.
+Clips whose duration is unknown (no duration column, unreadable header) or that alone exceed `max_seconds`
+are skipped (listed) and break the chain. A clip that passes planning but then fails to decode is left out
+of its unit (listed); the unit keeps its other clips. The same rule runs over a stream, so packing works in
+streaming mode too, and gives the same units.
+
+Batching
+--------
+Inside each shard, units are sorted by duration (longest first, ties by index) and cut into batches, so a
+batch holds clips of similar length. Whisper pads every input to 30 s of features, so this mainly saves
+decoder steps: similar durations give similar transcript lengths and few finished rows waiting on one long
+one. In streaming mode the same sort runs over each shard-sized window of the stream.
+
+Long audio (> 30 s, packing or not) is skipped and listed in `skipped.jsonl` with reason `too_long`: the
+student is trained on 30 s windows, so a label for audio it cannot see would be useless, and Whisper would
+otherwise truncate it silently. Split such recordings first (or label them with the long-form evaluator).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import soundfile as sf
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from distil.audio import AudioDecodeError, decode_audio, encode_flac
+from distil.data import DatasetEntry, duration_column, stable_id
+
+SAMPLING_RATE = 16_000
+MAX_WHISPER_SECONDS = 30.0
+
+
+@dataclass
+class Clip:
+    index: int
+    row: dict[str, Any]
+    duration: float | None
+
+
+@dataclass
+class Unit:
+    index: int
+    clips: list[Clip]
+    continues: bool = False  # packing: same speaker as the previous unit, which directly precedes it
+
+    @property
+    def duration(self) -> float:
+        return sum(c.duration or 0.0 for c in self.clips)
+
+
+@dataclass
+class Skip:
+    """A clip (or packed unit) that was not labelled, and why."""
+
+    ids: list[str]
+    indices: list[int]
+    reason: str
+    detail: str = ""
+
+    def to_dict(self) -> dict:
+        return {"ids": self.ids, "indices": self.indices, "reason": self.reason, "detail": self.detail}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pure planning functions
+# ----------------------------------------------------------------------------------------------------------
+def header_duration(audio: Any) -> float | None:
+    """Seconds of audio from the file header (no decoding); None when the header cannot be read."""
+    try:
+        data = audio.get("bytes") or audio.get("path") if isinstance(audio, dict) else audio
+        if data is None:
+            return None
+        info = sf.info(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data))
+        return info.frames / info.samplerate if info.samplerate else None
+    except Exception:  # any unreadable header means "unknown", decoding will report why
+        return None
+
+
+def pack_units(
+    clips: Iterable[Clip],
+    speaker_of: Callable[[Clip], Any],
+    max_seconds: float,
+    on_skip: Callable[[Skip], None],
+) -> Iterator[Unit]:
+    """Group consecutive same-speaker clips up to `max_seconds` (the rule in the module docstring)."""
+    current: list[Clip] = []
+    current_speaker, current_duration, current_continues = None, 0.0, False
+    previous_speaker, chain_ok = None, False  # speaker of the last emitted unit; no clip dropped since
+    n_units = 0
+
+    def close():
+        nonlocal current, n_units, previous_speaker, chain_ok
+        unit = Unit(n_units, current, current_continues)
+        n_units += 1
+        previous_speaker, chain_ok, current = current_speaker, True, []
+        return unit
+
+    for clip in clips:
+        speaker = speaker_of(clip)
+        bad = clip.duration is None or clip.duration > max_seconds
+        if bad:
+            if current:
+                yield close()
+            chain_ok = False
+            reason = "unreadable_audio" if clip.duration is None else "too_long"
+            on_skip(Skip([str(clip.row.get("__id"))], [clip.index], reason, f"duration={clip.duration}"))
+            continue
+        fits = current_duration + clip.duration <= max_seconds
+        if current and speaker is not None and speaker == current_speaker and fits:
+            current.append(clip)
+            current_duration += clip.duration
+            continue
+        if current:
+            yield close()
+        current = [clip]
+        current_continues = chain_ok and speaker is not None and speaker == previous_speaker
+        current_speaker, current_duration = speaker, clip.duration
+    if current:
+        yield close()
+
+
+def chunk_shards(units: Iterable[Unit], shard_size: int) -> Iterator[tuple[int, list[Unit]]]:
+    """Cut the unit stream into shards of `shard_size` consecutive units."""
+    shard: list[Unit] = []
+    for unit in units:
+        shard.append(unit)
+        if len(shard) == shard_size:
+            yield unit.index // shard_size, shard
+            shard = []
+    if shard:
+        yield shard[0].index // shard_size, shard
+
+
+def duration_batches(units: list[Unit], batch_size: int) -> list[list[Unit]]:
+    """Sort by duration (longest first, ties by index) and cut into batches."""
+    ordered = sorted(units, key=lambda u: (-u.duration, u.index))
+    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def job_owns(shard: int, job_index: int, job_count: int) -> bool:
+    return shard % job_count == job_index
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Sources: map-style (random access, known length) and streaming (one pass)
+# ----------------------------------------------------------------------------------------------------------
+@dataclass
+class LabellingSpec:
+    """What every rank needs to rebuild the same plan."""
+
+    entry: DatasetEntry
+    split: str
+    shard_size: int = 1000
+    packing: bool = False
+    max_seconds: float = MAX_WHISPER_SECONDS
+    job_index: int = 0
+    job_count: int = 1
+    done: set[int] = field(default_factory=set)  # shards already complete on disk
+
+    def wanted(self, shard: int) -> bool:
+        return job_owns(shard, self.job_index, self.job_count) and shard not in self.done
+
+
+class LabellingSource:
+    """Yields (shard, units) for the shards this job still has to label, each unit carrying its rows."""
+
+    def __init__(self, ds, spec: LabellingSpec, streaming: bool):
+        self.ds, self.spec, self.streaming = ds, spec, streaming
+        names = ds.column_names or []
+        self.duration_column = duration_column(spec.entry, names)
+        self.skipped_in_planning: list[
+            Skip
+        ] = []  # map-style: found while planning (streaming: while reading)
+        self.units: list[list[int]] | None = None  # map-style plan: clip indices of each unit
+        self.unit_continues: list[bool] = []
+        self.durations: list[float | None] = []
+        # Streaming: called with (units, skipped while planning) when the stream ends - in whichever process
+        # (DataLoader worker, rank) read it, so it must be picklable and write its result to disk.
+        self.on_stream_end: Callable[[int, list[Skip]], None] | None = None
+        if not streaming:
+            self._plan_map_style()
+
+    # Map-style: durations (and packing) are planned once, from metadata only.
+    def _plan_map_style(self) -> None:
+        entry, ds = self.spec.entry, self.ds
+        if self.duration_column:
+            self.durations = [None if d is None else float(d) for d in ds[self.duration_column]]
+        else:
+            self.durations = [
+                header_duration(a) for a in ds.select_columns([entry.audio_column])[entry.audio_column]
+            ]
+        if self.spec.packing:
+            speakers = ds[entry.speaker_column]
+            ids = ds[entry.id_column] if entry.id_column else None
+            clips = (
+                Clip(i, {"__id": ids[i] if ids else stable_id(entry.name, self.spec.split, i)}, d)
+                for i, d in enumerate(self.durations)
+            )
+            units = list(
+                pack_units(
+                    clips, lambda c: speakers[c.index], self.spec.max_seconds, self.skipped_in_planning.append
+                )
+            )
+            self.units = [[c.index for c in u.clips] for u in units]
+            self.unit_continues = [u.continues for u in units]
+        else:
+            self.units = [[i] for i in range(len(self.durations))]
+            self.unit_continues = [False] * len(self.units)
+
+    @property
+    def num_units(self) -> int | None:
+        return None if self.units is None else len(self.units)
+
+    @property
+    def num_shards(self) -> int | None:
+        n = self.num_units
+        return None if n is None else math.ceil(n / self.spec.shard_size)
+
+    def shard_sizes(self) -> dict[int, int]:
+        """Map-style only: units per shard."""
+        n, s = self.num_units, self.spec.shard_size
+        return {k: min(s, n - k * s) for k in range(self.num_shards)}
+
+    def _row(self, row: dict, index: int) -> dict:
+        entry = self.spec.entry
+        row = dict(row)
+        row["__id"] = (
+            str(row[entry.id_column]) if entry.id_column else stable_id(entry.name, self.spec.split, index)
+        )
+        return row
+
+    def iter_shards(self, select: Callable[[int], bool]) -> Iterator[tuple[int, list[Unit]]]:
+        if not self.streaming:
+            yield from self._iter_map_style(select)
+        else:
+            yield from self._iter_stream(select)
+
+    def _iter_map_style(self, select) -> Iterator[tuple[int, list[Unit]]]:
+        s = self.spec.shard_size
+        for k in range(self.num_shards):
+            if not select(k):
+                continue
+            unit_ids = range(k * s, min((k + 1) * s, self.num_units))
+            flat = [i for u in unit_ids for i in self.units[u]]
+            rows = self.ds.select(flat)
+            by_index = {i: self._row(rows[j], i) for j, i in enumerate(flat)}
+            units = [
+                Unit(
+                    u,
+                    [Clip(i, by_index[i], self.durations[i]) for i in self.units[u]],
+                    self.unit_continues[u],
+                )
+                for u in unit_ids
+            ]
+            yield k, units
+
+    def _iter_stream(self, select) -> Iterator[tuple[int, list[Unit]]]:
+        entry, spec = self.spec.entry, self.spec
+        self.skipped_in_planning = []  # re-filled by this pass
+
+        def clips():
+            for i, row in enumerate(self.ds):
+                d = row.get(self.duration_column) if self.duration_column else None
+                if d is None:
+                    d = header_duration(row[entry.audio_column])
+                yield Clip(i, self._row(row, i), None if d is None else float(d))
+
+        if spec.packing:
+            units = pack_units(
+                clips(),
+                lambda c: c.row.get(entry.speaker_column),
+                spec.max_seconds,
+                self.skipped_in_planning.append,
+            )
+        else:
+            units = (Unit(c.index, [c]) for c in clips())
+        n_units = 0
+        for k, shard in chunk_shards(units, spec.shard_size):
+            n_units = shard[-1].index + 1
+            if select(k):
+                yield k, shard
+        if self.on_stream_end is not None:  # the stream's length is only known now
+            self.on_stream_end(n_units, list(self.skipped_in_planning))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Batches: decode, concatenate packed clips, extract features
+# ----------------------------------------------------------------------------------------------------------
+def packed_row(unit: Unit, entry: DatasetEntry, wave: np.ndarray) -> dict:
+    """The output row of a unit: the clip's own row, or for packed units the merged clips."""
+    if len(unit.clips) == 1:
+        row = dict(unit.clips[0].row)
+    else:
+        row = dict(unit.clips[0].row)  # other columns: the first clip's values
+        row[entry.audio_column] = {"bytes": encode_flac(wave, SAMPLING_RATE), "path": None}
+        if entry.text_column:
+            texts = [c.row.get(entry.text_column) for c in unit.clips]
+            row[entry.text_column] = (
+                None if any(t is None for t in texts) else " ".join(t.strip() for t in texts)
+            )
+        if entry.duration_column and entry.duration_column in row:
+            row[entry.duration_column] = len(wave) / SAMPLING_RATE
+    row["packed_ids"] = [c.row["__id"] for c in unit.clips]
+    return row
+
+
+def make_batch(
+    shard: int,
+    shard_units: int,
+    units: list[Unit],
+    entry: DatasetEntry,
+    feature_extractor,
+    max_seconds: float = MAX_WHISPER_SECONDS,
+    packing: bool = False,
+) -> dict:
+    """Decode a batch of units; undecodable or too long ones become `skipped` entries."""
+    waves, rows, kept, skipped = [], [], [], []
+    for unit in units:
+        # A clip that cannot be decoded is listed and left out; the rest of a packed unit is still labelled.
+        parts, good = [], []
+        for clip in unit.clips:
+            try:
+                parts.append(decode_audio(clip.row[entry.audio_column], SAMPLING_RATE))
+                good.append(clip)
+            except AudioDecodeError as err:
+                # soundfile's message holds an object address; drop it so that reruns list the same text.
+                detail = re.sub(r" at 0x[0-9a-fA-F]+", "", str(err))
+                skipped.append(Skip([clip.row["__id"]], [clip.index], "unreadable_audio", detail))
+        if not good:
+            continue
+        unit = Unit(unit.index, good, unit.continues)
+        ids, indices = [c.row["__id"] for c in unit.clips], [c.index for c in unit.clips]
+        wave = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        seconds = len(wave) / SAMPLING_RATE
+        if seconds > max_seconds + 1e-3:
+            skipped.append(Skip(ids, indices, "too_long", f"{seconds:.2f} s > {max_seconds:g} s"))
+            continue
+        row = packed_row(unit, entry, wave)
+        if not packing:
+            row.pop("packed_ids")
+        row["__audio_seconds"] = seconds
+        row["__unit"] = unit.index
+        row["__continues"] = unit.continues
+        waves.append(wave)
+        rows.append(row)
+        kept.append(unit.index)
+    features = None
+    if waves:
+        features = feature_extractor(
+            waves, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=False
+        ).input_features
+    return {
+        "input_features": features,
+        "rows": rows,
+        "skipped": skipped,
+        "shard": shard,
+        "shard_units": shard_units,
+        "n_units": len(units),
+    }
+
+
+class ShardBatches(IterableDataset):
+    """The batches of one rank (and DataLoader worker): whole shards, so each shard is written by one process."""
+
+    def __init__(
+        self, source: LabellingSource, feature_extractor, batch_size: int, rank: int = 0, world: int = 1
+    ):
+        self.source, self.fe, self.batch_size = source, feature_extractor, batch_size
+        self.rank, self.world = rank, world
+        self.length: int | None = None
+        if not source.streaming:
+            sizes = source.shard_sizes()
+            mine = self._mine(range(source.num_shards), workers=1, worker=0)
+            self.length = sum(math.ceil(sizes[k] / batch_size) for k in mine)
+
+    def _mine(self, shards: Iterable[int], workers: int, worker: int) -> list[int]:
+        pending = [k for k in shards if self.source.spec.wanted(k)]
+        slot, slots = self.rank * workers + worker, self.world * workers
+        return pending[slot::slots]
+
+    def __len__(self) -> int:  # lets the progress bar show an ETA (map-style)
+        if self.length is None:
+            raise TypeError("streaming labelling has no length")
+        return self.length
+
+    def __iter__(self):
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        spec = self.source.spec
+        slot, slots = self.rank * workers + worker, self.world * workers
+        position = -1
+
+        def select(k: int) -> bool:  # every rank/worker walks the same pending list and keeps its slots
+            nonlocal position
+            if not spec.wanted(k):
+                return False
+            position += 1
+            return position % slots == slot
+
+        for k, units in self.source.iter_shards(select):
+            for batch in duration_batches(units, self.batch_size):
+                yield make_batch(k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing)
+
+
+class LabellingDataModule(L.LightningDataModule):
+    """One dataset split to label; the rank and world size come from the Trainer at setup time."""
+
+    def __init__(
+        self, source: LabellingSource, feature_extractor, batch_size: int = 16, num_workers: int = 0
+    ):
+        super().__init__()
+        self.source, self.fe = source, feature_extractor
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.batches: ShardBatches | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        self.batches = ShardBatches(self.source, self.fe, self.batch_size, rank, world)
+
+    def predict_dataloader(self) -> DataLoader:
+        if self.batches is None:
+            self.setup("predict")
+        return DataLoader(
+            self.batches,
+            batch_size=None,  # ShardBatches already yields batches
+            num_workers=self.num_workers,
+            collate_fn=_identity,
+            persistent_workers=False,
+        )
+
+
+def _identity(batch):
+    return batch
+
+
+def transfer_features(batch: dict, device: torch.device) -> dict:
+    if batch.get("input_features") is not None:
+        batch["input_features"] = batch["input_features"].to(device)
+    return batch

@@ -1,0 +1,111 @@
+"""distil.data: dataset entries, loading local layouts (parquet dirs, saved datasets), column checks."""
+
+import datasets
+import numpy as np
+import pytest
+
+from distil.audio import decode_audio, encode_flac
+from distil.data import (
+    DataConfigError,
+    DatasetEntry,
+    column_names,
+    dataset_entries,
+    duration_column,
+    load_split,
+    stable_id,
+    validate_columns,
+)
+
+
+def _rows(n, prefix):
+    rng = np.random.default_rng(0)
+    return [
+        {
+            "audio": {
+                "bytes": encode_flac(rng.uniform(-0.1, 0.1, 1600 * (i + 1)).astype(np.float32), 16000),
+                "path": None,
+            },
+            "sentence": f"{prefix} {i}",
+            "uid": f"{prefix}-{i}",
+        }
+        for i in range(n)
+    ]
+
+
+def _dataset(rows):
+    return datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("layouts")
+    train, valid = _dataset(_rows(3, "train")), _dataset(_rows(2, "valid"))
+    for split, ds in (("train", train), ("validation", valid)):
+        (root / "parquet" / split).mkdir(parents=True)
+        ds.to_parquet(str(root / "parquet" / split / "part-0.parquet"))
+    datasets.DatasetDict({"train": train, "validation": valid}).save_to_disk(str(root / "dict"))
+    train.save_to_disk(str(root / "per_split" / "train"))
+    return root
+
+
+def _entry(path, **kw):
+    return DatasetEntry(name="toy", path=str(path), text_column="sentence", id_column="uid", **kw)
+
+
+@pytest.mark.parametrize("layout", ["parquet", "dict", "per_split"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_load_split_reads_every_local_layout_with_undecoded_audio(layouts, layout, streaming, tmp_path):
+    ds = load_split(_entry(layouts / layout), "train", streaming=streaming, cache_dir=str(tmp_path))
+    assert isinstance(ds, datasets.IterableDataset if streaming else datasets.Dataset)
+    rows = list(ds)
+    assert [r["uid"] for r in rows] == ["train-0", "train-1", "train-2"]
+    assert set(column_names(ds)) >= {"audio", "sentence", "uid"}
+    # Audio stays encoded ({bytes, path}); our decoder reads it.
+    assert isinstance(rows[0]["audio"]["bytes"], bytes)
+    assert len(decode_audio(rows[1]["audio"])) == 3200
+
+
+def test_load_split_other_split_and_clear_errors(layouts, tmp_path):
+    assert len(load_split(_entry(layouts / "parquet"), "validation", cache_dir=str(tmp_path))) == 2
+    with pytest.raises(DataConfigError, match=r"no split 'test'.*data.datasets\[0\].splits"):
+        load_split(_entry(layouts / "dict"), "test")
+    with pytest.raises(DataConfigError, match="does not exist"):
+        load_split(_entry(layouts / "nowhere"), "train")
+
+
+def test_validate_columns_names_dataset_split_column_and_key():
+    entry = DatasetEntry(name="mine", path="/x", text_column="transcript", id_column=None, index=2)
+    with pytest.raises(DataConfigError) as err:
+        validate_columns(entry, "train", ["audio", "sentence"])
+    msg = str(err.value)
+    for part in (
+        "'mine'",
+        "'train'",
+        "'transcript'",
+        "['audio', 'sentence']",
+        "data.datasets[2].text_column",
+    ):
+        assert part in msg
+    validate_columns(DatasetEntry(name="m", path="/x", text_column=None, id_column=None), "train", ["audio"])
+    with pytest.raises(DataConfigError, match="speaker_column"):
+        validate_columns(
+            DatasetEntry(name="m", path="/x"), "train", ["audio", "text", "id"], need_speaker=True
+        )
+
+
+def test_dataset_entries_defaults_and_errors():
+    entries = dataset_entries([{"name": "a", "path": "/a", "splits": "train"}, {"name": "b", "path": "/b"}])
+    assert entries[0].splits == ["train"] and entries[1].index == 1 and entries[1].key == "data.datasets[1]"
+    with pytest.raises(DataConfigError, match="unknown keys"):
+        dataset_entries([{"name": "a", "path": "/a", "txt_column": "x"}])
+    with pytest.raises(DataConfigError, match="unique"):
+        dataset_entries([{"name": "a", "path": "/a"}, {"name": "a", "path": "/b"}])
+    with pytest.raises(DataConfigError, match=r"data.datasets\[0\].path"):
+        dataset_entries([{"name": "a", "path": "???"}])
+
+
+def test_stable_ids_and_duration_column():
+    assert stable_id("ds", "train", 7) == "ds:train:7"
+    entry = DatasetEntry(name="m", path="/x")
+    assert duration_column(entry, ["audio", "duration"]) == "duration"
+    assert duration_column(entry, ["audio"]) is None

@@ -1,0 +1,410 @@
+"""Stage 1, pseudo-labelling: labels, resume, job shards, streaming, packing, bad input, config errors.
+
+Runs the real stage (Hydra-composed config, Lightning `Trainer.predict`) on a small parquet dataset of TTS
+clips with the tiny random teacher; one check uses the real tiny.en teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from lightning.pytorch.callbacks import Callback
+from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+from distil.audio import encode_flac
+from distil.data import DataConfigError, DatasetEntry, load_split
+from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
+from distil.modules.transcriber import GenerationConfigError
+from distil.paths import CONF_DIR
+from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label
+from distil.text import corpus_wer, english_normalizer, sample_wer
+
+# Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).
+SPEAKERS = ["A"] * 5 + ["B"] * 3 + ["A"] * 4
+BAD_INDEX, LONG_INDEX = 5, 10  # positions of the corrupt and the 31 s clip in the dataset
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory, tts_clips) -> Path:
+    """12 TTS clips + one undecodable clip + one 31 s clip, as `<dir>/train/*.parquet` (two files)."""
+    rows = [
+        {
+            "audio": {"bytes": encode_flac(c["audio"], 16000), "path": None},
+            "text": c["text"],
+            "id": f"clip-{i:02d}",
+            "speaker": SPEAKERS[i],
+            "duration": len(c["audio"]) / 16000,
+        }
+        for i, c in enumerate(tts_clips)
+    ]
+    rows.insert(
+        BAD_INDEX,
+        {
+            "audio": {"bytes": b"RIFF garbage", "path": None},
+            "text": "broken",
+            "id": "bad",
+            "speaker": "B",
+            "duration": 1.0,
+        },
+    )
+    long_wave = np.tile(tts_clips[0]["audio"], int(np.ceil(31 * 16000 / len(tts_clips[0]["audio"]))))[
+        : 31 * 16000
+    ]
+    rows.insert(
+        LONG_INDEX,
+        {
+            "audio": {"bytes": encode_flac(long_wave, 16000), "path": None},
+            "text": "long",
+            "id": "long",
+            "speaker": "A",
+            "duration": 31.0,
+        },
+    )
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "train").mkdir()
+    ds = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
+    ds.select(range(7)).to_parquet(str(root / "train" / "a.parquet"))
+    ds.select(range(7, len(ds))).to_parquet(str(root / "train" / "b.parquet"))
+    return root
+
+
+def make_cfg(home: Path, teacher_dir: Path, data_path: Path, *overrides: str):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return compose(
+            "pseudo_label",
+            overrides=[
+                f"paths.root={home}",
+                "teacher=tiny_random",
+                f"teacher.path={teacher_dir}",
+                "data=custom",
+                f"data.datasets.0.path={data_path}",
+                "data.datasets.0.id_column=id",
+                "data.datasets.0.speaker_column=speaker",
+                "data.datasets.0.duration_column=duration",
+                "batch_size=4",
+                "shard_size=4",
+                "progress_bar=false",
+                *overrides,
+            ],
+        )
+
+
+def run(home, teacher_dir, data_path, *overrides, callbacks=()):
+    cfg = make_cfg(home, teacher_dir, data_path, *overrides)
+    return cfg, pseudo_label(cfg, run_dir=home / "run", callbacks=callbacks)
+
+
+def read_rows(out_dir: Path) -> list[dict]:
+    rows = []
+    for f in sorted(Path(out_dir).glob("part-*.parquet")):
+        rows += pq.read_table(f).to_pylist()
+    return rows
+
+
+def split_out(summary) -> Path:
+    return Path(summary["splits"]["custom/train"]["output_dir"])
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, tiny_random_dir, corpus):
+    """One uninterrupted map-style run: the output other runs must reproduce."""
+    home = tmp_path_factory.mktemp("reference")
+    cfg, summary = run(home, tiny_random_dir, corpus)
+    return cfg, summary, split_out(summary)
+
+
+def test_labels_match_direct_generation_and_wer(reference, tiny_random_dir, tts_clips, capsys):
+    cfg, summary, out = reference
+    rows = read_rows(out)
+    assert (out / SUCCESS).exists()
+    assert [r["id"] for r in rows] == [
+        f"clip-{i:02d}" for i in range(12)
+    ]  # dataset order, bad + long skipped
+    assert set(rows[0]) >= {
+        "audio",
+        "text",
+        "id",
+        "speaker",
+        "duration",
+        "whisper_transcript",
+        "token_ids",
+        "pseudo_label",
+        "pl_wer",
+        "pl_index",
+    }
+
+    # Independent computation: the model's own generate() per clip.
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_random_dir).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_random_dir)
+    tok = AutoTokenizer.from_pretrained(tiny_random_dir)
+    eos = model.generation_config.eos_token_id
+    refs, hyps = [], []
+    for i, row in enumerate(rows):
+        feats = fe(tts_clips[i]["audio"], sampling_rate=16000, return_tensors="pt").input_features
+        with torch.inference_mode():
+            gen = model.generate(feats, max_new_tokens=cfg.generation.max_new_tokens)[0].tolist()
+        gen = gen[: gen.index(eos)] if eos in gen else gen
+        text = tok.decode(gen, skip_special_tokens=True).strip()
+        prefix = [
+            model.generation_config.decoder_start_token_id,
+            model.generation_config.no_timestamps_token_id,
+        ]
+        assert row["token_ids"] == prefix + gen + [eos]
+        assert row["whisper_transcript"] == tok.decode(row["token_ids"], skip_special_tokens=False)
+        assert row["whisper_transcript"].startswith("<|startoftranscript|><|notimestamps|>")
+        assert row["whisper_transcript"].endswith("<|endoftext|>")
+        assert row["pseudo_label"] == text
+        assert row["pl_wer"] == pytest.approx(sample_wer(tts_clips[i]["text"], text, english_normalizer()))
+        refs.append(tts_clips[i]["text"])
+        hyps.append(text)
+    split = summary["splits"]["custom/train"]
+    assert split["wer"] == pytest.approx(corpus_wer(refs, hyps, english_normalizer()).wer)
+    assert split["samples"] == 12 and split["skipped"] == 2
+    assert split["audio_hours"] == pytest.approx(
+        sum(len(c["audio"]) for c in tts_clips) / 16000 / 3600, rel=1e-6
+    )
+
+    # Provenance: teacher name + fingerprint + generation config, in the json and in the parquet metadata.
+    labels = json.loads((out / "distil_labels.json").read_text())
+    assert labels["teacher"]["name"] == "whisper-tiny-random"
+    assert labels["teacher"]["fingerprint"].startswith("sha256:")
+    assert labels["generation"]["num_beams"] == 1
+    meta = json.loads(pq.read_schema(next(out.glob("part-*.parquet"))).metadata[b"distil"])
+    assert meta["teacher"] == labels["teacher"]
+    assert json.loads((out / "summary.json").read_text())["samples"] == 12
+    assert json.loads((Path(cfg.paths.root) / "run" / "summary.json").read_text())["splits"]["custom/train"][
+        "wer"
+    ]
+    assert list((Path(cfg.paths.root) / "run" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # The output is a plain HF dataset with the Audio feature kept.
+    loaded = datasets.load_dataset(
+        "parquet",
+        data_files=str(out / "*.parquet"),
+        split="train",
+        cache_dir=str(Path(cfg.paths.root) / "hf"),
+    )
+    assert isinstance(loaded.features["audio"], datasets.Audio) and len(loaded) == 12
+    # ... and later stages read it with the shared loader (sidecar json files are not data).
+    again = load_split(
+        DatasetEntry(name="labels", path=str(out.parent)), "train", cache_dir=str(Path(cfg.paths.root) / "hf")
+    )
+    assert len(again) == 12 and again[0]["whisper_transcript"] == rows[0]["whisper_transcript"]
+
+
+def test_bad_and_too_long_audio_are_skipped_and_listed(reference):
+    _, summary, out = reference
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [(s["ids"], s["reason"]) for s in skipped] == [
+        (["bad"], "unreadable_audio"),
+        (["long"], "too_long"),
+    ]
+    assert "31.00 s > 30 s" in skipped[1]["detail"]
+    assert summary["splits"]["custom/train"]["skipped_by_reason"] == {"unreadable_audio": 1, "too_long": 1}
+
+
+class KillAfterShards(Callback):
+    """Simulates a kill: raise once the writer has completed `n` shards."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def on_predict_batch_end(self, trainer, *args, **kwargs):
+        writer = next(c for c in trainer.callbacks if isinstance(c, ShardWriter))
+        if writer.shards_written >= self.n:
+            raise RuntimeError("simulated kill")
+
+
+def test_killed_run_resumes_to_identical_output(tmp_path, tiny_random_dir, corpus, reference):
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, tiny_random_dir, corpus, callbacks=[KillAfterShards(2)])
+    out = tmp_path / "pseudo_labels" / "whisper-tiny-random" / "custom" / "train"
+    assert not (out / SUCCESS).exists() and len(list((out / "_progress").glob("part-*.json"))) == 2
+    # Also lose a finished shard's manifest (a kill between its parquet and manifest): it is redone.
+    (out / "_progress" / "part-00000.json").unlink()
+    _, summary = run(tmp_path, tiny_random_dir, corpus)
+    split = summary["splits"]["custom/train"]
+    assert split["this_run"]["samples"] == 14 - 4  # only the 3 missing shards (of 4 units each, last has 2)
+    assert read_rows(out) == read_rows(reference[2])
+    assert (out / "skipped.jsonl").read_text() == (reference[2] / "skipped.jsonl").read_text()
+    # A third run finds everything done and does nothing.
+    _, again = run(tmp_path, tiny_random_dir, corpus)
+    assert again["splits"]["custom/train"]["this_run"] is None
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, tiny_random_dir, corpus):
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, tiny_random_dir, corpus, callbacks=[KillAfterShards(1)])
+    with pytest.raises(RuntimeError, match="different settings.*generation"):
+        run(tmp_path, tiny_random_dir, corpus, "generation.num_beams=2")
+
+
+def test_two_jobs_merge_to_the_full_run(tmp_path, tiny_random_dir, corpus, reference):
+    _, first = run(tmp_path, tiny_random_dir, corpus, "shard.index=0", "shard.count=2")
+    part = first["splits"]["custom/train"]
+    assert part["status"] == "incomplete" and part["missing_shards"] == [1, 3]
+    out = Path(part["output_dir"])
+    assert not (out / SUCCESS).exists()
+    _, second = run(tmp_path, tiny_random_dir, corpus, "shard.index=1", "shard.count=2")
+    assert second["splits"]["custom/train"]["status"] == "complete"
+    rows = read_rows(out)
+    ids = [r["id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 12  # no gaps, no duplicates
+    assert rows == read_rows(reference[2])
+
+
+def test_rank_split_is_a_partition_of_pending_shards(corpus):
+    entry = DatasetEntry(name="c", path=str(corpus), duration_column="duration")
+    ds = load_split(entry, "train", cache_dir=str(corpus / "cache"))
+    spec = LabellingSpec(entry=entry, split="train", shard_size=2, done={1})
+    source = LabellingSource(ds, spec, streaming=False)
+    owned = [
+        ShardBatches(source, None, 8, rank=r, world=3)._mine(range(source.num_shards), 1, 0) for r in range(3)
+    ]
+    flat = sorted(k for m in owned for k in m)
+    assert flat == [k for k in range(source.num_shards) if k != 1]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(owned) for b in owned[i + 1 :])
+
+
+def test_streaming_gives_the_same_dataset(tmp_path, tiny_random_dir, corpus, reference):
+    _, summary = run(tmp_path, tiny_random_dir, corpus, "streaming=true")
+    assert read_rows(split_out(summary)) == read_rows(reference[2])
+
+
+def test_pack_units_rule():
+    durations = [10, 10, 10, 5, 3, None, 4, 4, 40, 2]
+    speakers = ["A", "A", "A", "B", "B", "B", "B", "A", "A", "A"]
+    skipped = []
+    clips = [Clip(i, {"__id": str(i)}, d) for i, d in enumerate(durations)]
+    units = list(pack_units(clips, lambda c: speakers[c.index], 25, skipped.append))
+    assert [[c.index for c in u.clips] for u in units] == [[0, 1], [2], [3, 4], [6], [7], [9]]
+    # [2] continues [0, 1] (same speaker, split by length); [3, 4] follows a speaker change; [6] follows a
+    # dropped clip (5, unreadable); [7] a speaker change; [9] follows a dropped clip (8, too long).
+    assert [u.continues for u in units] == [False, True, False, False, False, False]
+    assert [(s.indices, s.reason) for s in skipped] == [([5], "unreadable_audio"), ([8], "too_long")]
+
+
+def test_build_prompt_is_never_doubled():
+    assert build_prompt(" Hello there.") == "<|startofprev|> Hello there."
+    assert build_prompt("<|startofprev|> Hello") == "<|startofprev|> Hello"
+    assert build_prompt("") is None and build_prompt(None) is None
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_packing_respects_speakers_and_builds_prompts(
+    tmp_path, tiny_random_dir, corpus, tts_clips, streaming
+):
+    _, summary = run(
+        tmp_path,
+        tiny_random_dir,
+        corpus,
+        "packing.enabled=true",
+        "packing.max_seconds=12",
+        f"streaming={streaming}",
+    )
+    rows = read_rows(split_out(summary))
+    speaker_of = {f"clip-{i:02d}": s for i, s in enumerate(SPEAKERS)}
+    text_of = {f"clip-{i:02d}": c["text"] for i, c in enumerate(tts_clips)}
+    seconds_of = {f"clip-{i:02d}": len(c["audio"]) / 16000 for i, c in enumerate(tts_clips)}
+    assert sorted(i for r in rows for i in r["packed_ids"]) == sorted(speaker_of)  # every good clip once
+    assert any(len(r["packed_ids"]) > 1 for r in rows)
+    previous = None
+    for r in rows:
+        assert {speaker_of[i] for i in r["packed_ids"]} == {r["speaker"]}  # never across speakers
+        assert sum(seconds_of[i] for i in r["packed_ids"]) <= 12 + 1e-6
+        assert r["text"] == " ".join(text_of[i] for i in r["packed_ids"])
+        assert r["id"] == r["packed_ids"][0]
+        if r["pl_continues"]:
+            assert previous is not None and previous["speaker"] == r["speaker"]
+            assert previous["pl_index"] == r["pl_index"] - 1
+            assert r["prompt"] == build_prompt(previous["pseudo_label"]) or (
+                r["prompt"] is None and not previous["pseudo_label"].strip()
+            )
+        else:
+            assert r["prompt"] is None
+        if previous is not None and previous["speaker"] != r["speaker"]:
+            assert not r["pl_continues"]  # a speaker change never gets a prompt
+        previous = r
+    assert any(r["pl_continues"] for r in rows)
+    assert all(r["prompt"] is None or r["prompt"].count("<|startofprev|>") == 1 for r in rows)
+
+
+def test_audio_only_data(tmp_path, tiny_random_dir, corpus):
+    _, summary = run(
+        tmp_path,
+        tiny_random_dir,
+        corpus,
+        "data.datasets.0.text_column=null",
+        "data.datasets.0.id_column=null",
+    )
+    split = summary["splits"]["custom/train"]
+    rows = read_rows(split_out(summary))
+    assert len(rows) == 12 and split["wer"] is None
+    assert all(
+        r["pl_wer"] is None and r["whisper_transcript"].startswith("<|startoftranscript|>") for r in rows
+    )
+    assert rows[0]["pl_id"] == "custom:train:0"  # generated stable ids (`id` exists as a plain column here)
+
+
+def test_missing_column_is_reported_before_the_teacher_loads(tmp_path, corpus, monkeypatch):
+    def no_teacher(*a, **k):
+        raise AssertionError("teacher resolved before the data was checked")
+
+    monkeypatch.setattr("distil.models.resolve_model", no_teacher)
+    cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, "data.datasets.0.text_column=sentence")
+    with pytest.raises(DataConfigError) as err:
+        pseudo_label(cfg, run_dir=tmp_path / "run")
+    for part in ("'custom'", "'train'", "'sentence'", "data.datasets[0].text_column", "'audio'"):
+        assert part in str(err.value)
+
+
+def test_language_for_english_only_teacher_is_an_error(tmp_path, tiny_random_dir, corpus, monkeypatch):
+    def no_weights(*a, **k):
+        raise AssertionError("weights loaded before the generation settings were checked")
+
+    monkeypatch.setattr(WhisperForConditionalGeneration, "from_pretrained", no_weights)
+    cfg = make_cfg(tmp_path, tiny_random_dir, corpus, "generation.language=fr")
+    with pytest.raises(GenerationConfigError, match="English-only.*language='fr'"):
+        pseudo_label(cfg, run_dir=tmp_path / "run")
+
+
+def test_real_teacher_with_timestamps(tmp_path, tiny_en_dir, tts_clips):
+    """tiny.en on three clips: sensible text, `<|0.00|>` timestamps, same tokens as generate() itself."""
+    root = tmp_path / "data"
+    (root / "train").mkdir(parents=True)
+    rows = [
+        {"audio": {"bytes": encode_flac(c["audio"], 16000), "path": None}, "text": c["text"], "id": str(i)}
+        for i, c in enumerate(tts_clips[:3])
+    ]
+    datasets.Dataset.from_list(rows).to_parquet(str(root / "train" / "x.parquet"))
+    cfg = make_cfg(
+        tmp_path,
+        tiny_en_dir,
+        root,
+        "generation.return_timestamps=true",
+        "teacher.name=tiny-en",
+        "data.datasets.0.speaker_column=null",
+        "data.datasets.0.duration_column=null",
+    )
+    summary = pseudo_label(cfg, run_dir=tmp_path / "run")
+    out = read_rows(split_out(summary))
+    assert summary["splits"]["custom/train"]["wer"] < 30
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_en_dir).eval()
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_en_dir)
+    for row, clip in zip(out, tts_clips[:3], strict=True):
+        assert row["whisper_transcript"].startswith("<|startoftranscript|><|0.00|>")
+        assert (
+            row["whisper_transcript"].endswith("<|endoftext|>")
+            and "<|notimestamps|>" not in row["whisper_transcript"]
+        )
+        feats = fe(clip["audio"], sampling_rate=16000, return_tensors="pt").input_features
+        with torch.inference_mode():
+            gen = model.generate(feats, return_timestamps=True, max_new_tokens=128)[0].tolist()
+        assert row["token_ids"][1:-1] == gen  # generate() drops the start and end tokens
