@@ -1,0 +1,210 @@
+"""The whole recipe in one command: corpus, pseudo-labelling, student initialisation, distillation, evaluation.
+
+Each stage is composed from its own main config with the overrides its command line would take, so
+`python -m distil.pipeline` and the stage-by-stage commands printed in the log do exactly the same work.
+Every stage writes to deterministic paths and skips or resumes finished work, so re-running the
+pipeline after an interruption continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from distil.paths import CONF_DIR
+from distil.runinfo import hydra_output_dir, write_run_info
+
+log = logging.getLogger(__name__)
+STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")
+
+
+def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
+    """The command-line overrides of one stage: the pipeline's shared choices, then the stage's own."""
+    shared = {
+        "corpus": [],
+        "pseudo_label": [f"teacher={cfg.recipe.teacher}"],
+        "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
+        "train": [
+            f"experiment={cfg.recipe.experiment}",
+            f"teacher={cfg.recipe.teacher}",
+            f"student={cfg.recipe.student}",
+        ],
+        "evaluate": [],
+    }[stage]
+    if stage == "train" and cfg.train.wer_threshold is not None:
+        shared.append(f"data.wer_threshold={cfg.train.wer_threshold}")
+    return shared + list(cfg.overrides.get(stage) or [])
+
+
+def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictConfig:
+    stage_cfg = compose(config_name=stage, overrides=overrides)
+    OmegaConf.set_struct(stage_cfg, False)
+    stage_cfg.paths = paths  # one root for the whole pipeline, whatever the environment says
+    return stage_cfg
+
+
+def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
+    """Run the configured stages in order; returns (and writes) the teacher/student comparison."""
+    from distil.models import resolve_model
+
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    out = Path(out_dir)
+    results: dict[str, Any] = {}
+
+    def run(stage: str, extra: list[str] | None = None, tag: str | None = None):
+        overrides = stage_overrides(cfg, stage) + list(extra or [])
+        log.info("stage %s: python -m distil.%s %s", tag or stage, stage, " ".join(overrides))
+        stage_cfg = compose_stage(stage, overrides, cfg.paths)
+        stage_dir = out / (tag or stage)
+        write_run_info(stage_cfg, stage_dir)
+        return stage_cfg, stage_dir, overrides
+
+    if "corpus" in cfg.stages:
+        from distil.corpus import build_all
+
+        stage_cfg, _, _ = run("corpus")
+        results["corpus"] = {name: str(path) for name, path in build_all(stage_cfg).items()}
+    if "pseudo_label" in cfg.stages:
+        from distil.pseudo_label import pseudo_label
+
+        stage_cfg, stage_dir, _ = run("pseudo_label")
+        results["pseudo_label"] = pseudo_label(stage_cfg, run_dir=stage_dir)
+    if "init_student" in cfg.stages:
+        from distil.init_student import init_student_from_config
+
+        stage_cfg, _, _ = run("init_student")
+        results["init_student"] = str(init_student_from_config(stage_cfg))
+    train_summary = None
+    if "train" in cfg.stages:
+        from distil.train import run_dir_from_overrides, train
+
+        stage_cfg, _, overrides = run("train")
+        if stage_cfg.get("out_dir") is None:
+            stage_cfg.out_dir = str(run_dir_from_overrides(stage_cfg.students_root_dir, overrides))
+        train_summary = train(stage_cfg)
+        results["train"] = train_summary
+    if "evaluate" in cfg.stages:
+        from distil.evaluate import evaluate
+
+        teacher_cfg = compose_stage("init_student", stage_overrides(cfg, "init_student"), cfg.paths).teacher
+        teacher_dir = resolve_model(teacher_cfg, models_root=cfg.paths.models)
+        student_dir = _trained_student_dir(cfg, train_summary)
+        evals = {}
+        for role, model_dir, extra in [
+            (
+                "teacher",
+                teacher_dir,
+                [f"++eval.speculative.assistant={_quoted(student_dir)}"] if student_dir else [],
+            ),
+            ("student", student_dir, ["++eval.speculative=null"]),  # a model is not its own assistant
+        ]:
+            if model_dir is None:
+                continue
+            model = ["model=path", f"model.path={_quoted(model_dir)}", f"model.name={role}"]
+            stage_cfg, stage_dir, _ = run("evaluate", model + extra, tag=f"evaluate_{role}")
+            evals[role] = evaluate(stage_cfg, stage_dir)
+        results["evaluate"] = evals
+        comparison = compare(evals)
+        results["comparison"] = comparison
+        print(format_comparison(comparison))
+        # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
+        if "student" in evals:
+            (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
+    (out / "pipeline_summary.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+    return results
+
+
+def _quoted(path: str | Path) -> str:
+    """A path as a Hydra override value (training run directories contain `=` and `,`)."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | None:
+    """The distilled student to evaluate: the best export of this run's training, else its last export."""
+    if train_summary is None:
+        from distil.train import run_dir_from_overrides
+
+        train_cfg = compose_stage("train", stage_overrides(cfg, "train"), cfg.paths)
+        out_dir = train_cfg.get("out_dir") or run_dir_from_overrides(
+            train_cfg.students_root_dir, stage_overrides(cfg, "train")
+        )
+        exports = {k: Path(out_dir) / k for k in ("best", "last")}
+        exports = {k: str(v) for k, v in exports.items() if (v / "config.json").is_file()}
+    else:
+        exports = train_summary.get("exports") or {}
+    return exports.get("best") or exports.get("last")
+
+
+def _get(tree: dict, *keys: str):
+    for key in keys:
+        if not isinstance(tree, dict) or key not in tree:
+            return None
+        tree = tree[key]
+    return tree
+
+
+def compare(evals: dict[str, dict]) -> dict[str, dict[str, Any]]:
+    """Teacher vs student headline numbers from their metrics.json."""
+    rows: dict[str, dict[str, Any]] = {}
+    for role, m in evals.items():
+        long_sets = _get(m, "long_form", "sets") or {}
+        chunked = [s.get("chunked", {}).get("wer") for s in long_sets.values() if isinstance(s, dict)]
+        sequential = [s.get("sequential", {}).get("wer") for s in long_sets.values() if isinstance(s, dict)]
+        rtfx = _rtfx_at_largest_batch(_get(m, "latency", "batch_sizes") or {})
+        rows[role] = {
+            "short_form_wer": _get(m, "short_form", "average", "wer_sample_weighted"),
+            "long_form_wer_chunked": _mean(chunked),
+            "long_form_wer_sequential": _mean(sequential),
+            "rtfx": rtfx,
+            "speculative_speedup": _get(m, "speculative", "speedup"),
+            "speculative_identical": _get(m, "speculative", "identical_fraction"),
+        }
+    return rows
+
+
+def _mean(values):
+    values = [v for v in values if isinstance(v, (int, float))]
+    return sum(values) / len(values) if values else None
+
+
+def _rtfx_at_largest_batch(by_batch_size: dict) -> float | None:
+    measured = [e for e in by_batch_size.values() if isinstance(e.get("rtfx"), (int, float))]
+    return max(measured, key=lambda e: e["batch_size"])["rtfx"] if measured else None
+
+
+def format_comparison(rows: dict[str, dict[str, Any]]) -> str:
+    columns = [
+        ("short_form_wer", "short-form WER %"),
+        ("long_form_wer_chunked", "long-form WER % (chunked)"),
+        ("long_form_wer_sequential", "long-form WER % (sequential)"),
+        ("rtfx", "RTFx"),
+        ("speculative_speedup", "speculative speed-up"),
+        ("speculative_identical", "speculative = teacher"),
+    ]
+    lines = [
+        "| model | " + " | ".join(title for _, title in columns) + " |",
+        "|---" * (len(columns) + 1) + "|",
+    ]
+    for role, row in rows.items():
+        cells = [("-" if row[k] is None else f"{row[k]:.2f}") for k, _ in columns]
+        lines.append(f"| {role} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
+def main(cfg: DictConfig) -> float | None:
+    out = write_run_info(cfg)
+    results = run_pipeline(cfg, hydra_output_dir() or out)
+    return _get(results, "comparison", "student", "short_form_wer")
+
+
+if __name__ == "__main__":
+    main()

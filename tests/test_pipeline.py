@@ -1,0 +1,77 @@
+"""End-to-end smoke of the whole recipe on the CPU: every stage runs for real, on tiny settings."""
+
+import json
+
+from hydra import compose, initialize_config_dir
+
+from distil.paths import CONF_DIR
+from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
+
+TINY_CORPUS = [
+    "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",
+    "corpora.flite.sizes={train: 6, validation: 2, test: 3}",
+    "corpora.flite.voices.train=[kal]",
+    "corpora.longform.sizes={test: 1}",
+    "corpora.longform.min_duration_s=12",
+    "corpora.longform.max_duration_s=20",
+]
+TINY_EVAL = [
+    "eval=demo",
+    "eval.max_samples=3",
+    "eval.long_form.chunk_length_s=10",
+    "eval.speculative.samples=2",
+    "eval.latency.samples=2",
+    "eval.latency.batch_sizes=[2]",
+    "eval.noise.samples=2",
+    "eval.noise.snr_db=[10]",
+    "eval.max_new_tokens=16",
+]
+
+
+def _pipeline_cfg(tmp_path, extra=()):
+    overrides = [
+        f"paths.root={tmp_path}",
+        "recipe.teacher=tiny_random",
+        "recipe.student=1dec",
+        "recipe.experiment=tiny_random_smoke",
+        "overrides.corpus=[" + ",".join(f"'{o}'" for o in TINY_CORPUS) + "]",
+        "overrides.pseudo_label=['data=synthetic','batch_size=4','progress_bar=false']",
+        "overrides.evaluate=[" + ",".join(f"'{o}'" for o in TINY_EVAL) + "]",
+        *extra,
+    ]
+    return compose(config_name="pipeline", overrides=overrides)
+
+
+def test_stage_overrides_forward_the_shared_choices(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = _pipeline_cfg(tmp_path, ["train.wer_threshold=15"])
+    train = stage_overrides(cfg, "train")
+    assert "teacher=tiny_random" in train and "student=1dec" in train and "data.wer_threshold=15" in train
+    assert stage_overrides(cfg, "pseudo_label")[0] == "teacher=tiny_random"
+
+
+def test_comparison_table_formats_missing_values():
+    rows = compare({"teacher": {"short_form": {"average": {"wer_sample_weighted": 12.5}}}})
+    assert rows["teacher"]["short_form_wer"] == 12.5 and rows["teacher"]["rtfx"] is None
+    table = format_comparison(rows)
+    assert "| teacher | 12.50 | -" in table
+
+
+def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
+    run_dir = tmp_path / "run"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        # Reuse the session's model cache (the tiny random teacher is built once per test session).
+        cfg = _pipeline_cfg(tmp_path, [f"paths.models={tiny_random_dir.parent}"])
+        results = run_pipeline(cfg, run_dir)
+    assert set(results) >= {"corpus", "pseudo_label", "init_student", "train", "evaluate", "comparison"}
+    assert (tmp_path / "pseudo_labels" / "whisper-tiny-random" / "espeak" / "train" / "_SUCCESS").is_file()
+    assert results["train"]["global_step"] == 4
+    comparison = results["comparison"]
+    assert set(comparison) == {"teacher", "student"}
+    assert comparison["teacher"]["short_form_wer"] is not None
+    # The distilled student is the teacher's assistant: greedy outputs must be unchanged.
+    assert comparison["teacher"]["speculative_identical"] == 1.0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["model"]["name"] == "student"
+    for stage in ("corpus", "pseudo_label", "init_student", "train", "evaluate_teacher", "evaluate_student"):
+        assert (run_dir / stage / "config.yaml").is_file(), stage
