@@ -1,0 +1,879 @@
+"""Training and validation data for distillation: weighted multi-dataset mixing, filters, collation.
+
+Shape of the training data path (top to bottom):
+
+1. Each `data.datasets` entry (its `splits` are the training splits) is loaded with `distil.data.load_split`:
+   from the pseudo-label directory `${paths.pseudo_labels}/<labelling teacher>/<name>` when the method
+   trains on pseudo-labels, from the entry's own `path` when it trains on the reference text.
+2. Filters (`drop_reason`): pseudo-label WER (`keep iff pl_wer <= wer_threshold`), duration and label
+   length; kept/dropped counts are logged per dataset (exact for map-style data, from a pass over the
+   metadata columns for streamed data).
+3. Mixing: `datasets.interleave_datasets(probabilities ∝ samples, seed, stopping_strategy)`. For map-style
+   data the interleaved dataset holds only `(source, row)` pairs (no copy of the audio); streamed
+   sources are mapped to one canonical schema and interleaved lazily.
+4. `TrainStream` cuts the mixture into batches per epoch (a seeded permutation for map-style data, a
+   seeded shuffle buffer for streams) and hands batch `j` to one rank/worker. The global batch order is
+   independent of `num_workers`, and a resumed run skips exactly the batches already trained on
+   (`start_batch`), without decoding their audio.
+5. `SpeechCollator` (in the DataLoader workers): audio decoded with `distil.audio.decode_audio`, log-mel
+   features, per-sample/per-epoch targets (`distil.targets.build_targets`), labels padded to the longest
+   in the batch. With the encoder cache, cached batches skip decoding and features altogether.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+import lightning as L
+import numpy as np
+import torch
+from datasets import Audio, Features, List, Value
+from torch.utils.data import DataLoader
+
+from distil.audio import decode_audio
+from distil.data import DataConfigError, DatasetEntry, column_names, dataset_entries, load_split, stable_id
+from distil.encoder_cache import EncoderCache
+from distil.targets import WHISPER_MAX_LABEL_LENGTH, SpecialTokens, build_targets, collate_labels, sample_rng
+
+log = logging.getLogger(__name__)
+
+SAMPLING_RATE = 16_000
+STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
+LABEL_SOURCES = ("pseudo", "text")
+# Columns the pseudo-labelling stage adds (see distil.pseudo_label).
+PSEUDO_LABEL_COLUMNS = ("token_ids", "pl_wer")
+LABELS_METADATA = "distil_labels.json"
+LABELS_SUCCESS = "_SUCCESS"  # written last by distil.pseudo_label: the split is complete
+
+# Every source is mapped to this schema before streamed interleaving (it needs identical features).
+CANONICAL_FEATURES = Features(
+    {
+        "audio": Audio(decode=False),
+        "sample_id": Value("string"),
+        "source": Value("string"),  # "<dataset>/<split>": the cache key prefix and the stats key
+        "text": Value("string"),
+        "token_ids": List(Value("int64")),
+        "prompt": Value("string"),
+        "pl_wer": Value("float64"),
+        "duration": Value("float64"),
+        "language": Value("string"),
+    }
+)
+
+
+class DataError(DataConfigError):
+    """Training data that cannot be used as configured (missing pseudo-labels, references, columns)."""
+
+
+# =========================================================================== pure helpers
+
+
+def sampling_probabilities(weights: Sequence[float]) -> list[float]:
+    """Mixing probabilities proportional to each dataset's `samples` weight (hours or sample counts)."""
+    w = [float(x) for x in weights]
+    if not w:
+        raise DataError("no training datasets: data.datasets is empty")
+    if any(not math.isfinite(x) or x <= 0 for x in w):
+        raise DataError(f"data.datasets[*].samples must be positive numbers, got {w}")
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def drop_reason(
+    pl_wer: float | None,
+    duration: float | None,
+    n_label_tokens: int | None,
+    *,
+    wer_threshold: float | None = None,
+    min_duration_s: float | None = None,
+    max_duration_s: float | None = None,
+    max_label_length: int | None = WHISPER_MAX_LABEL_LENGTH,
+) -> str | None:
+    """Why a training sample is dropped (`"wer"`, `"too_short"`, `"too_long"`, `"label_too_long"`), or None to keep it.
+
+    WER filter: keep iff `pl_wer <= wer_threshold` (percent; exactly at the threshold is kept). A sample
+    without a `pl_wer` (no reference text) cannot be judged: that is an error, not a silent drop.
+    Label length counts the label ids (prefix included, prompt excluded); Whisper's decoder has
+    `max_label_length` positions and `decoder_input_ids = ids[:-1]`, so up to `max_label_length + 1` ids fit.
+    """
+    if wer_threshold is not None:
+        if pl_wer is None or (isinstance(pl_wer, float) and math.isnan(pl_wer)):
+            raise DataError(
+                "data.wer_threshold is set but a sample has no pl_wer (its dataset has no reference text, "
+                "so pseudo-label WER is undefined); set data.wer_threshold=null or label data with references"
+            )
+        if pl_wer > wer_threshold:
+            return "wer"
+    if duration is not None:
+        if min_duration_s is not None and duration < min_duration_s:
+            return "too_short"
+        if max_duration_s is not None and duration > max_duration_s:
+            return "too_long"
+    if max_label_length is not None and n_label_tokens is not None and n_label_tokens > max_label_length + 1:
+        return "label_too_long"
+    return None
+
+
+@dataclass
+class FilterStats:
+    """Kept and dropped counts of one training source, by reason."""
+
+    source: str
+    total: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> int:
+        return self.total - sum(self.dropped.values())
+
+    def add(self, reason: str | None) -> None:
+        self.total += 1
+        if reason is not None:
+            self.dropped[reason] += 1
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts})"
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "total": self.total, "kept": self.kept, "dropped": dict(self.dropped)}
+
+
+def audio_duration(audio: Any) -> float | None:
+    """Duration in seconds from the audio file header (no decoding); None when unknown."""
+    import soundfile as sf
+
+    try:
+        if isinstance(audio, Mapping):
+            if audio.get("array") is not None:
+                return len(audio["array"]) / float(audio["sampling_rate"])
+            if audio.get("bytes"):
+                return float(sf.info(io.BytesIO(audio["bytes"])).duration)
+            if audio.get("path"):
+                return float(sf.info(audio["path"]).duration)
+        elif isinstance(audio, (str, Path)):
+            return float(sf.info(str(audio)).duration)
+    except (RuntimeError, sf.LibsndfileError, OSError):
+        return None
+    return None
+
+
+def label_body(token_ids: Sequence[int], special: SpecialTokens) -> list[int]:
+    """The label ids from `<|startoftranscript|>` on (a packed label may start with its prompt)."""
+    ids = [int(i) for i in token_ids]
+    if ids and ids[0] == special.startofprev and special.sot in ids:
+        return ids[ids.index(special.sot) :]
+    return ids
+
+
+class TextLabeler:
+    """Label ids for the reference text (fine-tuning): the tokenizer's Whisper prefix + text + `<|endoftext|>`.
+
+    English-only vocabularies (51864 tokens) use `<|startoftranscript|><|notimestamps|>`; multilingual ones
+    need the language (`data.datasets[i].language` or `data.language`) and task tokens.
+    """
+
+    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
+        self.tokenizer = tokenizer
+        self.multilingual = len(tokenizer) > 51864
+        self.language, self.task = language, task or "transcribe"
+        self._prefix_for = object()  # the language the tokenizer's prefix is currently set to
+
+    def __call__(self, text: str, language: str | None = None) -> list[int]:
+        lang = (language or self.language) if self.multilingual else None
+        if self.multilingual and not lang:
+            raise DataError(
+                "fine-tuning a multilingual model on reference text needs the language: set "
+                "data.datasets[i].language or data.language"
+            )
+        if lang != self._prefix_for:
+            task = self.task if self.multilingual else None
+            self.tokenizer.set_prefix_tokens(language=lang, task=task, predict_timestamps=False)
+            self._prefix_for = lang
+        # Whisper transcripts start with a space token, as the teacher generates them.
+        return list(self.tokenizer(" " + (text or "").strip()).input_ids)
+
+
+# =========================================================================== per-source preparation
+
+
+def canonical_row(row: Mapping[str, Any], entry: DatasetEntry, split: str, index: int) -> dict:
+    """One row of a source in `CANONICAL_FEATURES` form (missing optional columns become None)."""
+    sid = row[entry.id_column] if entry.id_column else None
+    duration = row.get(entry.duration_column) if entry.duration_column else None
+    token_ids = row.get("token_ids")
+    return {
+        "audio": row[entry.audio_column],
+        "sample_id": str(sid) if sid is not None else stable_id(entry.name, split, index),
+        "source": f"{entry.name}/{split}",
+        "text": row.get(entry.text_column) if entry.text_column else None,
+        "token_ids": [int(i) for i in token_ids] if token_ids is not None else None,
+        "prompt": row.get("prompt"),
+        "pl_wer": float(row["pl_wer"]) if row.get("pl_wer") is not None else None,
+        "duration": float(duration) if duration is not None else None,
+        "language": row.get("language") or entry.language,  # multilingual pseudo-labels carry one per sample
+    }
+
+
+def check_columns(
+    entry: DatasetEntry, split: str, names: Sequence[str], label_source: str, where: str
+) -> None:
+    """Clear start-up errors for unknown columns and for pseudo-labels missing when the method needs them."""
+    names = list(names)
+    for key in ("audio_column", "text_column", "id_column", "duration_column"):
+        column = getattr(entry, key)
+        if column is None or column in names:
+            continue
+        if key == "duration_column":  # optional: durations then come from the audio headers
+            continue
+        raise DataError(
+            f"dataset {entry.name!r} split {split!r} ({where}) has no column {column!r} ({key}); "
+            f"available columns: {names}; set {entry.key}.{key} to one of them"
+            + (" or null" if key != "audio_column" else "")
+        )
+    if label_source == "pseudo":
+        missing = [c for c in PSEUDO_LABEL_COLUMNS if c not in names]
+        if missing:
+            raise DataError(
+                f"dataset {entry.name!r} split {split!r} ({where}) has no pseudo-label columns {missing}; this "
+                "loss trains on pseudo-labels: run `python -m distil.pseudo_label` first, or use loss=finetune"
+            )
+    elif entry.text_column is None:
+        raise DataError(
+            f"dataset {entry.name!r} has no text column ({entry.key}.text_column is null) but loss=finetune "
+            "trains on the reference text; use a pseudo-labelled method (loss=sft or kd)"
+        )
+
+
+@dataclass
+class TrainSource:
+    entry: DatasetEntry
+    split: str
+    dataset: datasets.Dataset | datasets.IterableDataset
+    kept_rows: np.ndarray | None  # map-style: row indices that pass the filters
+    stats: FilterStats | None
+
+
+def load_pseudo_labelled(
+    entry: DatasetEntry, split: str, streaming: bool = False, cache_dir: str | None = None
+):
+    """A finished pseudo-label split: only its parquet shards (the directory also holds JSON metadata)."""
+    directory = Path(str(entry.path)) / split
+    files = sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        raise DataError(f"pseudo-label split {directory} holds no parquet shards; re-run distil.pseudo_label")
+    ds = datasets.load_dataset(
+        "parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
+    )
+    if entry.audio_column in column_names(ds):
+        ds = ds.cast_column(entry.audio_column, Audio(decode=False))
+    return ds
+
+
+# =========================================================================== the collator
+
+
+class SpeechCollator:
+    """Rows -> model batch: log-mel features (or cached encoder states), padded decoder inputs and labels."""
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        *,
+        label_source: str = "pseudo",
+        timestamp_probability: float = 0.0,
+        condition_on_prev_probability: float = 0.0,
+        max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
+        seed: int = 0,
+        language: str | None = None,
+        task: str | None = None,
+        encoder_cache: EncoderCache | None = None,
+    ):
+        if label_source not in LABEL_SOURCES:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.text_labeler = TextLabeler(tokenizer, language, task)
+        self.label_source = label_source
+        self.timestamp_probability = float(timestamp_probability)
+        self.condition_on_prev_probability = float(condition_on_prev_probability)
+        self.max_label_length = int(max_label_length)
+        self.seed = int(seed)
+        self.encoder_cache = encoder_cache
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.special.eot)
+
+    def label_ids(self, row: Mapping[str, Any]) -> list[int]:
+        if self.label_source == "text":
+            return self.text_labeler(row["text"], row.get("language"))
+        return [int(i) for i in row["token_ids"]]
+
+    def prompt_ids(self, row: Mapping[str, Any]) -> list[int] | None:
+        prompt = row.get("prompt")
+        if not prompt:
+            return None
+        return list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    def features(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        waves = [decode_audio(r["audio"], SAMPLING_RATE) for r in rows]
+        out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        return out.input_features
+
+    def cache_keys(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        return [f"{r['source']}/{r['sample_id']}" for r in rows]
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]], epoch: int = 0) -> dict[str, Any]:
+        keys = self.cache_keys(rows)
+        batch: dict[str, Any] = {"sample_ids": keys, "epoch": int(epoch)}
+        cached = self.encoder_cache.load(keys) if self.encoder_cache is not None else None
+        if cached is not None:
+            batch["encoder_hidden_states"] = torch.from_numpy(cached)  # fp16; the module casts
+        else:
+            batch["input_features"] = self.features(rows)
+        targets = [
+            build_targets(
+                self.label_ids(r),
+                self.special,
+                sample_rng(self.seed, epoch, key),
+                prompt_ids=self.prompt_ids(r),
+                timestamp_probability=self.timestamp_probability,
+                condition_on_prev_probability=self.condition_on_prev_probability,
+                max_label_length=self.max_label_length,
+            )
+            for r, key in zip(rows, keys, strict=True)
+        ]
+        batch.update(collate_labels(targets, self.pad_id))
+        return batch
+
+    def validation(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {
+            "input_features": self.features(rows),
+            "references": [r.get("text") or "" for r in rows],
+            "sample_ids": self.cache_keys(rows),
+        }
+
+
+# =========================================================================== the training stream
+
+
+class _MapMixture:
+    """Map-style mixture: the interleaved `(source, row)` pairs, permuted per epoch."""
+
+    def __init__(
+        self, sources: list[TrainSource], pairs: np.ndarray, entries_split: list[tuple[DatasetEntry, str]]
+    ):
+        self.sources = sources
+        self.pairs = pairs  # [n, 2] int64: source index, row index
+        self.entries_split = entries_split
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[np.ndarray]:
+        order = (
+            np.random.default_rng([seed, epoch]).permutation(len(self.pairs))
+            if shuffle
+            else np.arange(len(self.pairs))
+        )
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # the last partial batch is dropped
+            yield self.pairs[order[start : start + batch_size]]
+
+    def fetch(self, handles: np.ndarray) -> list[dict]:
+        rows = []
+        for src, row in handles:
+            s = self.sources[int(src)]
+            rows.append(canonical_row(s.dataset[int(row)], s.entry, s.split, int(row)))
+        return rows
+
+
+class _StreamMixture:
+    """Streamed mixture: canonical rows from `interleave_datasets`, shuffled with a buffer per epoch."""
+
+    def __init__(self, dataset: datasets.IterableDataset, shuffle_buffer_size: int):
+        self.dataset = dataset
+        self.shuffle_buffer_size = int(shuffle_buffer_size)
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[list[dict]]:
+        ds = self.dataset
+        if shuffle and self.shuffle_buffer_size > 1:
+            ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+        ds.set_epoch(epoch)
+        # `.iter` (not `__iter__`) so datasets does not split the stream by DataLoader worker: every worker
+        # sees the same global batch order and keeps its own batches (see TrainStream).
+        for cols in ds.iter(batch_size=batch_size, drop_last_batch=True):
+            yield [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+
+    def fetch(self, handles: list[dict]) -> list[dict]:
+        return handles
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless, deterministic stream of collated training batches (epoch after epoch).
+
+    Global batch `j` (counted from the start of training, across epochs) is produced by rank
+    `(j - start_batch) % world_size` and, on that rank, by worker `((j - start_batch) // world_size) %
+    num_workers`; PyTorch's DataLoader returns worker outputs round-robin, so each rank sees its
+    batches in global order whatever `num_workers` is. `start_batch` skips batches already trained on
+    (resume): skipped batches are never decoded.
+    """
+
+    def __init__(
+        self,
+        mixture: _MapMixture | _StreamMixture,
+        collator: SpeechCollator,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        max_epochs: int | None = None,
+    ):
+        self.mixture = mixture
+        self.collator = collator
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.max_epochs = max_epochs
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        j, epoch, start = 0, 0, self.start_batch
+        while self.max_epochs is None or epoch < self.max_epochs:
+            produced = 0
+            for handles in self.mixture.epoch_batches(epoch, self.seed, self.batch_size, self.shuffle):
+                produced += 1
+                k = j - start
+                if (
+                    k >= 0
+                    and k % self.world_size == self.rank
+                    and (k // self.world_size) % n_workers == worker
+                ):
+                    batch = self.collator(self.mixture.fetch(handles), epoch)
+                    batch["batch_index"] = j
+                    yield batch
+                j += 1
+            if produced == 0:
+                raise DataError(
+                    f"the training data has fewer samples than one batch (data.batch_size={self.batch_size}) "
+                    "after filtering; lower the batch size or relax the filters"
+                )
+            epoch += 1
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class _MapRows(torch.utils.data.Dataset):
+    """A map-style validation split read row by row in canonical form."""
+
+    def __init__(self, dataset: datasets.Dataset, entry: DatasetEntry, split: str, n: int):
+        self.dataset, self.entry, self.split, self.n = dataset, entry, split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return canonical_row(self.dataset[i], self.entry, self.split, i)
+
+
+# =========================================================================== the DataModule
+
+
+class SpeechDataModule(L.LightningDataModule):
+    """Weighted multi-dataset training stream + named validation sets for `WhisperDistiller`.
+
+    Args (all plain values, so tests build it without Hydra):
+        datasets: `data.datasets` entries (see `distil.data`); their `splits` are trained on.
+        processor_dir: directory with the tokenizer and feature extractor (the student's).
+        label_source: "pseudo" (token_ids from pseudo-labelling) or "text" (reference, fine-tuning).
+        pseudo_labels_dir: `${paths.pseudo_labels}/<labelling teacher>`; sources are read from
+            `<pseudo_labels_dir>/<dataset name>` when `label_source="pseudo"`.
+        validation_splits: for every entry listing one of these splits, a validation set `<name>/<split>`
+            read from the entry's own path (references, no pseudo-labels needed).
+        validation_datasets: extra validation entries (each split becomes a set).
+    """
+
+    def __init__(
+        self,
+        datasets: Sequence[Mapping[str, Any]],
+        processor_dir: str,
+        *,
+        label_source: str = "pseudo",
+        pseudo_labels_dir: str | None = None,
+        streaming: bool = False,
+        validation_splits: Sequence[str] = ("validation",),
+        validation_datasets: Sequence[Mapping[str, Any]] = (),
+        batch_size: int = 8,
+        val_batch_size: int = 16,
+        num_workers: int = 0,
+        seed: int = 0,
+        stopping_strategy: str = "all_exhausted",
+        shuffle: bool = True,
+        shuffle_buffer_size: int = 1000,
+        wer_threshold: float | None = None,
+        min_duration_s: float | None = None,
+        max_duration_s: float | None = 30.0,
+        max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
+        timestamp_probability: float = 0.0,
+        condition_on_prev_probability: float = 0.0,
+        max_train_samples: int | None = None,
+        max_val_samples: int | None = None,
+        count_streamed_filters: bool = True,
+        language: str | None = None,
+        task: str | None = None,
+        encoder_cache: EncoderCache | None = None,
+        max_epochs: int | None = None,
+        cache_dir: str | None = None,
+    ):
+        super().__init__()
+        self.cache_dir = cache_dir  # datasets' arrow cache for map-style loading
+        if label_source not in LABEL_SOURCES:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+        if stopping_strategy not in STOPPING_STRATEGIES:
+            raise DataError(
+                f"data.stopping_strategy must be one of {STOPPING_STRATEGIES}, got {stopping_strategy!r}"
+            )
+        if label_source == "pseudo" and not pseudo_labels_dir:
+            raise DataError("training on pseudo-labels needs pseudo_labels_dir (data.pseudo_labels_dir)")
+        self.entries = dataset_entries(datasets)
+        self.val_entries = dataset_entries(validation_datasets) if validation_datasets else []
+        self.processor_dir = str(processor_dir)
+        self.label_source = label_source
+        self.pseudo_labels_dir = pseudo_labels_dir
+        self.streaming = streaming
+        self.validation_splits = list(validation_splits or [])
+        self.batch_size = int(batch_size)
+        self.val_batch_size = int(val_batch_size)
+        self.num_workers = int(num_workers)
+        self.seed = int(seed)
+        self.stopping_strategy = stopping_strategy
+        self.shuffle = shuffle
+        self.shuffle_buffer_size = shuffle_buffer_size
+        self.filters = {
+            "wer_threshold": wer_threshold,
+            "min_duration_s": min_duration_s,
+            "max_duration_s": max_duration_s,
+            "max_label_length": max_label_length,
+        }
+        self.max_label_length = max_label_length
+        self.timestamp_probability = timestamp_probability
+        self.condition_on_prev_probability = condition_on_prev_probability
+        self.max_train_samples = max_train_samples
+        self.max_val_samples = max_val_samples
+        self.count_streamed_filters = count_streamed_filters
+        self.language, self.task = language, task
+        self.encoder_cache = encoder_cache
+        self.max_epochs = max_epochs
+        self.filter_stats: dict[str, FilterStats] = {}
+        self.val_names: list[str] = []
+        self.val_languages: list[str | None] = []
+        self.val_sets: list[torch.utils.data.Dataset] = []
+        self.train_stream: TrainStream | None = None
+        self._prepared = False
+
+    # ------------------------------------------------------------------ set-up
+
+    def _processor(self):
+        from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
+
+        fe = WhisperFeatureExtractor.from_pretrained(self.processor_dir)
+        tok = WhisperTokenizerFast.from_pretrained(self.processor_dir)
+        return fe, tok
+
+    def make_collator(self) -> SpeechCollator:
+        fe, tok = self._processor()
+        return SpeechCollator(
+            fe,
+            tok,
+            label_source=self.label_source,
+            timestamp_probability=self.timestamp_probability,
+            condition_on_prev_probability=self.condition_on_prev_probability,
+            max_label_length=self.max_label_length,
+            seed=self.seed,
+            language=self.language,
+            task=self.task,
+            encoder_cache=self.encoder_cache,
+        )
+
+    def source_path(self, entry: DatasetEntry) -> str:
+        if self.label_source == "pseudo":
+            return str(Path(self.pseudo_labels_dir) / entry.name)
+        return str(entry.path)
+
+    def load_train_sources(self) -> list[TrainSource]:
+        """Load, validate and filter every training split (errors here come before any training)."""
+        collator = self.collator
+        sources = []
+        for entry in self.entries:
+            path = self.source_path(entry)
+            if self.label_source == "pseudo" and not Path(path).is_dir():
+                raise DataError(
+                    f"no pseudo-labels for dataset {entry.name!r}: {path} does not exist; run "
+                    f"`python -m distil.pseudo_label` for it (same teacher), or use loss=finetune"
+                )
+            for split in entry.splits:
+                src_entry = DatasetEntry(**{**entry.__dict__, "path": path})
+                if self.label_source == "pseudo":
+                    done = Path(path) / split / LABELS_SUCCESS
+                    if not done.is_file():
+                        raise DataError(
+                            f"pseudo-labels of {entry.name!r} split {split!r} are missing or incomplete (no {done}); "
+                            "run (or finish) `python -m distil.pseudo_label` for it with the same teacher"
+                        )
+                try:
+                    if self.label_source == "pseudo":
+                        ds = load_pseudo_labelled(
+                            src_entry, split, streaming=self.streaming, cache_dir=self.cache_dir
+                        )
+                    else:
+                        ds = load_split(src_entry, split, streaming=self.streaming, cache_dir=self.cache_dir)
+                except DataConfigError as err:
+                    raise DataError(f"{err} (training data, {entry.key})") from err
+                names = column_names(ds)
+                if self.label_source == "pseudo" and entry.id_column is None:
+                    # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
+                    src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
+                check_columns(src_entry, split, names, self.label_source, path)
+                sources.append(self._filter_source(src_entry, split, ds, collator))
+        return sources
+
+    def _label_length(self, row: Mapping[str, Any], collator: SpeechCollator) -> int | None:
+        if self.label_source == "text":
+            return len(collator.text_labeler(row.get("text") or "", row.get("language")))
+        ids = row.get("token_ids")
+        return None if ids is None else len(label_body(ids, collator.special))
+
+    def _reason(self, row: Mapping[str, Any], collator: SpeechCollator) -> str | None:
+        duration = row.get("duration")
+        if duration is None and (
+            self.filters["min_duration_s"] is not None or self.filters["max_duration_s"] is not None
+        ):
+            duration = audio_duration(row["audio"])
+        return drop_reason(row.get("pl_wer"), duration, self._label_length(row, collator), **self.filters)
+
+    def _filter_source(self, entry: DatasetEntry, split: str, ds, collator: SpeechCollator) -> TrainSource:
+        name = f"{entry.name}/{split}"
+        if isinstance(ds, datasets.Dataset):
+            stats = FilterStats(name)
+            keep = []
+            # Metadata columns only: the audio column is read only when a duration must come from headers.
+            need_audio = entry.duration_column not in ds.column_names and (
+                self.filters["min_duration_s"] is not None or self.filters["max_duration_s"] is not None
+            )
+            cols = [
+                c
+                for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
+                if c and c in ds.column_names
+            ]
+            meta = ds.select_columns(cols + ([entry.audio_column] if need_audio else []))
+            for i, raw in enumerate(meta):
+                row = {
+                    "text": raw.get(entry.text_column) if entry.text_column else None,
+                    "token_ids": raw.get("token_ids"),
+                    "pl_wer": raw.get("pl_wer"),
+                    "duration": raw.get(entry.duration_column) if entry.duration_column else None,
+                    "audio": raw.get(entry.audio_column),
+                }
+                try:
+                    reason = self._reason(row, collator)
+                except DataError as err:
+                    raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
+                stats.add(reason)
+                if reason is None:
+                    keep.append(i)
+            self._log_stats(stats)
+            return TrainSource(entry, split, ds, np.asarray(keep, dtype=np.int64), stats)
+
+        # Streamed: canonical rows, filtered lazily; counts from one pass over the metadata (no decoding).
+        canon = ds.map(
+            lambda row, idx: canonical_row(row, entry, split, idx),
+            with_indices=True,
+            remove_columns=column_names(ds),
+            features=CANONICAL_FEATURES,
+        )
+        canon = canon.filter(lambda row: self._reason(row, collator) is None)
+        stats = None
+        if self.count_streamed_filters:
+            stats = FilterStats(name)
+            meta_cols = [
+                c
+                for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
+                if c and c in column_names(ds)
+            ]
+            if entry.duration_column not in meta_cols:
+                meta_cols.append(entry.audio_column)
+            for i, raw in enumerate(ds.select_columns(meta_cols)):
+                row = canonical_row({**{c: None for c in column_names(ds)}, **raw}, entry, split, i)
+                try:
+                    stats.add(self._reason(row, collator))
+                except DataError as err:
+                    raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
+            self._log_stats(stats)
+        return TrainSource(entry, split, canon, None, stats)
+
+    def _log_stats(self, stats: FilterStats) -> None:
+        self.filter_stats[stats.source] = stats
+        log.info("training data filter: %s", stats.summary())
+        if stats.kept == 0:  # a threshold sweep may empty one dataset: train on the others
+            log.warning("every sample of %s was filtered out; it is left out of the mixture", stats.source)
+
+    def build_mixture(self, sources: list[TrainSource]) -> _MapMixture | _StreamMixture:
+        sources = [s for s in sources if s.stats is None or s.stats.kept > 0]
+        if not sources:
+            summary = "; ".join(s.summary() for s in self.filter_stats.values())
+            raise DataError(
+                f"every training sample was filtered out ({summary}); relax data.wer_threshold, "
+                "data.min_duration_s/max_duration_s or data.max_label_length"
+            )
+        # Each split of an entry shares its entry's weight evenly.
+        weights = []
+        for s in sources:
+            n_splits = len(s.entry.splits)
+            weights.append(float(s.entry.samples) / n_splits)
+        probs = sampling_probabilities(weights)
+        if self.streaming:
+            mixed = datasets.interleave_datasets(
+                [s.dataset for s in sources],
+                probabilities=probs,
+                seed=self.seed,
+                stopping_strategy=self.stopping_strategy,
+            )
+            if self.max_train_samples is not None:
+                mixed = mixed.take(int(self.max_train_samples))
+            return _StreamMixture(mixed, self.shuffle_buffer_size)
+        index_sets = [
+            datasets.Dataset.from_dict(
+                {"src": np.full(len(s.kept_rows), i, dtype=np.int64), "row": s.kept_rows}
+            )
+            for i, s in enumerate(sources)
+        ]
+        mixed = datasets.interleave_datasets(
+            index_sets, probabilities=probs, seed=self.seed, stopping_strategy=self.stopping_strategy
+        )
+        table = mixed.with_format("numpy")[:]
+        pairs = np.stack([table["src"], table["row"]], axis=1).astype(np.int64)
+        if self.max_train_samples is not None:
+            pairs = pairs[: int(self.max_train_samples)]
+        return _MapMixture(sources, pairs, [(s.entry, s.split) for s in sources])
+
+    def validation_entries(self) -> list[tuple[DatasetEntry, str]]:
+        """(entry, split) of every validation set: `validation_splits` of the training entries that have
+        them (read from the entry's own path, references only), then the extra `validation_datasets`."""
+        wanted = []
+        for entry in self.entries:
+            root = Path(str(entry.path)).expanduser()
+            for split in self.validation_splits:
+                if split in entry.splits:
+                    continue  # never validate on a split that is trained on
+                if root.is_dir() and not ((root / split).is_dir() or (root / "dataset_dict.json").is_file()):
+                    log.info("no %s split in %s: not a validation set", split, root)
+                    continue
+                wanted.append((entry, split))
+        wanted += [(e, s) for e in self.val_entries for s in e.splits]
+        return wanted
+
+    def load_validation_sets(self) -> tuple[list[str], list[torch.utils.data.Dataset]]:
+        names, sets, languages = [], [], []
+        for entry, split in self.validation_entries():
+            try:
+                ds = load_split(entry, split, streaming=self.streaming, cache_dir=self.cache_dir)
+            except DataConfigError as err:
+                raise DataError(f"{err} (validation data)") from err
+            check_columns(entry, split, column_names(ds), "text", str(entry.path))
+            if isinstance(ds, datasets.Dataset):
+                n = len(ds) if self.max_val_samples is None else min(len(ds), int(self.max_val_samples))
+                sets.append(_MapRows(ds, entry, split, n))
+            else:
+                it = ds if self.max_val_samples is None else ds.take(int(self.max_val_samples))
+                sets.append(_ListDataset([canonical_row(r, entry, split, i) for i, r in enumerate(it)]))
+            name = f"{entry.name}/{split}"
+            if name in names:
+                raise DataError(
+                    f"two validation sets are named {name!r}; give the extra validation datasets other names"
+                )
+            names.append(name)
+            languages.append(entry.language)
+        self.val_languages = languages
+        return names, sets
+
+    def setup(self, stage: str | None = None) -> None:
+        if self._prepared:
+            return
+        self.collator = self.make_collator()
+        sources = self.load_train_sources()
+        self.mixture = self.build_mixture(sources)
+        self.val_names, self.val_sets = self.load_validation_sets()
+        self._prepared = True
+
+    # ------------------------------------------------------------------ loaders
+
+    def _rank_world(self) -> tuple[int, int]:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0, 1
+        return int(trainer.global_rank), int(trainer.world_size)
+
+    def consumed_batches(self) -> int:
+        """Global batches already trained on (for an exact resume): steps x accumulation x ranks."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.global_step) * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank_world()
+        self.train_stream = TrainStream(
+            self.mixture,
+            self.collator,
+            self.batch_size,
+            self.seed,
+            shuffle=self.shuffle,
+            rank=rank,
+            world_size=world,
+            max_epochs=self.max_epochs,
+        )
+        self.train_stream.start_batch = self.consumed_batches()
+        return DataLoader(
+            self.train_stream,
+            batch_size=None,  # TrainStream yields whole batches
+            num_workers=self.num_workers,
+            persistent_workers=False,  # workers must see this iteration's start_batch
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def val_dataloader(self) -> list[DataLoader]:
+        return [
+            DataLoader(
+                ds,
+                batch_size=self.val_batch_size,
+                shuffle=False,
+                num_workers=self.num_workers,
+                collate_fn=self.collator.validation,
+            )
+            for ds in self.val_sets
+        ]
+
+    def val_set_sizes(self) -> list[int]:
+        return [len(ds) for ds in self.val_sets]

@@ -1,0 +1,449 @@
+"""`WhisperDistiller`: the Lightning module that trains a student Whisper against a frozen teacher.
+
+Loss (distil.losses): `ce_weight * CE(labels) + kl_weight * KL_T(teacher || student) + mse_weight * MSE(hidden)`
+over label positions only. Methods are just weights: finetune / sft (kl_weight 0, no teacher loaded),
+kd (CE + KL), kd_mse (+ hidden-state MSE).
+
+Speed-critical choices, all exact (same loss as the straightforward computation):
+- With `freeze_encoder` and a student encoder identical to the teacher's (checked once, weight by weight),
+  the encoder runs ONCE per batch without gradients and both decoders read its output. Encoder MSE terms
+  are then identically zero and are skipped; the decoder MSE terms still need the teacher's decoder states.
+- Labels arrive padded to the longest in the batch (not 448), and the vocabulary projection runs only
+  at label positions (the [B, T, 51k] logits of padding and prompt positions are never built).
+- The frozen teacher runs in eval mode under `torch.no_grad`; it is not a registered sub-module, so it is
+  not in `state_dict`, checkpoints, the optimiser or DDP.
+- Optional on-disk encoder-output cache (distil.encoder_cache) for later epochs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from distil.encoder_cache import EncoderCache
+from distil.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
+from distil.optim import build_optimizer, build_scheduler, param_groups
+
+log = logging.getLogger(__name__)
+
+STUDENT_INFO_FILE = "distil_student.json"
+
+
+class DistillationSetupError(ValueError):
+    """A student/teacher/loss combination that cannot train (raised at start-up)."""
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the message names the step and the batch's samples."""
+
+
+def load_whisper(path: str, dropout: float | None = None):
+    from transformers import WhisperForConditionalGeneration
+
+    kwargs = {}
+    if dropout is not None:
+        kwargs = {
+            "dropout": float(dropout),
+            "attention_dropout": float(dropout),
+            "activation_dropout": float(dropout),
+        }
+    return WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """True if two modules have the same parameter/buffer names, shapes and values (exact)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, values): identity of e.g. a frozen encoder."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def student_layer_maps(student_dir: str) -> tuple[list[int], list[int]] | None:
+    """(encoder, decoder) teacher layer indices the student was copied from (distil_student.json)."""
+    p = Path(student_dir) / STUDENT_INFO_FILE
+    if not p.is_file():
+        return None
+    info = json.loads(p.read_text())
+    return list(info["encoder_layer_map"]), list(info["decoder_layer_map"])
+
+
+class WhisperDistiller(L.LightningModule):
+    def __init__(
+        self,
+        student_dir: str,
+        teacher_dir: str | None = None,
+        *,
+        ce_weight: float | None = None,
+        kl_weight: float = 1.0,
+        mse_weight: float = 0.0,
+        temperature: float = 2.0,
+        freeze_encoder: bool = True,
+        dropout: float | None = None,
+        gradient_checkpointing: bool = False,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        warmup_steps: int = 0,
+        schedule: str = "constant",
+        total_steps: int = 0,
+        val_max_new_tokens: int = 128,
+        val_num_beams: int = 1,
+        language: str | None = None,
+        task: str | None = None,
+        full_logits: bool = False,
+        share_encoder: bool | None = None,
+        fused_optimizer: bool | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.kl_weight = float(kl_weight)
+        self.mse_weight = float(mse_weight)
+        self.ce_weight = effective_ce_weight(ce_weight, self.kl_weight)
+        self.temperature = float(temperature)
+        self.freeze_encoder = bool(freeze_encoder)
+        self.full_logits = full_logits
+        self.encoder_cache: EncoderCache | None = None
+        self.student = load_whisper(student_dir, dropout)
+
+        needs_teacher = self.kl_weight != 0 or self.mse_weight != 0
+        teacher = None
+        if needs_teacher:
+            if not teacher_dir:
+                raise DistillationSetupError(
+                    "kl_weight/mse_weight > 0 need a teacher (teacher_dir is not set)"
+                )
+            teacher = load_whisper(teacher_dir).eval().requires_grad_(False)
+            self._check_compatible(teacher)
+        # Plain attribute, not a sub-module: kept out of state_dict, checkpoints, optimiser and DDP.
+        object.__setattr__(self, "_teacher", teacher)
+
+        if self.freeze_encoder:
+            self.student.model.encoder.requires_grad_(False)
+        identical = teacher is not None and same_weights(self.student.model.encoder, teacher.model.encoder)
+        if share_encoder is None:
+            share_encoder = self.freeze_encoder and identical
+        elif share_encoder and not (self.freeze_encoder and identical):
+            raise DistillationSetupError(
+                "share_encoder needs model.freeze_encoder=true and a student encoder identical to the teacher's"
+            )
+        self.share_encoder = bool(share_encoder) and teacher is not None
+        self.encoder_identical = identical
+
+        self.layer_pairs: dict[str, list[tuple[int, int]]] = {}
+        if self.mse_weight != 0:
+            maps = student_layer_maps(student_dir)
+            if maps is None:
+                raise DistillationSetupError(
+                    f"mse_weight > 0 needs the student's layer maps ({STUDENT_INFO_FILE} in {student_dir}); "
+                    "build the student with `python -m distil.init_student`"
+                )
+            self.layer_pairs = {
+                "encoder": hidden_layer_pairs(maps[0]),
+                "decoder": hidden_layer_pairs(maps[1]),
+            }
+
+        if gradient_checkpointing:
+            self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self._val_outputs: dict[int, dict[str, tuple[str, str]]] = {}
+
+    # ------------------------------------------------------------------ set-up helpers
+
+    @property
+    def teacher(self):
+        t = self._teacher
+        if t is not None and t.device != self.device:
+            t.to(self.device)
+        return t
+
+    def _check_compatible(self, teacher) -> None:
+        s, t = self.student.config, teacher.config
+        problems = []
+        if s.vocab_size != t.vocab_size:
+            problems.append(
+                f"vocabulary {s.vocab_size} vs teacher {t.vocab_size} (KL compares distributions token by token)"
+            )
+        if s.d_model != t.d_model:
+            problems.append(f"width d_model {s.d_model} vs teacher {t.d_model}")
+        if s.num_mel_bins != t.num_mel_bins:
+            problems.append(f"num_mel_bins {s.num_mel_bins} vs teacher {t.num_mel_bins}")
+        if problems:
+            raise DistillationSetupError(
+                "student and teacher are not compatible for distillation: "
+                + "; ".join(problems)
+                + ". Initialise the student from this teacher (python -m distil.init_student), or train without "
+                "a teacher (loss=sft or loss=finetune)"
+            )
+
+    def set_encoder_cache(self, cache: EncoderCache | None) -> None:
+        if cache is not None:
+            if not self.freeze_encoder:
+                raise DistillationSetupError(
+                    "encoder_cache needs model.freeze_encoder=true (the encoder must not change)"
+                )
+            if self._teacher is not None and not self.share_encoder:
+                raise DistillationSetupError(
+                    "encoder_cache needs the student's frozen encoder to be identical to the teacher's "
+                    "(one shared encoder pass); this student's encoder differs"
+                )
+        self.encoder_cache = cache
+
+    def encoder_fingerprint(self) -> str:
+        return weights_fingerprint(self.student.model.encoder)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.freeze_encoder:
+            self.student.model.encoder.eval()  # frozen means deterministic too: no dropout
+        return self
+
+    # ------------------------------------------------------------------ forward / loss
+
+    def _encode(self, batch: dict[str, Any], need_hidden: bool):
+        """(student encoder output, teacher encoder output, encoder hidden-state MSE term or None)."""
+        dtype = next(self.student.parameters()).dtype
+        if "encoder_hidden_states" in batch:  # from the cache (fp16 on disk)
+            enc = batch["encoder_hidden_states"].to(self.device, dtype)
+            return enc, enc, None
+        feats = batch["input_features"].to(self.device, dtype)
+        teacher = self.teacher
+        if teacher is None or self.share_encoder:
+            if self.freeze_encoder:
+                with torch.no_grad():
+                    enc = self.student.model.encoder(feats).last_hidden_state
+                if self.encoder_cache is not None:
+                    self.encoder_cache.save(batch["sample_ids"], enc)
+            else:
+                enc = self.student.model.encoder(feats).last_hidden_state
+            return enc, enc, None
+        with torch.set_grad_enabled(not self.freeze_encoder and torch.is_grad_enabled()):
+            s_out = self.student.model.encoder(feats, output_hidden_states=need_hidden)
+        with torch.no_grad():
+            t_out = teacher.model.encoder(feats, output_hidden_states=need_hidden)
+        term = None
+        if need_hidden and not self.freeze_encoder:  # a frozen student encoder gets no gradient from MSE
+            term = (s_out.hidden_states, t_out.hidden_states, self.layer_pairs["encoder"], None)
+        return s_out.last_hidden_state, t_out.last_hidden_state, term
+
+    def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        labels = batch["labels"].to(self.device)
+        decoder_input_ids = batch["decoder_input_ids"].to(self.device)
+        need_hidden = self.mse_weight != 0
+        enc_s, enc_t, enc_term = self._encode(batch, need_hidden)
+        # Right-padded inputs under a causal mask: real positions never see padding, so no mask is needed
+        # (and sdpa keeps its fast path). Padding positions are excluded from every loss term.
+        s_dec = self.student.model.decoder(
+            input_ids=decoder_input_ids,
+            encoder_hidden_states=enc_s,
+            use_cache=False,
+            output_hidden_states=need_hidden,
+        )
+        keep = labels != IGNORE_INDEX
+        if self.full_logits:  # the reference recipe's cost: logits at every position
+            s_logits, sel_labels = self.student.proj_out(s_dec.last_hidden_state), labels
+        else:
+            s_logits, sel_labels = (
+                self.student.proj_out(s_dec.last_hidden_state[keep])[None],
+                labels[keep][None],
+            )
+        t_logits, hidden_terms = None, []
+        teacher = self.teacher
+        if teacher is not None:
+            with torch.no_grad():
+                t_dec = teacher.model.decoder(
+                    input_ids=decoder_input_ids,
+                    encoder_hidden_states=enc_t,
+                    use_cache=False,
+                    output_hidden_states=need_hidden,
+                )
+                if self.kl_weight != 0:
+                    hidden = (
+                        t_dec.last_hidden_state if self.full_logits else t_dec.last_hidden_state[keep][None]
+                    )
+                    t_logits = teacher.proj_out(hidden)
+            if need_hidden:
+                if enc_term is not None:
+                    hidden_terms.append(enc_term)
+                mask = batch.get("decoder_attention_mask")
+                mask = mask.to(self.device) if mask is not None else None
+                hidden_terms.append(
+                    (s_dec.hidden_states, t_dec.hidden_states, self.layer_pairs["decoder"], mask)
+                )
+        return distillation_loss(
+            s_logits,
+            sel_labels,
+            t_logits,
+            ce_weight=self.ce_weight,
+            kl_weight=self.kl_weight,
+            mse_weight=self.mse_weight,
+            temperature=self.temperature,
+            hidden_terms=hidden_terms,
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss, parts = self.compute_loss(batch)
+        finite = torch.isfinite(loss.detach())
+        if self.trainer is not None and self.trainer.world_size > 1:  # every rank stops together
+            finite = self.trainer.strategy.reduce(finite.float(), reduce_op="min") > 0
+        if not bool(finite):
+            raise NonFiniteLossError(
+                f"non-finite training loss ({loss.item()}) at global step {self.global_step} (data epoch "
+                f"{batch.get('epoch')}, batch {batch.get('batch_index')}); samples: {batch.get('sample_ids')}. "
+                "Training stopped; the last checkpoint written before this step is intact. Lower optim.lr, "
+                "check these samples' labels, or use precision 32 to investigate."
+            )
+        bs = batch["labels"].shape[0]
+        for name, value in parts.items():
+            self.log(f"train/{name}", value, prog_bar=name == "loss", batch_size=bs)
+        self.log(
+            "train/tokens", (batch["labels"] != IGNORE_INDEX).sum().float(), reduce_fx="sum", batch_size=bs
+        )
+        if "epoch" in batch:
+            self.log("train/data_epoch", float(batch["epoch"]), batch_size=bs)
+        self.log("train/cached_encoder", float("encoder_hidden_states" in batch), batch_size=bs)
+        return loss
+
+    # ------------------------------------------------------------------ validation
+
+    def _generate_kwargs(self, language: str | None) -> dict:
+        from distil.evaluate import generation_kwargs
+
+        return generation_kwargs(
+            self.student,
+            language or self.hparams.language,
+            self.hparams.task,
+            self.hparams.val_max_new_tokens,
+            self.hparams.val_num_beams,
+        )
+
+    def _val_meta(self) -> tuple[list[str], list[str | None]]:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        names = list(getattr(dm, "val_names", []) or [])
+        languages = list(getattr(dm, "val_languages", []) or [None] * len(names))
+        return names, languages
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        names, languages = self._val_meta()
+        language = languages[dataloader_idx] if dataloader_idx < len(languages) else None
+        feats = batch["input_features"].to(self.device, next(self.student.parameters()).dtype)
+        ids = self.student.generate(input_features=feats, **self._generate_kwargs(language))
+        ids = ids if torch.is_tensor(ids) else ids["sequences"]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        out = self._val_outputs.setdefault(dataloader_idx, {})
+        for key, ref, hyp in zip(batch["sample_ids"], batch["references"], texts, strict=True):
+            out[key] = (ref, hyp.strip())
+
+    @property
+    def tokenizer(self):
+        if getattr(self, "_tokenizer", None) is None:
+            from transformers import WhisperTokenizerFast
+
+            self._tokenizer = WhisperTokenizerFast.from_pretrained(self.hparams.student_dir)
+        return self._tokenizer
+
+    def on_validation_epoch_start(self) -> None:
+        self._val_outputs = {}
+
+    def on_validation_epoch_end(self) -> None:
+        from distil.evaluate import score
+
+        outputs = self._val_outputs
+        if self.trainer.world_size > 1:  # every rank decoded a shard; DistributedSampler may repeat samples
+            gathered: list = [None] * self.trainer.world_size
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = {}
+            for part in gathered:
+                for idx, rows in part.items():
+                    outputs.setdefault(idx, {}).update(rows)
+        names, languages = self._val_meta()
+        metrics: dict[str, float] = {}
+        weighted_num, weighted_den, macro = 0.0, 0, []
+        for idx, rows in sorted(outputs.items()):
+            name = names[idx] if idx < len(names) else f"set{idx}"
+            refs = [r for r, _ in rows.values()]
+            hyps = [h for _, h in rows.values()]
+            result = score(refs, hyps, languages[idx] if idx < len(languages) else None)
+            if result["wer"] is None:
+                continue
+            metrics[f"val/{name}/wer"] = result["wer"]
+            metrics[f"val/{name}/wer_orthographic"] = result["wer_orthographic"]
+            weighted_num += result["wer"] * result["scored"]
+            weighted_den += result["scored"]
+            macro.append(result["wer"])
+        if weighted_den:
+            metrics["val/wer_weighted"] = weighted_num / weighted_den
+            metrics["val/wer_macro"] = sum(macro) / len(macro)
+        for key, value in metrics.items():
+            self.log(key, float(value), sync_dist=False, rank_zero_only=False)
+        self._val_outputs = {}
+
+    # ------------------------------------------------------------------ optimisation and checkpoints
+
+    def _use_fused(self) -> bool:
+        """Fused AdamW (one pass over each tensor: several times faster for the 51k x d embedding), except
+        with fp16 loss scaling, where Lightning must unscale gradients before clipping them."""
+        fused = self.hparams.fused_optimizer
+        precision = str(self.trainer.precision) if self._trainer is not None else "32-true"
+        if fused is None:
+            fused = not precision.startswith("16")
+        return bool(fused)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        optimizer = build_optimizer(
+            param_groups(self.student, hp.weight_decay),
+            hp.lr,
+            hp.weight_decay,
+            hp.betas,
+            hp.eps,
+            fused=self._use_fused(),
+        )
+        total = int(hp.total_steps) if hp.total_steps and hp.total_steps > 0 else int(self.trainer.max_steps)
+        scheduler = build_scheduler(optimizer, int(hp.warmup_steps), total, hp.schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Lightning refuses to clip for fused optimizers under mixed precision (they may unscale internally);
+        # without a grad scaler (fp32, bf16) the gradients are already unscaled, so clip them here.
+        if not gradient_clip_val:
+            return
+        scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+        if scaler is None and gradient_clip_algorithm in (None, "norm"):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("state_dict", {})
+        for key in [k for k in state if not k.startswith("student.")]:
+            del state[key]  # only the student is trained; the frozen teacher is never checkpointed
+        checkpoint["distil_rng"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["distil_rng"]["cuda"] = torch.cuda.get_rng_state_all()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        rng = checkpoint.get("distil_rng")
+        if rng is not None:  # exact resume with dropout
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(rng["cuda"])

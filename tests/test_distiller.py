@@ -1,0 +1,207 @@
+"""WhisperDistiller: loss paths agree, encoder sharing/caching is exact, the teacher is never checkpointed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from test_speech_datamodule import _wave
+
+from distil.audio import encode_flac
+from distil.datamodules.speech import SpeechCollator
+from distil.encoder_cache import EncoderCache
+from distil.modules.distiller import DistillationSetupError, WhisperDistiller, weights_fingerprint
+from distil.student import init_student
+
+SR = 16_000
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_random_dir) -> str:
+    return str(tiny_random_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from transformers import WhisperTokenizerFast
+
+    return WhisperTokenizerFast.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="module")
+def student_dir(tiny_dir, tmp_path_factory) -> str:
+    return str(init_student(tiny_dir, tmp_path_factory.mktemp("students") / "dec1", decoder_layers=1))
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_dir, tokenizer):
+    """Two clips with labels, previous-context prompts (always used) and timestamps stripped."""
+    from transformers import WhisperFeatureExtractor
+
+    collator = SpeechCollator(
+        WhisperFeatureExtractor.from_pretrained(tiny_dir),
+        tokenizer,
+        condition_on_prev_probability=1.0,
+        seed=3,
+    )
+    texts = ["the quick brown fox", "seven small birds sing in green trees today"]
+    rows = [
+        {
+            "audio": {"bytes": encode_flac(_wave(0.6 + 0.2 * i, i), SR), "path": None},
+            "sample_id": f"s{i}",
+            "source": "a/train",
+            "token_ids": list(tokenizer(" " + t).input_ids),
+            "prompt": "<|startofprev|> what came before",
+            "text": t,
+        }
+        for i, t in enumerate(texts)
+    ]
+    out = collator(rows, epoch=0)
+    prompt_start = tokenizer.convert_tokens_to_ids("<|startofprev|>")
+    assert (out["decoder_input_ids"][:, 0] == prompt_start).all()  # the prompt really is in the decoder input
+    return out
+
+
+def make(student_dir, teacher_dir, **kw) -> WhisperDistiller:
+    torch.manual_seed(0)
+    return WhisperDistiller(student_dir, teacher_dir, **kw).eval()
+
+
+def test_shared_encoder_equals_separate_encoders(student_dir, tiny_dir, batch):
+    shared = make(student_dir, tiny_dir)
+    separate = make(student_dir, tiny_dir, share_encoder=False)
+    assert shared.share_encoder and shared.encoder_identical and not separate.share_encoder
+    with torch.no_grad():
+        loss_shared, parts_shared = shared.compute_loss(batch)
+        loss_separate, parts_separate = separate.compute_loss(batch)
+    torch.testing.assert_close(loss_shared, loss_separate, rtol=1e-6, atol=1e-6)
+    assert set(parts_shared) == {"ce", "kl", "loss"}
+    assert shared.ce_weight == 0.8  # reference default with KL
+
+
+def test_label_position_logits_equal_full_logits(student_dir, tiny_dir, batch):
+    fast = make(student_dir, tiny_dir)
+    reference = make(student_dir, tiny_dir, full_logits=True)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fast.compute_loss(batch)[0], reference.compute_loss(batch)[0], rtol=1e-5, atol=1e-6
+        )
+
+
+def test_teacher_sees_the_student_decoder_inputs(tiny_dir, batch):
+    # A student identical to the teacher must have KL == 0 on every label position, prompt included:
+    # the teacher would disagree if it were fed anything else than the student's decoder inputs.
+    same = make(tiny_dir, tiny_dir)
+    with torch.no_grad():
+        _, parts = same.compute_loss(batch)
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert parts["ce"].item() > 1.0  # random weights: the check above is not vacuous
+
+
+def test_methods_load_the_teacher_only_when_needed(student_dir, tiny_dir, batch):
+    sft = make(student_dir, tiny_dir, kl_weight=0.0)
+    assert sft._teacher is None and sft.ce_weight == 1.0
+    with torch.no_grad():
+        loss, parts = sft.compute_loss(batch)
+    assert set(parts) == {"ce", "loss"} and torch.isfinite(loss)
+    mse = make(student_dir, tiny_dir, mse_weight=1.0)
+    with torch.no_grad():
+        _, parts = mse.compute_loss(batch)
+    assert (
+        parts["mse"].item() > 0
+    )  # decoder hidden states differ (1 of 2 layers, shared encoder terms skipped)
+
+
+def test_teacher_is_not_in_state_dict_or_checkpoint(student_dir, tiny_dir):
+    module = make(student_dir, tiny_dir)
+    keys = list(module.state_dict())
+    assert keys and all(k.startswith("student.") for k in keys)
+    ckpt = {"state_dict": {**module.state_dict(), "teacher.model.x": torch.zeros(1)}}
+    module.on_save_checkpoint(ckpt)
+    assert all(k.startswith("student.") for k in ckpt["state_dict"])
+    trainable = {id(p) for p in module.student.parameters() if p.requires_grad}
+    assert not any(id(p) in trainable for p in module._teacher.parameters())
+    assert not any(p.requires_grad for p in module.student.model.encoder.parameters())  # frozen encoder
+    module.train()
+    assert not module._teacher.training and not module.student.model.encoder.training
+    assert module.student.model.decoder.training
+
+
+def test_frozen_encoder_gets_no_gradient_and_decoder_does(student_dir, tiny_dir, batch):
+    module = make(student_dir, tiny_dir).train()
+    loss, _ = module.compute_loss(batch)
+    loss.backward()
+    assert all(p.grad is None for p in module.student.model.encoder.parameters())
+    assert module.student.model.decoder.layers[0].fc1.weight.grad.abs().sum() > 0
+
+
+def test_encoder_cache_gives_the_same_loss(student_dir, tiny_dir, batch, tmp_path):
+    module = make(student_dir, tiny_dir)
+    cache = EncoderCache(tmp_path, weights_fingerprint(module.student.model.encoder))
+    module.set_encoder_cache(cache)
+    with torch.no_grad():
+        uncached, _ = module.compute_loss(batch)  # first epoch: computes and stores
+    assert cache.has_all(batch["sample_ids"]) and len(cache) == 2
+    states = torch.from_numpy(cache.load(batch["sample_ids"]))
+    assert states.dtype == torch.float16 and states.shape[:2] == (2, 1500)
+    cached_batch = {k: v for k, v in batch.items() if k != "input_features"}
+    cached_batch["encoder_hidden_states"] = states
+    with torch.no_grad():
+        cached, _ = module.compute_loss(cached_batch)
+    torch.testing.assert_close(cached, uncached, rtol=2e-3, atol=2e-3)  # fp16 storage
+
+
+def test_encoder_cache_needs_a_frozen_shared_encoder(student_dir, tiny_dir, tmp_path):
+    cache = EncoderCache(tmp_path, "x")
+    with pytest.raises(DistillationSetupError, match="freeze_encoder"):
+        make(student_dir, tiny_dir, freeze_encoder=False).set_encoder_cache(cache)
+    with pytest.raises(DistillationSetupError, match="identical"):
+        make(student_dir, tiny_dir, share_encoder=False).set_encoder_cache(cache)
+
+
+def test_incompatible_student_is_rejected(tiny_dir, tmp_path):
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    other = tmp_path / "narrow"
+    shutil.copytree(tiny_dir, other)
+    config = json.loads((other / "config.json").read_text())
+    config.update(d_model=32, vocab_size=config["vocab_size"] - 10)
+    (other / "config.json").write_text(json.dumps(config))
+    WhisperForConditionalGeneration(WhisperConfig.from_pretrained(other)).save_pretrained(other)
+    with pytest.raises(DistillationSetupError, match="vocabulary .*width d_model 32"):
+        WhisperDistiller(str(other), tiny_dir)
+    WhisperDistiller(str(other), tiny_dir, kl_weight=0.0)  # no teacher, no check
+
+
+def test_optimizer_groups_exclude_bias_and_layernorm(student_dir, tiny_dir):
+    from distil.optim import lr_lambda, param_groups
+
+    module = make(student_dir, tiny_dir)
+    decay, no_decay = param_groups(module.student, 0.01)
+    names = {id(p): n for n, p in module.student.named_parameters()}
+    assert all(
+        not names[id(p)].endswith("bias") and "layer_norm" not in names[id(p)] for p in decay["params"]
+    )
+    assert any("layer_norm" in names[id(p)] for p in no_decay["params"]) and no_decay["weight_decay"] == 0.0
+    assert not any(names[id(p)].startswith("model.encoder") for g in (decay, no_decay) for p in g["params"])
+    assert [lr_lambda(s, 2, 10, "constant") for s in (0, 1, 5)] == [0.5, 1.0, 1.0]
+    assert [lr_lambda(s, 2, 10, "linear") for s in (0, 2, 6, 10)] == [0.5, 1.0, 0.5, 0.0]
+
+
+def test_fingerprint_changes_with_weights(student_dir, tiny_dir):
+    module = make(student_dir, tiny_dir)
+    before = weights_fingerprint(module.student.model.encoder)
+    with torch.no_grad():
+        module.student.model.encoder.layer_norm.bias.add_(1e-3)
+    assert weights_fingerprint(module.student.model.encoder) != before
+
+
+def test_unfrozen_encoder_trains_and_dropout_override(student_dir, tiny_dir, batch):
+    module = make(student_dir, tiny_dir, freeze_encoder=False, dropout=0.1, mse_weight=1.0).train()
+    assert not module.share_encoder and module.student.config.dropout == 0.1
+    loss, parts = module.compute_loss(batch)
+    loss.backward()
+    assert module.student.model.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    assert parts["mse"] > 0

@@ -1,0 +1,345 @@
+"""SpeechDataModule: weighted interleaving, WER/duration/length filters, collation, resume-exact batching."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from distil.audio import encode_flac
+from distil.datamodules.speech import (
+    DataError,
+    SpeechCollator,
+    SpeechDataModule,
+    drop_reason,
+    sampling_probabilities,
+)
+from distil.targets import IGNORE_INDEX
+
+SR = 16_000
+WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()
+
+
+# =========================================================================== synthetic data (shared helpers)
+
+
+def _wave(seconds: float, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.1 * np.sin(2 * np.pi * (200 + 50 * seed % 7) * t) + 0.01 * rng.standard_normal(len(t))).astype(
+        np.float32
+    )
+
+
+def write_split(
+    root: Path,
+    name: str,
+    split: str,
+    n: int,
+    tokenizer=None,
+    *,
+    pl_wer=None,
+    durations=None,
+    labelled: bool = True,
+    id_offset: int = 0,
+    teacher_meta: dict | None = None,
+    extra_columns: dict | None = None,
+) -> Path:
+    """A split in the corpus / pseudo-label layout: `<root>/<name>/<split>/part-00000.parquet` (+ `_SUCCESS`)."""
+    rows = {"audio": [], "text": [], "id": [], "speaker": [], "duration": []}
+    if labelled:
+        rows.update({"token_ids": [], "pl_wer": [], "pseudo_label": []})
+    for i in range(n):
+        dur = float(durations[i]) if durations is not None else 0.5 + 0.1 * (i % 4)
+        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 4))
+        rows["audio"].append({"bytes": encode_flac(_wave(dur, i + id_offset), SR), "path": None})
+        rows["text"].append(text)
+        rows["id"].append(f"{name}-{i + id_offset}")
+        rows["speaker"].append(f"spk{i % 2}")
+        rows["duration"].append(dur)
+        if labelled:
+            rows["token_ids"].append(list(tokenizer(" " + text).input_ids))
+            rows["pl_wer"].append(None if pl_wer is None else pl_wer[i])
+            rows["pseudo_label"].append(text)
+    for k, v in (extra_columns or {}).items():
+        rows[k] = v
+    out = root / name / split
+    out.mkdir(parents=True, exist_ok=True)
+    table = pa.table(rows)
+    meta = {
+        b"huggingface": json.dumps(
+            {"info": {"features": {"audio": {"_type": "Audio", "decode": False}}}}
+        ).encode()
+    }
+    pq.write_table(table.replace_schema_metadata(meta), out / "part-00000.parquet")
+    if labelled:
+        (out / "distil_labels.json").write_text(json.dumps({"teacher": teacher_meta or {}}))
+        (out / "_SUCCESS").write_text("")
+    return out
+
+
+def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dict:
+    return {
+        "name": name,
+        "path": str(root / name),
+        "splits": list(splits),
+        "audio_column": "audio",
+        "text_column": "text",
+        "id_column": "id",
+        "speaker_column": "speaker",
+        "duration_column": "duration",
+        "language": "en",
+        "samples": samples,
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tiny_random_dir) -> str:
+    """The tiny random Whisper (tiny.en's tokenizer and feature extractor), from the session cache."""
+    return str(tiny_random_dir)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_dir):
+    from transformers import WhisperTokenizerFast
+
+    return WhisperTokenizerFast.from_pretrained(tiny_dir)
+
+
+def make_dm(tiny_dir, datasets, pl_root, **kw) -> SpeechDataModule:
+    kw.setdefault("batch_size", 4)
+    kw.setdefault("validation_splits", [])
+    kw.setdefault("cache_dir", str(pl_root / ".hf_cache"))  # never the user's ~/.cache
+    return SpeechDataModule(datasets, tiny_dir, pseudo_labels_dir=str(pl_root), **kw)
+
+
+# =========================================================================== pure helpers
+
+
+def test_sampling_probabilities_proportional_and_validated():
+    assert sampling_probabilities([1, 3]) == [0.25, 0.75]
+    assert sampling_probabilities([100.0, 360.0, 500.0]) == pytest.approx([100 / 960, 360 / 960, 500 / 960])
+    with pytest.raises(DataError, match="positive"):
+        sampling_probabilities([1, 0])
+    with pytest.raises(DataError, match="empty"):
+        sampling_probabilities([])
+
+
+def test_wer_filter_keeps_exactly_at_or_under_threshold():
+    kept = [
+        w
+        for w in [0.0, 9.99, 10.0, 10.0001, 25.0, 100.0]
+        if drop_reason(w, 1.0, 10, wer_threshold=10.0) is None
+    ]
+    assert kept == [0.0, 9.99, 10.0]
+    assert drop_reason(150.0, 1.0, 10, wer_threshold=None) is None  # no threshold: everything kept
+    with pytest.raises(DataError, match="no pl_wer"):
+        drop_reason(None, 1.0, 10, wer_threshold=10.0)
+
+
+def test_duration_and_label_length_reasons():
+    assert drop_reason(None, 0.2, 10, min_duration_s=0.5) == "too_short"
+    assert drop_reason(None, 31.0, 10, max_duration_s=30.0) == "too_long"
+    assert drop_reason(None, 5.0, 449, max_label_length=448) is None  # ids[:-1] still fits 448 positions
+    assert drop_reason(None, 5.0, 450, max_label_length=448) == "label_too_long"
+
+
+# =========================================================================== the DataModule
+
+
+def test_interleave_frequencies_follow_weights(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 200, tokenizer)
+    write_split(tmp_path, "b", "train", 200, tokenizer, id_offset=1000)
+    dm = make_dm(
+        tiny_dir,
+        [entry("a", tmp_path, samples=1), entry("b", tmp_path, samples=3)],
+        tmp_path,
+        stopping_strategy="first_exhausted",
+    )
+    dm.setup("fit")
+    sources = Counter(int(s) for s, _ in dm.mixture.pairs)
+    frac_b = sources[1] / sum(sources.values())
+    # first_exhausted stops when `b` (drawn 3x as often) runs out: ~267 draws, ~75% from b.
+    assert 0.68 < frac_b < 0.82, sources
+    assert sources[1] == 200  # b was exhausted exactly
+    dm.max_train_samples = 10  # the dataset-size ablation: the first N samples of the same mixture
+    assert np.array_equal(dm.build_mixture(dm.load_train_sources()).pairs, dm.mixture.pairs[:10])
+
+
+def test_wer_filter_counts_and_kept_rows(tmp_path, tiny_dir, tokenizer):
+    wers = [0.0, 5.0, 10.0, 10.5, 50.0, 9.0, 200.0, 10.0]
+    write_split(tmp_path, "a", "train", len(wers), tokenizer, pl_wer=wers)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, wer_threshold=10.0, batch_size=2)
+    dm.setup("fit")
+    stats = dm.filter_stats["a/train"]
+    assert (stats.total, stats.kept, dict(stats.dropped)) == (8, 5, {"wer": 3})
+    kept_rows = sorted(int(r) for _, r in dm.mixture.pairs)
+    assert kept_rows == [i for i, w in enumerate(wers) if w <= 10.0]
+
+
+def test_wer_threshold_without_references_is_a_clear_error(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 4, tokenizer, pl_wer=None)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, wer_threshold=10.0)
+    with pytest.raises(DataError, match="wer_threshold.*no pl_wer"):
+        dm.setup("fit")
+
+
+def test_missing_pseudo_labels_and_unknown_column_are_clear_errors(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path / "corpus", "a", "train", 4, labelled=False)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path / "corpus")], tmp_path / "pl")
+    with pytest.raises(DataError, match="pseudo_label"):
+        dm.setup("fit")
+    write_split(tmp_path, "b", "train", 4, tokenizer)
+    bad = {**entry("b", tmp_path), "text_column": "sentence"}
+    with pytest.raises(DataError, match="no column 'sentence'.*text_column"):
+        make_dm(tiny_dir, [bad], tmp_path).setup("fit")
+
+
+def test_duration_filter_reports_drops(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 6, tokenizer, durations=[0.3, 1.0, 1.0, 0.2, 1.0, 1.0])
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, min_duration_s=0.5, batch_size=2)
+    dm.setup("fit")
+    assert dict(dm.filter_stats["a/train"].dropped) == {"too_short": 2}
+
+
+def test_collator_pads_to_longest_and_computes_features(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 8, tokenizer)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, batch_size=4)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["input_features"].shape == (4, 80, 3000)
+    labels, inputs = batch["labels"], batch["decoder_input_ids"]
+    lengths = (labels != IGNORE_INDEX).sum(1)
+    assert labels.shape[1] == int(lengths.max()) < 448  # padded to the longest, not to 448
+    assert inputs.shape == labels.shape
+    # decoder_input_ids[t + 1] == labels[t] on real tokens (shift by one)
+    for row in range(4):
+        n = int(lengths[row])
+        assert torch.equal(inputs[row, 1:n], labels[row, : n - 1])
+        assert labels[row, n - 1] == tokenizer.eos_token_id
+    assert len(batch["sample_ids"]) == 4 and all(k.startswith("a/train/") for k in batch["sample_ids"])
+
+
+def test_finetune_labels_come_from_text(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 4, labelled=False)
+    dm = SpeechDataModule(
+        [entry("a", tmp_path)],
+        tiny_dir,
+        label_source="text",
+        batch_size=4,
+        validation_splits=[],
+        cache_dir=str(tmp_path / "hf"),
+    )
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    texts = tokenizer.batch_decode(
+        torch.where(batch["labels"] < 0, tokenizer.eos_token_id, batch["labels"]), skip_special_tokens=True
+    )
+    assert all(t.strip().split()[0] in WORDS for t in texts)
+    assert batch["decoder_input_ids"][0, :2].tolist() == tokenizer.convert_tokens_to_ids(
+        ["<|startoftranscript|>", "<|notimestamps|>"]
+    )
+
+
+def _ids(loader, n):
+    out = []
+    for i, batch in enumerate(loader):
+        if i == n:
+            break
+        out.append(tuple(batch["sample_ids"]))
+    return out
+
+
+def test_batches_deterministic_across_workers_epochs_and_resume(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "a", "train", 10, tokenizer)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, batch_size=3)
+    dm.setup("fit")
+    order = _ids(dm.train_dataloader(), 7)  # 3 batches per epoch (last partial one dropped): crosses 2 epochs
+    assert len(order) == 7
+    assert sorted(sum(order[:3], ())) != sorted(sum(order[3:6], ())) or order[:3] != order[3:6]  # reshuffled
+    dm.num_workers = 2
+    assert _ids(dm.train_dataloader(), 7) == order  # same global order with workers
+    dm.num_workers = 0
+    loader = dm.train_dataloader()
+    dm.train_stream.start_batch = 4  # resume after 4 batches
+    assert _ids(loader, 3) == order[4:7]
+
+
+def test_validation_sets_are_named_and_use_references(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path / "pl", "a", "train", 4, tokenizer)
+    write_split(tmp_path / "corpus", "a", "validation", 5, labelled=False)
+    extra = {**entry("ood", tmp_path / "corpus", splits=["test"])}
+    write_split(tmp_path / "corpus", "ood", "test", 3, labelled=False)
+    dm = SpeechDataModule(
+        [entry("a", tmp_path / "corpus")],
+        tiny_dir,
+        pseudo_labels_dir=str(tmp_path / "pl"),
+        validation_splits=["validation"],
+        validation_datasets=[extra],
+        batch_size=2,
+        val_batch_size=4,
+        cache_dir=str(tmp_path / "hf"),
+    )
+    dm.setup("fit")
+    assert dm.val_names == ["a/validation", "ood/test"]
+    loaders = dm.val_dataloader()
+    assert [len(ds) for ds in dm.val_sets] == [5, 3]
+    batch = next(iter(loaders[0]))
+    assert batch["input_features"].shape[0] == 4 and batch["references"][0].split()[0] in WORDS
+
+
+def test_streaming_matches_filters_and_mixes(tmp_path, tiny_dir, tokenizer, monkeypatch):
+    import datasets
+
+    # datasets sleeps 5 s whenever an interleaved parquet stream ends (a pyarrow shutdown workaround)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.05)
+    write_split(tmp_path, "a", "train", 12, tokenizer, pl_wer=[0.0, 50.0] * 6)
+    write_split(tmp_path, "b", "train", 12, tokenizer, pl_wer=[0.0] * 12, id_offset=100)
+    dm = make_dm(
+        tiny_dir,
+        [entry("a", tmp_path), entry("b", tmp_path)],
+        tmp_path,
+        streaming=True,
+        wer_threshold=10.0,
+        batch_size=4,
+        shuffle_buffer_size=8,
+    )
+    dm.setup("fit")
+    assert dm.filter_stats["a/train"].kept == 6 and dm.filter_stats["b/train"].kept == 12
+    seen = [k for ids in _ids(dm.train_dataloader(), 4) for k in ids]
+    assert {k.split("/")[0] for k in seen} == {"a", "b"}
+    bad = {f"a/train/a-{i}" for i in range(1, 12, 2)}  # pl_wer 50 -> dropped
+    assert not bad & set(seen)
+
+
+def test_collator_uses_encoder_cache(tmp_path, tiny_dir, tokenizer):
+    from transformers import WhisperFeatureExtractor
+
+    from distil.encoder_cache import EncoderCache
+
+    cache = EncoderCache(tmp_path / "cache", "fp")
+    collator = SpeechCollator(
+        WhisperFeatureExtractor.from_pretrained(tiny_dir), tokenizer, encoder_cache=cache
+    )
+    rows = [
+        {
+            "audio": {"bytes": encode_flac(_wave(0.5, i), SR), "path": None},
+            "sample_id": str(i),
+            "source": "a/train",
+            "token_ids": list(tokenizer(" hello").input_ids),
+            "text": "hello",
+        }
+        for i in range(2)
+    ]
+    first = collator(rows, epoch=0)
+    assert "input_features" in first and "encoder_hidden_states" not in first
+    cache.save(first["sample_ids"], torch.randn(2, 1500, 8))
+    second = collator(rows, epoch=1)
+    assert "input_features" not in second and second["encoder_hidden_states"].dtype == torch.float16
+    assert second["encoder_hidden_states"].shape == (2, 1500, 8)
