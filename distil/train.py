@@ -34,6 +34,7 @@ import distil.student  # noqa: F401  (registers the ${student_name:...} resolver
 from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
 from distil.encoder_cache import EncoderCache, cache_fingerprint
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller
+from distil.paths import CONF_DIR
 from distil.runinfo import write_run_info
 
 log = logging.getLogger(__name__)
@@ -385,7 +386,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     return summary
 
 
-@hydra.main(version_base=None, config_path="../conf", config_name="train")
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
 
