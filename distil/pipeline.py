@@ -30,16 +30,28 @@ def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
         "corpus": [],
         "pseudo_label": [f"teacher={cfg.recipe.teacher}"],
         "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
-        "train": [
-            f"experiment={cfg.recipe.experiment}",
-            f"teacher={cfg.recipe.teacher}",
-            f"student={cfg.recipe.student}",
-        ],
+        "train": _train_choices(cfg),
         "evaluate": [],
     }[stage]
     if stage == "train" and cfg.train.wer_threshold is not None:
         shared.append(f"data.wer_threshold={cfg.train.wer_threshold}")
     return shared + list(cfg.overrides.get(stage) or [])
+
+
+def _train_choices(cfg: DictConfig) -> list[str]:
+    """`experiment=...` plus the teacher/student only where they differ from the experiment's own.
+
+    So the pipeline's training run uses the same run directory as `python -m distil.train experiment=X`
+    (the directory is named after the overrides).
+    """
+    overrides = [f"experiment={cfg.recipe.experiment}"]
+    choices = compose(
+        config_name="train", overrides=overrides, return_hydra_config=True
+    ).hydra.runtime.choices
+    for group in ("teacher", "student"):
+        if choices.get(group) != cfg.recipe[group]:
+            overrides.append(f"{group}={cfg.recipe[group]}")
+    return overrides
 
 
 def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictConfig:

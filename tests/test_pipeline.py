@@ -44,10 +44,13 @@ def _pipeline_cfg(tmp_path, extra=()):
 
 def test_stage_overrides_forward_the_shared_choices(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        cfg = _pipeline_cfg(tmp_path, ["train.wer_threshold=15"])
-    train = stage_overrides(cfg, "train")
-    assert "teacher=tiny_random" in train and "student=1dec" in train and "data.wer_threshold=15" in train
-    assert stage_overrides(cfg, "pseudo_label")[0] == "teacher=tiny_random"
+        same = _pipeline_cfg(tmp_path, ["train.wer_threshold=15"])
+        other_student = _pipeline_cfg(tmp_path, ["recipe.student=2dec"])
+        assert stage_overrides(same, "pseudo_label")[0] == "teacher=tiny_random"
+        # The experiment already picks tiny_random/1dec: the training run directory is the same as
+        # `python -m distil.train experiment=tiny_random_smoke` (plus the WER threshold).
+        assert stage_overrides(same, "train") == ["experiment=tiny_random_smoke", "data.wer_threshold=15"]
+        assert stage_overrides(other_student, "train") == ["experiment=tiny_random_smoke", "student=2dec"]
 
 
 def test_comparison_table_formats_missing_values():
