@@ -1,12 +1,17 @@
 """Pseudo-labelling throughput: the distil stage vs `transformers.pipeline("automatic-speech-recognition")`.
 
 Same teacher (tiny.en by default), same clips, same greedy settings. For the stage, the time is
-`Trainer.predict` end to end (FLAC decoding, features, generation, parquet shards); for the pipeline only
-the call on already decoded arrays. Prints a markdown table (audio-seconds per second) and whether the
-transcripts are identical.
+`Trainer.predict` end to end (process start-up, FLAC decoding, features, generation, parquet shards); for the
+pipeline only the call on already decoded arrays. The stage runs with its default config (on CPU:
+`trainer.devices=auto`, one single-threaded process per core), except for `shard_size` (default here 16:
+64 clips at the default 1000 would make a single shard, which one process labels alone; real datasets have
+many shards). The pipeline runs once per `--pipeline-threads` value (torch intra-op threads) and per batch
+size; the best of those is the baseline. Every configuration runs `--repeats` times, interleaved (machine
+load changes affect all alike), and the table reports medians. Prints a markdown table (audio-seconds per
+second) and whether the transcripts are identical.
 
     python benchmarks/pseudo_label.py                       # 64 clips, batch sizes 8 16 32
-    python benchmarks/pseudo_label.py --clips 128 --batch-sizes 16 32 64 --out table.md
+    python benchmarks/pseudo_label.py --clips 96 --batch-sizes 16 32 --repeats 3 --out table.md
 
 Data: the synthetic corpus train splits (`${DISTIL_HOME}/corpora/{espeak,flite}/train`) when they exist,
 else clips spoken on the fly with espeak-ng and flite.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -85,7 +91,16 @@ def tts_rows(n: int) -> list[dict]:
     return rows
 
 
-def run_stage(data_dir: Path, home: Path, batch_size: int, teacher: str, num_beams: int, max_new_tokens: int):
+def run_stage(
+    data_dir: Path,
+    home: Path,
+    batch_size: int,
+    teacher: str,
+    num_beams: int,
+    max_new_tokens: int,
+    shard_size: int,
+    devices: str,
+):
     from distil.pseudo_label import pseudo_label
 
     cfg = OmegaConf.load(CONF_DIR / "pseudo_label.yaml")
@@ -100,8 +115,10 @@ def run_stage(data_dir: Path, home: Path, batch_size: int, teacher: str, num_bea
     cfg.generation.num_beams = num_beams
     cfg.generation.max_new_tokens = max_new_tokens
     cfg.progress_bar = False
-    cfg.output_dir = str(home / f"out-{batch_size}")
-    summary = pseudo_label(cfg, run_dir=home / f"run-{batch_size}")
+    cfg.shard_size = shard_size
+    cfg.trainer.devices = devices if devices == "auto" else int(devices)
+    cfg.output_dir = str(home / "out")
+    summary = pseudo_label(cfg, run_dir=home / "run")
     split = summary["splits"]["bench/train"]
     texts = {}
     for f in sorted(Path(split["output_dir"]).glob("part-*.parquet")):
@@ -111,9 +128,18 @@ def run_stage(data_dir: Path, home: Path, batch_size: int, teacher: str, num_bea
 
 
 def run_pipeline(
-    rows: list[dict], waves: list[np.ndarray], batch_size: int, pipe, num_beams: int, max_new_tokens: int
+    rows: list[dict],
+    waves: list[np.ndarray],
+    batch_size: int,
+    pipe,
+    num_beams: int,
+    max_new_tokens: int,
+    threads: int | None = None,
 ):
     inputs = [{"raw": w, "sampling_rate": 16000} for w in waves]
+    saved = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
     started = time.perf_counter()
     # transformers 5's pipeline defaults to num_beams=5, max_new_tokens=256: pass the stage's settings.
     out = pipe(
@@ -122,6 +148,7 @@ def run_pipeline(
         generate_kwargs={"num_beams": num_beams, "max_new_tokens": max_new_tokens},
     )
     seconds = time.perf_counter() - started
+    torch.set_num_threads(saved)
     audio = sum(len(w) for w in waves) / 16000
     return audio / seconds, {r["id"]: o["text"].strip() for r, o in zip(rows, out, strict=True)}
 
@@ -133,6 +160,14 @@ def main() -> None:
     parser.add_argument("--clips", type=int, default=64)
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--pipeline-batch-sizes", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument(
+        "--pipeline-threads", type=int, nargs="+", default=[1, 2], help="torch threads for the pipeline"
+    )
+    parser.add_argument(
+        "--stage-devices", nargs="+", default=["auto"], help="trainer.devices values for the stage"
+    )
+    parser.add_argument("--shard-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
     parser.add_argument("--teacher", default="tiny_en")
     parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (the stage's default)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -152,7 +187,10 @@ def main() -> None:
     waves = [decode_audio(r["audio"]) for r in rows]
     audio_seconds = sum(len(w) for w in waves) / 16000
 
-    results = []
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    load_start = os.getloadavg()[0]
+    rates: dict[tuple, list[float]] = {}
+    transcripts: dict[tuple, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         data_dir = home / "data"
@@ -163,41 +201,64 @@ def main() -> None:
         pipe = pipeline("automatic-speech-recognition", model=model_dir, device="cpu", dtype=torch.float32)
         gen = (args.num_beams, args.max_new_tokens)
         run_pipeline(rows[:2], waves[:2], 2, pipe, *gen)  # warm-up
-        run_stage(
-            data_dir, home / "warmup", args.batch_sizes[0], args.teacher, *gen
-        )  # warm-up (imports, threads)
-        # Interleave the two systems so that a change of machine load affects both alike.
-        jobs = [("pipe", b) for b in args.pipeline_batch_sizes] + [("stage", b) for b in args.batch_sizes]
-        jobs.sort(key=lambda j: (j[1], j[0]))
-        for kind, bs in jobs:
-            if kind == "pipe":
-                rate, texts = run_pipeline(rows, waves, bs, pipe, *gen)
-                results.append(("transformers pipeline", bs, rate, texts))
-            else:
-                rate, texts = run_stage(data_dir, home / f"stage-{bs}", bs, args.teacher, *gen)
-                results.append(("distil pseudo_label", bs, rate, texts))
-            print(f"{results[-1][0]} batch {bs}: {rate:.2f} audio-s/s", flush=True)
+        warm_rows = home / "warmup-data"
+        (warm_rows / "train").mkdir(parents=True)
+        ds.select(range(min(4, len(ds)))).to_parquet(str(warm_rows / "train" / "part-0.parquet"))
+        run_stage(warm_rows, home / "warmup", 2, args.teacher, *gen, 1, "auto")  # imports, threads
+        # Interleave the systems so that a change of machine load affects all alike.
+        jobs = [("pipe", b, t) for b in args.pipeline_batch_sizes for t in args.pipeline_threads]
+        jobs += [("stage", b, d) for b in args.batch_sizes for d in args.stage_devices]
+        jobs.sort(key=lambda j: (j[1], j[0], str(j[2])))
+        for repeat in range(args.repeats):
+            for job in jobs:
+                kind, bs, par = job
+                if kind == "pipe":
+                    rate, texts = run_pipeline(rows, waves, bs, pipe, *gen, threads=par)
+                else:
+                    run_home = home / f"stage-{bs}-{par}-{repeat}"
+                    rate, texts = run_stage(data_dir, run_home, bs, args.teacher, *gen, args.shard_size, par)
+                rates.setdefault(job, []).append(rate)
+                transcripts.setdefault(job, texts)
+                if texts != transcripts[job]:
+                    print(f"  WARNING: {job} transcripts changed between repeats", flush=True)
+                print(
+                    f"[{repeat + 1}/{args.repeats}] {job}: {rate:.2f} audio-s/s, load {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
+    load_end = os.getloadavg()[0]
 
-    best_pipe = max((r for r in results if r[0].startswith("transformers")), key=lambda r: r[2])
+    median = {job: statistics.median(r) for job, r in rates.items()}
+    best_pipe = max((j for j in jobs if j[0] == "pipe"), key=median.get)
+    ref = transcripts[best_pipe]
+
+    def name(job):
+        kind, _, par = job
+        if kind == "pipe":
+            return f"transformers pipeline, {par} thread{'s' * (par != 1)}"
+        return f"distil pseudo_label, trainer.devices={par}"
+
     lines = [
         f"Teacher {args.teacher} ({model_dir}), num_beams={args.num_beams}, max_new_tokens={args.max_new_tokens}; "
-        f"{len(rows)} clips, {audio_seconds:.1f} s of audio from {source}; "
-        f"CPU threads {torch.get_num_threads()}, cores {os.cpu_count()}.",
+        f"{len(rows)} clips, {audio_seconds:.1f} s of audio from {source}; {cores} CPU cores; "
+        f"stage shard_size={args.shard_size}; median of {args.repeats} interleaved run(s); "
+        f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end.",
         "",
-        "| system | batch size | audio-s/s | vs best pipeline | transcripts identical to best pipeline |",
-        "|---|---|---|---|---|",
+        "| system | batch size | audio-s/s (median) | runs | vs best pipeline | transcripts identical to best pipeline |",
+        "|---|---|---|---|---|---|",
     ]
-    for name, bs, rate, texts in results:
-        same = sum(texts[k] == best_pipe[3][k] for k in best_pipe[3])
+    for job in jobs:
+        same = sum(transcripts[job][k] == ref[k] for k in ref)
+        runs = " ".join(f"{r:.2f}" for r in rates[job])
         lines.append(
-            f"| {name} | {bs} | {rate:.2f} | {rate / best_pipe[2]:.2f}x | {same}/{len(best_pipe[3])} |"
+            f"| {name(job)} | {job[1]} | {median[job]:.2f} | {runs} | {median[job] / median[best_pipe]:.2f}x "
+            f"| {same}/{len(ref)} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
-    for name, bs, _, texts in results:
-        diff = [k for k in best_pipe[3] if texts[k] != best_pipe[3][k]]
+    for job in jobs:
+        diff = [k for k in ref if transcripts[job][k] != ref[k]]
         for k in diff[:3]:
-            print(f"  differs ({name} b{bs}) {k}: {texts[k]!r} vs pipeline {best_pipe[3][k]!r}")
+            print(f"  differs ({name(job)} b{job[1]}) {k}: {transcripts[job][k]!r} vs pipeline {ref[k]!r}")
     if args.out:
         args.out.write_text(table + "\n")
 

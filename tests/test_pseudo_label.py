@@ -23,7 +23,7 @@ from distil.data import DataConfigError, DatasetEntry, load_split
 from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
 from distil.modules.transcriber import GenerationConfigError
 from distil.paths import CONF_DIR
-from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label
+from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label, resolve_parallelism
 from distil.text import corpus_wer, english_normalizer, sample_wer
 
 # Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).
@@ -91,6 +91,7 @@ def make_cfg(home: Path, teacher_dir: Path, data_path: Path, *overrides: str):
                 "batch_size=4",
                 "shard_size=4",
                 "progress_bar=false",
+                "trainer.devices=1",  # one in-process run (the callbacks below run where they are created)
                 *overrides,
             ],
         )
@@ -271,6 +272,40 @@ def test_rank_split_is_a_partition_of_pending_shards(corpus):
     flat = sorted(k for m in owned for k in m)
     assert flat == [k for k in range(source.num_shards) if k != 1]
     assert all(set(a).isdisjoint(b) for i, a in enumerate(owned) for b in owned[i + 1 :])
+
+
+def test_two_cpu_processes_give_the_same_dataset(tmp_path, tiny_random_dir, corpus, reference):
+    """The CPU default (`devices=auto`): forked single-threaded ranks, each writing its own shards."""
+    _, summary = run(tmp_path, tiny_random_dir, corpus, "trainer.accelerator=cpu", "trainer.devices=2")
+    split = summary["splits"]["custom/train"]
+    out = split_out(summary)
+    assert split["status"] == "complete" and (out / SUCCESS).exists()
+    assert read_rows(out) == read_rows(reference[2])
+    assert (out / "skipped.jsonl").read_text() == (reference[2] / "skipped.jsonl").read_text()
+    # Counted from every rank's manifests (the ranks ran in forked processes).
+    assert split["this_run"]["samples"] == 14 and split["this_run"]["shards_written"] == 4
+    assert split["this_run"]["audio_seconds"] == pytest.approx(
+        reference[1]["splits"]["custom/train"]["this_run"]["audio_seconds"]
+    )
+
+
+def test_parallelism_rule():
+    # CPU, auto: one single-threaded process per core, but no more processes than shards to label.
+    assert resolve_parallelism("auto", "auto", "auto", cpu=True, cores=8, work_items=100) == (
+        8,
+        "ddp_fork",
+        1,
+    )
+    assert resolve_parallelism("auto", "auto", "auto", cpu=True, cores=8, work_items=3)[:1] == (3,)
+    one = resolve_parallelism("auto", "auto", "auto", cpu=True, cores=8, work_items=1)
+    assert one == (1, "auto", 8)  # a single shard: one process gets every core
+    assert resolve_parallelism(2, "auto", "auto", cpu=True, cores=8) == (2, "ddp_fork", 4)
+    assert resolve_parallelism("auto", "auto", 2, cpu=True, cores=8) == (4, "ddp_fork", 2)
+    assert resolve_parallelism(2, "auto", "auto", cpu=True, cores=2, fork=False)[1] == "ddp_spawn"
+    assert resolve_parallelism(2, "ddp", 1, cpu=True, cores=2) == (2, "ddp", 1)  # explicit wins
+    # GPU: Lightning decides; threads untouched unless given.
+    assert resolve_parallelism("auto", "auto", "auto", cpu=False, cores=8) == ("auto", "auto", None)
+    assert resolve_parallelism(4, "auto", 3, cpu=False, cores=8) == (4, "auto", 3)
 
 
 def test_streaming_gives_the_same_dataset(tmp_path, tiny_random_dir, corpus, reference):

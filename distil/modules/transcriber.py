@@ -9,6 +9,7 @@ decoded with its special tokens and timestamps (what training tokenises), and th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import lightning as L
 import torch
@@ -175,6 +176,14 @@ class WhisperTranscriber(L.LightningModule):
             out["language"].append(lang[2:-2] if lang else None)
             out["truncated"].append(truncated)
         return out
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Move only the features. Lightning's default walks the whole batch, and the rows' FLAC `bytes` are a
+        Sequence to it: it rebuilt every byte one by one (~40% of the CPU stage's time at 3-s clips)."""
+        if isinstance(batch, dict) and "input_features" in batch:
+            features = batch["input_features"]
+            return {**batch, "input_features": None if features is None else features.to(device)}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def predict_step(self, batch: dict, batch_idx: int = 0, dataloader_idx: int = 0) -> dict[str, list]:
         features = batch.get("input_features")
