@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import ListConfig, OmegaConf
+
+from distil.paths import atomic_directory
 
 STUDENT_INFO_FILE = "distil_student.json"
 # Bump when the saved layout or the copy rule changes, so stale students are not silently reused.
@@ -290,18 +290,10 @@ def init_student(
         ]
     student.generation_config = generation_config
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
         # Written last: its presence marks the directory as complete.
         (tmp / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -17,7 +17,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -34,7 +33,7 @@ import distil.student  # noqa: F401  (registers the ${student_name:...} resolver
 from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
 from distil.encoder_cache import EncoderCache, cache_fingerprint
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller
-from distil.paths import CONF_DIR
+from distil.paths import CONF_DIR, atomic_directory
 from distil.runinfo import write_run_info
 
 log = logging.getLogger(__name__)
@@ -263,20 +262,12 @@ def export_student(state: dict[str, torch.Tensor], base_dir: str, out: Path) -> 
             f"exported weights do not fit {base_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     model.tie_weights()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         WhisperProcessor.from_pretrained(base_dir).save_pretrained(tmp)
         info = Path(base_dir) / "distil_student.json"
         if info.is_file():
             shutil.copy(info, tmp / info.name)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
