@@ -226,6 +226,18 @@ def test_collator_pads_to_longest_and_computes_features(tmp_path, tiny_dir, toke
     assert len(batch["sample_ids"]) == 4 and all(k.startswith("a/train/") for k in batch["sample_ids"])
 
 
+def test_collator_features_stay_fp32_under_bf16_autocast(tmp_path, tiny_dir, tokenizer):
+    """A bf16 run that collates inside autocast (no DataLoader workers) still gets fp32 log-mel features."""
+    write_split(tmp_path, "a", "train", 4, tokenizer)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, batch_size=4)
+    dm.setup("fit")
+    plain = next(iter(dm.train_dataloader()))["input_features"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = next(iter(dm.train_dataloader()))["input_features"]
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, plain)
+
+
 def test_finetune_labels_come_from_text(tmp_path, tiny_dir, tokenizer):
     write_split(tmp_path, "a", "train", 4, labelled=False)
     dm = SpeechDataModule(

@@ -130,6 +130,20 @@ def test_end_to_end_train_exports_pipeline_loadable_students(home):
     assert isinstance(result["text"], str)
 
 
+def test_bf16_mixed_precision_trains_on_cpu(home):
+    """`trainer.precision=bf16-mixed` on CPU (fast with AMX): bf16 matmuls, fp32 weights and exports."""
+    cfg = compose_train(home, ["trainer.precision=bf16-mixed", "data.num_workers=0"], steps=2)
+    summary = train(cfg)
+    assert summary["global_step"] == 2
+    state, _ = _final_state(Path(cfg.out_dir))
+    floats = [v for v in state.values() if v.is_floating_point()]
+    assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in floats)
+    from transformers import WhisperForConditionalGeneration
+
+    exported = WhisperForConditionalGeneration.from_pretrained(Path(cfg.out_dir) / "last")
+    assert next(exported.parameters()).dtype == torch.float32
+
+
 def _final_state(out: Path) -> dict:
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     return ckpt["state_dict"], ckpt["global_step"]

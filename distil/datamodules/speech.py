@@ -326,7 +326,10 @@ class SpeechCollator:
 
     def features(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         waves = [decode_audio(r["audio"], SAMPLING_RATE) for r in rows]
-        out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        # Log-mel features are always fp32: under an enclosing CPU autocast (bf16 training that collates in
+        # the training process) the extractor's STFT would come out bf16, which it cannot turn into numpy.
+        with torch.autocast("cpu", enabled=False):
+            out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
         return out.input_features
 
     def cache_keys(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
