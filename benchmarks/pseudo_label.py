@@ -8,7 +8,10 @@ pipeline only the call on already decoded arrays. The stage runs with its defaul
 many shards). The pipeline runs once per `--pipeline-threads` value (torch intra-op threads) and per batch
 size; the best of those is the baseline. Every configuration runs `--repeats` times, interleaved (machine
 load changes affect all alike), and the table reports medians. Prints a markdown table (audio-seconds per
-second) and whether the transcripts are identical.
+second), the WER of each system's transcripts against the spoken text (Whisper's English normaliser) and
+whether the transcripts are identical to the best pipeline at each precision. `--dtypes fp32 bf16` runs
+both systems at both precisions: bf16 is much faster on CPUs with AMX/AVX512-BF16 but its greedy output
+is not identical to fp32's.
 
     python benchmarks/pseudo_label.py                       # 64 clips, batch sizes 8 16 32
     python benchmarks/pseudo_label.py --clips 96 --batch-sizes 16 32 --repeats 3 --out table.md
@@ -35,6 +38,7 @@ from omegaconf import OmegaConf
 from distil.audio import decode_audio, encode_flac
 from distil.data import DatasetEntry, load_split
 from distil.paths import CONF_DIR, distil_home
+from distil.text import corpus_wer, english_normalizer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -100,6 +104,7 @@ def run_stage(
     max_new_tokens: int,
     shard_size: int,
     devices: str,
+    dtype: str = "fp32",
 ):
     from distil.pseudo_label import pseudo_label
 
@@ -115,6 +120,7 @@ def run_stage(
     cfg.generation.num_beams = num_beams
     cfg.generation.max_new_tokens = max_new_tokens
     cfg.progress_bar = False
+    cfg.dtype = dtype
     cfg.shard_size = shard_size
     cfg.trainer.devices = devices if devices == "auto" else int(devices)
     cfg.output_dir = str(home / "out")
@@ -153,6 +159,25 @@ def run_pipeline(
     return audio / seconds, {r["id"]: o["text"].strip() for r, o in zip(rows, out, strict=True)}
 
 
+def run_encoder_bound(waves: list[np.ndarray], batch_size: int, pipe, processes: int) -> float:
+    """Audio-s/s of the Whisper encoder alone, one thread, spread perfectly over `processes` cores.
+
+    Both systems must run this encoder pass on every clip (30-s padded features) at the same precision, so
+    no labelling system with the same output can beat this rate: it bounds the achievable speed-up."""
+    features = pipe.feature_extractor(waves, sampling_rate=16000, return_tensors="pt").input_features
+    features = features.to(pipe.model.dtype)
+    encoder = pipe.model.get_encoder()
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.inference_mode():
+        started = time.perf_counter()
+        for i in range(0, len(features), batch_size):
+            encoder(features[i : i + batch_size])
+        seconds = time.perf_counter() - started
+    torch.set_num_threads(saved)
+    return sum(len(w) for w in waves) / 16000 / (seconds / processes)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -165,6 +190,18 @@ def main() -> None:
     )
     parser.add_argument(
         "--stage-devices", nargs="+", default=["auto"], help="trainer.devices values for the stage"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["fp32", "bf16"],
+        choices=["fp32", "bf16"],
+        help="teacher precision; each runs for both systems (bf16 is fast on CPUs with AMX/AVX512-BF16)",
+    )
+    parser.add_argument(
+        "--no-encoder-bound",
+        action="store_true",
+        help="skip measuring the encoder-only upper bound (the encoder alone, one thread per core)",
     )
     parser.add_argument("--shard-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=1, help="runs per configuration (median reported)")
@@ -198,25 +235,43 @@ def main() -> None:
         ds = datasets.Dataset.from_list(rows).cast_column("audio", datasets.Audio(decode=False))
         ds.to_parquet(str(data_dir / "train" / "part-0.parquet"))
 
-        pipe = pipeline("automatic-speech-recognition", model=model_dir, device="cpu", dtype=torch.float32)
+        torch_dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        pipes = {
+            d: pipeline("automatic-speech-recognition", model=model_dir, device="cpu", dtype=torch_dtypes[d])
+            for d in args.dtypes
+        }
         gen = (args.num_beams, args.max_new_tokens)
-        run_pipeline(rows[:2], waves[:2], 2, pipe, *gen)  # warm-up
+        for pipe in pipes.values():
+            run_pipeline(rows[:2], waves[:2], 2, pipe, *gen)  # warm-up
         warm_rows = home / "warmup-data"
         (warm_rows / "train").mkdir(parents=True)
         ds.select(range(min(4, len(ds)))).to_parquet(str(warm_rows / "train" / "part-0.parquet"))
-        run_stage(warm_rows, home / "warmup", 2, args.teacher, *gen, 1, "auto")  # imports, threads
+        run_stage(warm_rows, home / "warmup", 2, args.teacher, *gen, 1, args.stage_devices[0])  # imports
         # Interleave the systems so that a change of machine load affects all alike.
-        jobs = [("pipe", b, t) for b in args.pipeline_batch_sizes for t in args.pipeline_threads]
-        jobs += [("stage", b, d) for b in args.batch_sizes for d in args.stage_devices]
-        jobs.sort(key=lambda j: (j[1], j[0], str(j[2])))
+        jobs = [
+            ("pipe", b, t, d)
+            for d in args.dtypes
+            for b in args.pipeline_batch_sizes
+            for t in args.pipeline_threads
+        ]
+        jobs += [
+            ("stage", b, n, d) for d in args.dtypes for b in args.batch_sizes for n in args.stage_devices
+        ]
+        if not args.no_encoder_bound:
+            jobs += [("encoder", max(args.batch_sizes), cores, d) for d in args.dtypes]
+        jobs.sort(key=lambda j: (j[3] != "fp32", j[3], j[0] == "encoder", j[1], j[0], str(j[2])))
         for repeat in range(args.repeats):
             for job in jobs:
-                kind, bs, par = job
+                kind, bs, par, dtype = job
                 if kind == "pipe":
-                    rate, texts = run_pipeline(rows, waves, bs, pipe, *gen, threads=par)
+                    rate, texts = run_pipeline(rows, waves, bs, pipes[dtype], *gen, threads=par)
+                elif kind == "encoder":
+                    rate, texts = run_encoder_bound(waves, bs, pipes[dtype], par), {}
                 else:
-                    run_home = home / f"stage-{bs}-{par}-{repeat}"
-                    rate, texts = run_stage(data_dir, run_home, bs, args.teacher, *gen, args.shard_size, par)
+                    run_home = home / f"stage-{bs}-{par}-{dtype}-{repeat}"
+                    rate, texts = run_stage(
+                        data_dir, run_home, bs, args.teacher, *gen, args.shard_size, par, dtype
+                    )
                 rates.setdefault(job, []).append(rate)
                 transcripts.setdefault(job, texts)
                 if texts != transcripts[job]:
@@ -228,34 +283,60 @@ def main() -> None:
     load_end = os.getloadavg()[0]
 
     median = {job: statistics.median(r) for job, r in rates.items()}
-    best_pipe = max((j for j in jobs if j[0] == "pipe"), key=median.get)
-    ref = transcripts[best_pipe]
+    pipe_jobs = [j for j in jobs if j[0] == "pipe"]
+    best_pipe = max(pipe_jobs, key=median.get)
+    # Reference transcripts: the best pipeline run at each precision (greedy output of one precision does not
+    # depend on batch size or threads, which the table shows for the pipelines themselves).
+    best_pipe_at = {d: max((j for j in pipe_jobs if j[3] == d), key=median.get) for d in args.dtypes}
 
     def name(job):
-        kind, _, par = job
+        kind, _, par, dtype = job
         if kind == "pipe":
-            return f"transformers pipeline, {par} thread{'s' * (par != 1)}"
-        return f"distil pseudo_label, trainer.devices={par}"
+            return f"transformers pipeline, {dtype}, {par} thread{'s' * (par != 1)}"
+        if kind == "encoder":
+            return f"bound: the encoder pass alone, {dtype}, 1 thread x {par} cores"
+        return f"distil pseudo_label, {dtype}, trainer.devices={par}"
 
+    normalizer = english_normalizer()
+    references = {r["id"]: r["text"] for r in rows}
+
+    def wer(job) -> str:
+        ids = list(references)
+        result = corpus_wer([references[i] for i in ids], [transcripts[job][i] for i in ids], normalizer)
+        return f"{result.wer:.1f}"
+
+    def same(job, ref_job):
+        ref = transcripts[ref_job]
+        return f"{sum(transcripts[job][k] == ref[k] for k in ref)}/{len(ref)}"
+
+    dtype_cols = " | ".join(f"identical to best {d} pipeline" for d in args.dtypes)
     lines = [
         f"Teacher {args.teacher} ({model_dir}), num_beams={args.num_beams}, max_new_tokens={args.max_new_tokens}; "
         f"{len(rows)} clips, {audio_seconds:.1f} s of audio from {source}; {cores} CPU cores; "
         f"stage shard_size={args.shard_size}; median of {args.repeats} interleaved run(s); "
-        f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end.",
+        f"1-min load average {load_start:.1f} at start, {load_end:.1f} at end. "
+        f"Best pipeline: {name(best_pipe)}, batch {best_pipe[1]}.",
         "",
-        "| system | batch size | audio-s/s (median) | runs | vs best pipeline | transcripts identical to best pipeline |",
-        "|---|---|---|---|---|---|",
+        f"| system | batch size | audio-s/s (median) | runs | vs best pipeline | WER % | {dtype_cols} |",
+        "|---|---|---|---|---|---|" + "---|" * len(args.dtypes),
     ]
     for job in jobs:
-        same = sum(transcripts[job][k] == ref[k] for k in ref)
         runs = " ".join(f"{r:.2f}" for r in rates[job])
+        if job[0] == "encoder":  # no transcripts: an upper bound on speed, not a system
+            lines.append(
+                f"| {name(job)} | {job[1]} | {median[job]:.2f} | {runs} | {median[job] / median[best_pipe]:.2f}x "
+                f"| - | {' | '.join('-' for _ in args.dtypes)} |"
+            )
+            continue
+        identical = " | ".join(same(job, best_pipe_at[d]) for d in args.dtypes)
         lines.append(
             f"| {name(job)} | {job[1]} | {median[job]:.2f} | {runs} | {median[job] / median[best_pipe]:.2f}x "
-            f"| {same}/{len(ref)} |"
+            f"| {wer(job)} | {identical} |"
         )
     table = "\n".join(lines)
     print("\n" + table)
-    for job in jobs:
+    for job in (j for j in jobs if j[0] != "encoder"):
+        ref = transcripts[best_pipe_at[job[3]]]
         diff = [k for k in ref if transcripts[job][k] != ref[k]]
         for k in diff[:3]:
             print(f"  differs ({name(job)} b{job[1]}) {k}: {transcripts[job][k]!r} vs pipeline {ref[k]!r}")

@@ -1,7 +1,8 @@
 """Training-step speed and peak memory of the distillation configurations, side by side.
 
     python benchmarks/train_step.py                       # tiny.en -> 4 enc / 2 dec student, batch 8, CPU fp32
-    python benchmarks/train_step.py --teacher /dir --batch-size 32 --device cuda --dtype bf16
+    python benchmarks/train_step.py --dtypes fp32 bf16 --repeats 3   # both precisions, fastest of 3 runs each
+    python benchmarks/train_step.py --teacher /dir --batch-size 32 --device cuda --dtypes bf16
 
 A full optimisation step is timed: collation (audio decoding + log-mel features, or reading cached encoder
 states), the encoder(s), both decoders, the KD loss, backward and the AdamW step. Configurations:
@@ -16,7 +17,11 @@ states), the encoder(s), both decoders, the KD loss, backward and the AdamW step
                   no audio decoding, no features, no encoder
 
 Each configuration runs in its own subprocess so that peak memory (max RSS on CPU, max allocated on
-GPU) is its own. Output: a markdown table (and --json for machines).
+GPU) is its own. With --repeats N every configuration runs N times, interleaved with the others, and the
+fastest run counts (other processes on a shared machine only ever add time). bf16 means autocast, as in
+Lightning's `bf16-mixed`: fp32 weights and optimizer, bf16 matmuls (fast on CPUs with AMX/AVX512-BF16).
+Speed-ups are against the reference configuration at the same precision. Output: a markdown table
+(and --json for machines).
 """
 
 from __future__ import annotations
@@ -143,9 +148,10 @@ def run_one(args) -> dict:
 
     batches = [data[i : i + args.batch_size] for i in range(0, len(data), args.batch_size)]
     if cache is not None:  # the first epoch fills the cache (not timed): this measures the epochs after it
-        with torch.no_grad(), autocast:
-            for b in batches:
-                module.compute_loss(collator(b, epoch=0))
+        for b in batches:
+            batch = collator(b, epoch=0)
+            with torch.no_grad(), autocast:
+                module.compute_loss(batch)
 
     def step(b) -> tuple[float, int]:
         batch = collator(b, epoch=1)
@@ -190,7 +196,7 @@ def run_one(args) -> dict:
     }
 
 
-def run_config(args, config: str) -> dict:
+def run_config(args, config: str, dtype: str) -> dict:
     cmd = [
         sys.executable,
         __file__,
@@ -209,7 +215,7 @@ def run_config(args, config: str) -> dict:
         "--device",
         args.device,
         "--dtype",
-        args.dtype,
+        dtype,
         "--threads",
         str(args.threads),
     ]
@@ -243,7 +249,8 @@ def main() -> None:
         help="run every configuration N times, interleaved; keep the fastest",
     )
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
+    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one configuration
@@ -264,28 +271,38 @@ def main() -> None:
         args.student = args.student or str(
             init_student(args.teacher, distil_home() / "students" / "whisper-tiny.en-dec2", decoder_layers=2)
         )
-    best: dict[str, dict] = {}
+    best: dict[tuple[str, str], dict] = {}
+    runs: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.repeats):  # interleaved, so a busy period of the machine hits every configuration
-        for config in args.configs.split(","):
-            r = run_config(args, config)
-            if config not in best or r["seconds_per_step"] < best[config]["seconds_per_step"]:
-                best[config] = r
-            print(f"  {config}: {r['seconds_per_step']:.2f} s/step", file=sys.stderr)
-    results = list(best.values())
-    base = next((r for r in results if r["config"] == "reference-448"), results[0])
+        for dtype in args.dtypes:
+            for config in args.configs.split(","):
+                r = run_config(args, config, dtype)
+                key = (dtype, config)
+                runs.setdefault(key, []).append(r["seconds_per_step"])
+                if key not in best or r["seconds_per_step"] < best[key]["seconds_per_step"]:
+                    best[key] = r
+                print(f"  {dtype} {config}: {r['seconds_per_step']:.2f} s/step", file=sys.stderr)
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     print(
-        f"\nbatch {args.batch_size}, {args.device} {args.dtype}, torch threads {args.threads or 'default'}, "
-        f"teacher {Path(args.teacher).name}, student {Path(args.student).name}, load average {load} "
+        f"\nbatch {args.batch_size}, {args.device}, torch threads {args.threads or 'default'}, "
+        f"teacher {Path(args.teacher).name}, student {Path(args.student).name}, fastest of {args.repeats} "
+        f"interleaved run(s) of {args.steps} timed step(s) (median step), load average {load} "
         f"on {os.cpu_count()} CPUs\n"
     )
-    print("| configuration | s/step | samples/s | speed-up | label tokens/step | peak memory (MiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in results:
+    print(
+        "| precision | configuration | s/step | runs (s/step) | samples/s | speed-up | label tokens/step | peak memory (MiB) |"
+    )
+    print("|---|---|---:|---|---:|---:|---:|---:|")
+    results = []
+    for (dtype, config), r in best.items():
+        base = best.get((dtype, "reference-448"), r)
+        r["dtype"] = dtype
         r["speedup_vs_reference"] = r["samples_per_s"] / base["samples_per_s"]
+        results.append(r)
         print(
-            f"| {r['config']} | {r['seconds_per_step']:.2f} | {r['samples_per_s']:.2f} | {r['speedup_vs_reference']:.1f}x "
-            f"| {r['label_tokens_per_step']:.0f} | {r['peak_memory_mib']:.0f} |"
+            f"| {dtype} | {config} | {r['seconds_per_step']:.2f} | {' '.join(f'{t:.2f}' for t in runs[(dtype, config)])} "
+            f"| {r['samples_per_s']:.2f} | {r['speedup_vs_reference']:.1f}x | {r['label_tokens_per_step']:.0f} "
+            f"| {r['peak_memory_mib']:.0f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
