@@ -106,6 +106,20 @@ def tiny_random_dir(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_dir(tiny_random_dir) -> str:
+    """The tiny random Whisper's directory as a string (the datamodule and distiller tests' teacher)."""
+    return str(tiny_random_dir)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    """tiny.en's tokenizer (special and timestamp tokens included), as saved with the tiny random Whisper."""
+    from transformers import WhisperTokenizerFast
+
+    return WhisperTokenizerFast.from_pretrained(tiny_dir)
+
+
+@pytest.fixture(scope="session")
 def tts_clips() -> list[dict]:
     """12 synthetic English clips: {audio: float32 16 kHz mono, text, voice, engine}."""
     from distil.tts import synthesize

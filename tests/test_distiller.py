@@ -19,18 +19,6 @@ SR = 16_000
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tiny_random_dir) -> str:
-    return str(tiny_random_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    from transformers import WhisperTokenizerFast
-
-    return WhisperTokenizerFast.from_pretrained(tiny_dir)
-
-
-@pytest.fixture(scope="module")
 def student_dir(tiny_dir, tmp_path_factory) -> str:
     return str(init_student(tiny_dir, tmp_path_factory.mktemp("students") / "dec1", decoder_layers=1))
 

