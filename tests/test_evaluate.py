@@ -215,47 +215,40 @@ def test_training_checkpoint_loads_and_other_architectures_are_rejected(tiny_ran
         load_model({"path": str(tmp_path / "foreign.ckpt"), "base": str(tiny_random_dir)}, device="cpu")
 
 
-def test_speculative_decoding_with_a_one_layer_student_is_exact(tiny_random_dir, corpora, tmp_path):
-    """Fast version on the random teacher: its 1-decoder-layer student drafts, the teacher verifies."""
+@pytest.mark.parametrize(
+    "teacher_fixture, decoder_layers, eval_set",
+    [
+        # Fast: the random teacher verifies its 1-decoder-layer student's drafts.
+        ("tiny_random_dir", 1, "flite"),
+        # tiny.en verified by a 2-decoder-layer student made from it (~1 min on 2 shared cores).
+        pytest.param("tiny_en_dir", 2, "espeak", marks=pytest.mark.slow),
+    ],
+)
+def test_speculative_decoding_reproduces_the_teacher(
+    request, teacher_fixture, decoder_layers, eval_set, corpora, tmp_path
+):
+    """The student as a decoder-only assistant on the teacher's encoder output: outputs identical to greedy."""
     from distil.student import init_student
 
-    student = init_student(tiny_random_dir, tmp_path / "student", decoder_layers=1)
+    teacher_dir = request.getfixturevalue(teacher_fixture)
+    student = init_student(teacher_dir, tmp_path / "student", decoder_layers=decoder_layers)
     cfg = eval_cfg(
-        tiny_random_dir,
+        teacher_dir,
         corpora,
-        speculative={"assistant": str(student), "set": "flite", "samples": 2, "warmup": 1},
+        speculative={"assistant": str(student), "set": eval_set, "samples": 2, "warmup": 1},
     )
-    cfg.eval.sets = {"flite": cfg.eval.sets.flite}
-    cfg.eval.max_samples = 1
-    spec = evaluate(cfg, tmp_path / "run")["speculative"]
-    assert spec["status"] == "ok", spec
-    assert spec["shares_encoder"] is True and spec["assistant"]["decoder_layers"] == 1
-    assert spec["identical_fraction"] == 1.0
-    assert spec["teacher_seconds"] > 0 and spec["speculative_seconds"] > 0
-
-
-@pytest.mark.slow  # ~1 min on 2 shared cores
-def test_speculative_decoding_reproduces_the_teacher(tiny_en_dir, corpora, tmp_path):
-    """tiny.en verified by a 2-decoder-layer student made from it: outputs identical to greedy tiny.en."""
-    from distil.student import init_student
-
-    student = init_student(tiny_en_dir, tmp_path / "student", decoder_layers=2)
-    cfg = eval_cfg(
-        tiny_en_dir,
-        corpora,
-        speculative={"assistant": str(student), "set": "espeak", "samples": 2, "warmup": 0},
-    )
-    cfg.eval.sets = {"espeak": cfg.eval.sets.espeak}
+    cfg.eval.sets = {eval_set: cfg.eval.sets[eval_set]}
     cfg.eval.max_samples = 2
     metrics = evaluate(cfg, tmp_path / "run")
     spec = metrics["speculative"]
     assert spec["status"] == "ok", spec
-    assert spec["shares_encoder"] is True  # decoder-only assistant fed the teacher's encoder output
+    assert spec["shares_encoder"] is True and spec["assistant"]["decoder_layers"] == decoder_layers
     assert spec["identical_fraction"] == 1.0 and spec["mismatched_samples"] == []
-    assert spec["speedup"] > 0 and spec["batch_size"] == 1
+    assert spec["teacher_seconds"] > 0 and spec["speculative_seconds"] > 0 and spec["batch_size"] == 1
     rows = read_jsonl(tmp_path / "run" / spec["predictions"])
     assert all(r["teacher"] == r["speculative"] for r in rows)
-    short = read_jsonl(tmp_path / "run" / metrics["short_form"]["sets"]["espeak"]["predictions"])
+    # ... and equal to the teacher's batched short-form transcripts of the same clips
+    short = read_jsonl(tmp_path / "run" / metrics["short_form"]["sets"][eval_set]["predictions"])
     assert [r["teacher"].strip() for r in rows] == [r["prediction"] for r in short]
 
 
