@@ -20,8 +20,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import distil.student  # noqa: F401  (resolver)
-from distil.paths import CONF_DIR
+import distil.whisper.student  # noqa: F401  (resolver)
+from distil.utils.paths import CONF_DIR
 
 
 def _compose(name: str, overrides=()):

@@ -35,10 +35,10 @@ import pyarrow.parquet as pq
 import torch
 from omegaconf import OmegaConf
 
-from distil.audio import decode_audio, encode_flac
-from distil.data import DatasetEntry, load_split
-from distil.paths import CONF_DIR, distil_home
-from distil.text import corpus_wer, english_normalizer
+from distil.data.audio import decode_audio, encode_flac
+from distil.data.entries import DatasetEntry, load_split
+from distil.utils.paths import CONF_DIR, distil_home
+from distil.data.text import corpus_wer, english_normalizer
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
@@ -75,7 +75,7 @@ def corpus_rows(n: int) -> list[dict] | None:
 
 
 def tts_rows(n: int) -> list[dict]:
-    from distil.tts import synthesize
+    from distil.data.tts import synthesize
 
     rows = []
     for i in range(n):
@@ -213,7 +213,7 @@ def main() -> None:
 
     from transformers import pipeline
 
-    from distil.models import resolve_model
+    from distil.whisper.models import resolve_model
 
     teacher_cfg = OmegaConf.load(CONF_DIR / "teacher" / f"{args.teacher}.yaml")
     model_dir = resolve_model(teacher_cfg, models_root=distil_home() / "models")

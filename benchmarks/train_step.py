@@ -59,8 +59,8 @@ SENTENCES = [
 
 def rows(tokenizer, n: int) -> list[dict]:
     """Synthetic speech (espeak-ng) with its text as the pseudo-label: realistic audio and label lengths."""
-    from distil.audio import encode_flac
-    from distil.tts import synthesize
+    from distil.data.audio import encode_flac
+    from distil.data.tts import synthesize
 
     out = []
     for i in range(n):
@@ -118,7 +118,7 @@ def run_one(args) -> dict:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
     from distil.datamodules.speech import SpeechCollator
-    from distil.encoder_cache import EncoderCache
+    from distil.data.encoder_cache import EncoderCache
     from distil.modules.distiller import WhisperDistiller
 
     torch.manual_seed(0)
@@ -261,9 +261,9 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args)))
         return
     if not args.teacher or not args.student:
-        from distil.models import resolve_model
-        from distil.paths import distil_home
-        from distil.student import init_student
+        from distil.whisper.models import resolve_model
+        from distil.utils.paths import distil_home
+        from distil.whisper.student import init_student
 
         args.teacher = args.teacher or resolve_model(
             {"name": "whisper-tiny.en", "source": "ct2", "checkpoint": "tiny.en"}

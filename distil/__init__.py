@@ -3,4 +3,4 @@
 __version__ = "0.1.0"
 
 # Registers the `${student_name:...}` config resolver for every entry point, launcher worker and test.
-from distil import student as _student  # noqa: E402,F401
+from distil.whisper import student as _student  # noqa: E402,F401

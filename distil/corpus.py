@@ -15,7 +15,7 @@ Load a corpus the standard way; the split names come from the directory names::
     datasets.load_dataset("parquet", data_dir=f"{corpora}/espeak", split="test", streaming=False)
 
 Columns: `audio` (`Audio(sampling_rate=16000, decode=False)`: {bytes: 16-bit FLAC, path: "<id>.flac"};
-decode with `distil.audio.decode_audio`), `text` (the reference, cased and punctuated, exactly the
+decode with `distil.data.audio.decode_audio`), `text` (the reference, cased and punctuated, exactly the
 sentence that was spoken), `id` (stable and unique, "<corpus>-<split>-<index>"), `speaker`
 ("<engine>:<voice>") and `duration` (seconds).
 
@@ -59,10 +59,10 @@ import pyarrow.parquet as pq
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from distil.audio import add_noise, encode_flac
-from distil.paths import CONF_DIR
-from distil.runinfo import write_run_info
-from distil.tts import ENGINES, require_engine, synthesize
+from distil.data.audio import add_noise, encode_flac
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import write_run_info
+from distil.data.tts import ENGINES, require_engine, synthesize
 
 log = logging.getLogger(__name__)
 

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distil.audio import AudioDecodeError, add_noise, decode_audio
-from distil.paths import CONF_DIR
-from distil.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
+from distil.data.audio import AudioDecodeError, add_noise, decode_audio
+from distil.utils.paths import CONF_DIR
+from distil.data.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_processor(path: str):
 
 def _hf_path(model_cfg: DictConfig | dict, models_root: str | None = None) -> str:
     """Local directory or Hub id of an HF model config (imports/builds bundled teachers on first use)."""
-    from distil.models import ModelConfigError, resolve_model
+    from distil.whisper.models import ModelConfigError, resolve_model
 
     try:
         return str(resolve_model(model_cfg, models_root))
@@ -245,8 +245,8 @@ def set_entry(name: str, entry: DictConfig | dict, section: str = "sets") -> dic
 
 
 def _dataset_entry(entry: dict):
-    """The `distil.data` view of an eval set, so loading and column checks are the shared ones."""
-    from distil.data import DatasetEntry
+    """The `distil.data.entries` view of an eval set, so loading and column checks are the shared ones."""
+    from distil.data.entries import DatasetEntry
 
     class EvalSetEntry(DatasetEntry):
         @property
@@ -271,7 +271,7 @@ def load_samples(
     entry: dict, max_samples: int | None = None, skip_bad_audio: bool = False
 ) -> tuple[list[Sample], list[dict]]:
     """Decode one eval set. Returns (samples, problems); bad audio raises unless `skip_bad_audio`."""
-    from distil.data import load_split, stable_id, validate_columns
+    from distil.data.entries import load_split, stable_id, validate_columns
 
     data_entry = _dataset_entry(entry)
     try:
@@ -491,7 +491,7 @@ def evaluate_short_set(lm: LoadedModel, entry: dict, ecfg, out_dir: Path) -> dic
 
 
 def evaluate_long_set(lm: LoadedModel, entry: dict, lcfg, ecfg, out_dir: Path) -> dict:
-    from distil.longform import (
+    from distil.evaluation.longform import (
         SequentialOptions,
         default_stride,
         longform_metrics,
@@ -539,7 +539,7 @@ def evaluate_long_set(lm: LoadedModel, entry: dict, lcfg, ecfg, out_dir: Path) -
         if has_references(samples):
             entry_out.update(longform_metrics([s.reference or "" for s in samples], predictions, normalizer))
         else:
-            from distil.longform import repeated_ngrams
+            from distil.evaluation.longform import repeated_ngrams
 
             entry_out["repeated_5grams"] = sum(repeated_ngrams(p, 5, normalizer) for p in predictions)
         result[algorithm] = entry_out
@@ -579,7 +579,7 @@ def evaluate_noise(lm: LoadedModel, entry: dict, ncfg, ecfg, out_dir: Path) -> d
 
 
 def evaluate_latency(lm: LoadedModel, entry: dict, lat, ecfg) -> dict:
-    from distil.latency import measure_latency
+    from distil.evaluation.latency import measure_latency
 
     samples, _ = load_samples(entry, lat.get("samples"), ecfg.get("skip_bad_audio", False))
     gen = generation_kwargs(lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, 1)
@@ -598,7 +598,7 @@ def evaluate_latency(lm: LoadedModel, entry: dict, lat, ecfg) -> dict:
 def evaluate_speculative(
     lm: LoadedModel, entry: dict, spec, ecfg, device, dtype, out_dir: Path, models_root=None
 ) -> dict:
-    from distil.speculative import make_assistant, speculative_benchmark
+    from distil.evaluation.speculative import make_assistant, speculative_benchmark
 
     if not spec.get("assistant"):
         return {
@@ -639,8 +639,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     "long_form": {"sets": {name: {"chunked": {...}, "sequential": {...}}}}, "speculative": {...},
     "latency": {...}, "noise": {...}}. Each set entry has "status": "ok" | "no references" | "error".
     """
-    from distil.latency import device_info
-    from distil.runinfo import hydra_output_dir
+    from distil.evaluation.latency import device_info
+    from distil.utils.runinfo import hydra_output_dir
 
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
@@ -732,7 +732,7 @@ def primary_metric(metrics: dict) -> float | None:
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 def main(cfg: DictConfig) -> float | None:
-    from distil.runinfo import write_run_info
+    from distil.utils.runinfo import write_run_info
 
     out = write_run_info(cfg)
     metrics = evaluate(cfg, out)

@@ -12,10 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distil import ct2_import
-from distil.models import resolve_model
-from distil.paths import CONF_DIR
-from distil.runinfo import write_run_info
+from distil.whisper import ct2_import
+from distil.whisper.models import resolve_model
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import write_run_info
 
 
 def import_model(
@@ -33,7 +33,7 @@ def import_model(
         source = ct2_import.CT2Source.from_dir(ct2_dir)
         if out is None:
             if models_root is None:
-                from distil.paths import models_dir
+                from distil.utils.paths import models_dir
 
                 models_root = models_dir()
             out = Path(models_root).expanduser() / Path(ct2_dir).expanduser().resolve().name

@@ -12,14 +12,14 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distil.paths import CONF_DIR
-from distil.runinfo import write_run_info
-from distil.student import init_student
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import write_run_info
+from distil.whisper.student import init_student
 
 
 def init_student_from_config(cfg: DictConfig) -> Path:
     """Resolve the teacher, then build (or reuse) the student described by `cfg.student`."""
-    from distil.models import resolve_model
+    from distil.whisper.models import resolve_model
 
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     return init_student(

@@ -17,8 +17,8 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distil.paths import CONF_DIR
-from distil.runinfo import hydra_output_dir, write_run_info
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import hydra_output_dir, write_run_info
 
 log = logging.getLogger(__name__)
 STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")
@@ -63,7 +63,7 @@ def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictCo
 
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes) the teacher/student comparison."""
-    from distil.models import resolve_model
+    from distil.whisper.models import resolve_model
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:

@@ -52,7 +52,7 @@ from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProg
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-from distil.data import (
+from distil.data.entries import (
     DataConfigError,
     DatasetEntry,
     column_names,
@@ -62,9 +62,9 @@ from distil.data import (
 )
 from distil.datamodules.labelling import LabellingDataModule, LabellingSource, LabellingSpec, Skip
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
-from distil.paths import CONF_DIR
-from distil.runinfo import hydra_output_dir, write_run_info
-from distil.text import corpus_wer, get_normalizer, identity, sample_wer
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import hydra_output_dir, write_run_info
+from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 
 log = logging.getLogger(__name__)
 
@@ -424,7 +424,7 @@ def try_finalise(out_dir: Path, entry, language, packing, labels_meta) -> dict |
 # The stage
 # ------------------------------------------------------------------------------------------------------
 def _teacher_record(cfg: DictConfig) -> tuple[str, dict]:
-    from distil.models import model_fingerprint, resolve_model
+    from distil.whisper.models import model_fingerprint, resolve_model
 
     model_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     return model_dir, {

@@ -29,12 +29,12 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
-import distil.student  # noqa: F401  (registers the ${student_name:...} resolver used by conf/student)
+import distil.whisper.student  # noqa: F401  (registers the ${student_name:...} resolver used by conf/student)
 from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
-from distil.encoder_cache import EncoderCache, cache_fingerprint
+from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller
-from distil.paths import CONF_DIR, atomic_directory
-from distil.runinfo import write_run_info
+from distil.utils.paths import CONF_DIR, atomic_directory
+from distil.utils.runinfo import write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ def resolve_student(cfg: DictConfig, teacher_dir: str) -> str:
     """`student_dir` if given (a ready HF directory), else the initialised student (built on first use)."""
     if cfg.get("student_dir"):
         return str(cfg.student_dir)
-    from distil.student import init_student
+    from distil.whisper.student import init_student
 
     return str(
         init_student(
@@ -125,7 +125,7 @@ def resolve_student(cfg: DictConfig, teacher_dir: str) -> str:
 
 def check_labeller(pseudo_labels_dir: str, datasets_cfg, teacher_dir: str, teacher_name: str) -> list[str]:
     """Warn when the pseudo-labels' teacher (distil_labels.json) is not the KD teacher; returns the messages."""
-    from distil.models import model_fingerprint
+    from distil.whisper.models import model_fingerprint
 
     fingerprint = model_fingerprint(teacher_dir)
     messages = []
@@ -293,7 +293,7 @@ class FinalCheckpoint(L.Callback):
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) one distillation run; returns a summary with the best validation WER."""
-    from distil.models import resolve_model
+    from distil.whisper.models import resolve_model
 
     started = time.time()
     if cfg.get("out_dir") in (None, "", "???"):

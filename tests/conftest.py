@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from distil.paths import CONF_DIR
+from distil.utils.paths import CONF_DIR
 
 # Sentences written for these tests (not from any corpus): names, numbers, punctuation, a question.
 TTS_SENTENCES = [
@@ -82,7 +82,7 @@ def model_cache(distil_home) -> Path:
 
 
 def _resolve(name: str, root: Path) -> Path:
-    from distil.models import resolve_model
+    from distil.whisper.models import resolve_model
 
     return Path(resolve_model(teacher_cfg(name), root))
 
@@ -122,7 +122,7 @@ def tokenizer(tiny_dir):
 @pytest.fixture(scope="session")
 def tts_clips() -> list[dict]:
     """12 synthetic English clips: {audio: float32 16 kHz mono, text, voice, engine}."""
-    from distil.tts import synthesize
+    from distil.data.tts import synthesize
 
     clips = []
     for i, text in enumerate(TTS_SENTENCES):

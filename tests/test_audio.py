@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from distil.audio import AudioDecodeError, add_noise, decode_audio, encode_flac
+from distil.data.audio import AudioDecodeError, add_noise, decode_audio, encode_flac
 
 
 def _tone(sr, seconds=0.5, freq=440.0):

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from distil.student import init_student
+from distil.whisper.student import init_student
 
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 

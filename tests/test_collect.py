@@ -73,7 +73,7 @@ def test_real_multirun_of_the_evaluate_stage(tiny_random_dir, tts_clips, tmp_pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from distil.audio import encode_flac
+    from distil.data.audio import encode_flac
 
     home = tmp_path / "home"
     for corpus in ("espeak", "flite"):

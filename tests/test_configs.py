@@ -4,7 +4,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from distil.paths import CONF_DIR
+from distil.utils.paths import CONF_DIR
 
 MAIN_CONFIGS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
 # Groups whose options are whole-run presets rather than swappable parts of every stage.

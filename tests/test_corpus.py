@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import distil.corpus as corpus
-from distil.audio import decode_audio
-from distil.paths import CONF_DIR
-from distil.tts import TTSUnavailable
+from distil.data.audio import decode_audio
+from distil.utils.paths import CONF_DIR
+from distil.data.tts import TTSUnavailable
 
 TINY = [
     "corpora.espeak.sizes={train: 6, validation: 3, test: 4}",
@@ -274,7 +274,7 @@ def test_bad_config_is_rejected_before_synthesis(tmp_path, no_synthesis, overrid
 
 
 def test_missing_engine_says_make_setup(tmp_path, monkeypatch, no_synthesis):
-    monkeypatch.setattr("distil.tts.shutil.which", lambda exe: None)
+    monkeypatch.setattr("distil.data.tts.shutil.which", lambda exe: None)
     with pytest.raises(TTSUnavailable, match="make setup"):
         corpus.build_all(tiny_cfg(tmp_path))
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from distil import ct2_import
-from distil.ct2_import import CT2FormatError, CT2Source, packaged_source, read_ct2_model
+from distil.whisper import ct2_import
+from distil.whisper.ct2_import import CT2FormatError, CT2Source, packaged_source, read_ct2_model
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
@@ -95,7 +95,7 @@ def compare_with_ctranslate2(hf_dir, source, clips, tmp_path, prompt_tokens, gen
     assert hf_ids == ct2_ids
     assert hf_texts == ct2_texts
     # The transcripts are real speech recognition, not a degenerate agreement on empty output.
-    from distil.text import corpus_wer, english_normalizer
+    from distil.data.text import corpus_wer, english_normalizer
 
     wer = corpus_wer([c["text"] for c in clips], hf_texts, english_normalizer()).wer
     assert wer is not None and wer < 40, (wer, hf_texts)

@@ -1,11 +1,11 @@
-"""distil.data: dataset entries, loading local layouts (parquet dirs, saved datasets), column checks."""
+"""distil.data.entries: dataset entries, loading local layouts (parquet dirs, saved datasets), column checks."""
 
 import datasets
 import numpy as np
 import pytest
 
-from distil.audio import decode_audio, encode_flac
-from distil.data import (
+from distil.data.audio import decode_audio, encode_flac
+from distil.data.entries import (
     DataConfigError,
     DatasetEntry,
     column_names,

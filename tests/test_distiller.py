@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_speech_datamodule import _wave
 
-from distil.audio import encode_flac
+from distil.data.audio import encode_flac
 from distil.datamodules.speech import SpeechCollator
-from distil.encoder_cache import EncoderCache
+from distil.data.encoder_cache import EncoderCache
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller, weights_fingerprint
-from distil.student import init_student
+from distil.whisper.student import init_student
 
 SR = 16_000
 
@@ -164,7 +164,7 @@ def test_incompatible_student_is_rejected(tiny_dir, tmp_path):
 
 
 def test_optimizer_groups_exclude_bias_and_layernorm(student_dir, tiny_dir):
-    from distil.optim import lr_lambda, param_groups
+    from distil.training.optim import lr_lambda, param_groups
 
     module = make(student_dir, tiny_dir)
     decay, no_decay = param_groups(module.student, 0.01)

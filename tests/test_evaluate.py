@@ -12,9 +12,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distil.audio import encode_flac
+from distil.data.audio import encode_flac
 from distil.evaluate import EvalInputError, averages, evaluate, load_model, primary_metric
-from distil.latency import count_real_tokens
+from distil.evaluation.latency import count_real_tokens
 
 SR = 16_000
 
@@ -228,7 +228,7 @@ def test_speculative_decoding_reproduces_the_teacher(
     request, teacher_fixture, decoder_layers, eval_set, corpora, tmp_path
 ):
     """The student as a decoder-only assistant on the teacher's encoder output: outputs identical to greedy."""
-    from distil.student import init_student
+    from distil.whisper.student import init_student
 
     teacher_dir = request.getfixturevalue(teacher_fixture)
     student = init_student(teacher_dir, tmp_path / "student", decoder_layers=decoder_layers)

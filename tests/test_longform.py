@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from distil.longform import (
+from distil.evaluation.longform import (
     SequentialOptions,
     chunk_bounds,
     default_stride,
@@ -16,7 +16,7 @@ from distil.longform import (
     transcribe_chunked,
     transcribe_sequential,
 )
-from distil.text import english_normalizer
+from distil.data.text import english_normalizer
 
 
 def chunks_of(seq, size, overlap):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from distil.losses import (
+from distil.training.losses import (
     IGNORE_INDEX,
     cross_entropy,
     distillation_loss,

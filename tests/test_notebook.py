@@ -2,7 +2,7 @@
 
 import json
 
-from distil.paths import REPO_ROOT
+from distil.utils.paths import REPO_ROOT
 
 
 def test_walkthrough_notebook_runs():

@@ -4,7 +4,7 @@ import json
 
 from hydra import compose, initialize_config_dir
 
-from distil.paths import CONF_DIR
+from distil.utils.paths import CONF_DIR
 from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
 
 TINY_CORPUS = [

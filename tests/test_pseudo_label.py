@@ -18,13 +18,13 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
-from distil.audio import encode_flac
-from distil.data import DataConfigError, DatasetEntry, load_split
+from distil.data.audio import encode_flac
+from distil.data.entries import DataConfigError, DatasetEntry, load_split
 from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
 from distil.modules.transcriber import GenerationConfigError
-from distil.paths import CONF_DIR
+from distil.utils.paths import CONF_DIR
 from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label, resolve_parallelism
-from distil.text import corpus_wer, english_normalizer, sample_wer
+from distil.data.text import corpus_wer, english_normalizer, sample_wer
 
 # Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).
 SPEAKERS = ["A"] * 5 + ["B"] * 3 + ["A"] * 4
@@ -392,7 +392,7 @@ def test_missing_column_is_reported_before_the_teacher_loads(tmp_path, corpus, m
     def no_teacher(*a, **k):
         raise AssertionError("teacher resolved before the data was checked")
 
-    monkeypatch.setattr("distil.models.resolve_model", no_teacher)
+    monkeypatch.setattr("distil.whisper.models.resolve_model", no_teacher)
     cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, "data.datasets.0.text_column=sentence")
     with pytest.raises(DataConfigError) as err:
         pseudo_label(cfg, run_dir=tmp_path / "run")

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from distil.audio import encode_flac
+from distil.data.audio import encode_flac
 from distil.datamodules.speech import (
     DataError,
     SpeechCollator,
@@ -20,7 +20,7 @@ from distil.datamodules.speech import (
     drop_reason,
     sampling_probabilities,
 )
-from distil.targets import IGNORE_INDEX
+from distil.data.targets import IGNORE_INDEX
 
 SR = 16_000
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()
@@ -320,7 +320,7 @@ def test_streaming_matches_filters_and_mixes(tmp_path, tiny_dir, tokenizer, monk
 def test_collator_uses_encoder_cache(tmp_path, tiny_dir, tokenizer):
     from transformers import WhisperFeatureExtractor
 
-    from distil.encoder_cache import EncoderCache
+    from distil.data.encoder_cache import EncoderCache
 
     cache = EncoderCache(tmp_path / "cache", "fp")
     collator = SpeechCollator(

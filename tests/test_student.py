@@ -12,8 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
 
-from distil.models import model_fingerprint
-from distil.student import (
+from distil.whisper.models import model_fingerprint
+from distil.whisper.student import (
     STUDENT_INFO_FILE,
     init_student,
     is_complete_student,
@@ -323,11 +323,11 @@ def test_hydra_config_builds_the_student_at_a_derived_path(teacher_dir, tmp_path
     from hydra import compose, initialize_config_dir
 
     from distil.init_student import init_student_from_config
-    from distil.paths import CONF_DIR
+    from distil.utils.paths import CONF_DIR
 
     if not (CONF_DIR / "teacher" / "tiny_random.yaml").is_file():
         pytest.skip("conf/teacher/tiny_random.yaml not present")
-    models = pytest.importorskip("distil.models")
+    models = pytest.importorskip("distil.whisper.models")
     monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
     monkeypatch.setattr(models, "resolve_model", lambda cfg, **kw: str(teacher_dir))
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from distil.targets import (
+from distil.data.targets import (
     IGNORE_INDEX,
     SpecialTokens,
     Targets,

@@ -2,7 +2,7 @@
 
 import pytest
 
-from distil.text import (
+from distil.data.text import (
     basic_normalizer,
     corpus_cer,
     corpus_wer,

@@ -13,8 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from test_speech_datamodule import entry, write_split
 
-import distil.student  # noqa: F401  (resolver)
-from distil.paths import CONF_DIR
+import distil.whisper.student  # noqa: F401  (resolver)
+from distil.utils.paths import CONF_DIR
 from distil.train import resolve_ckpt_path, run_dir_from_overrides, train
 
 TEACHER = "whisper-tiny-random"

@@ -51,8 +51,8 @@ import soundfile as sf
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distil.audio import AudioDecodeError, decode_audio, encode_flac
-from distil.data import DatasetEntry, duration_column, stable_id
+from distil.data.audio import AudioDecodeError, decode_audio, encode_flac
+from distil.data.entries import DatasetEntry, duration_column, stable_id
 
 SAMPLING_RATE = 16_000
 MAX_WHISPER_SECONDS = 30.0

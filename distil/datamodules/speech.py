@@ -15,8 +15,8 @@ Shape of the training data path (top to bottom):
    seeded shuffle buffer for streams) and hands batch `j` to one rank/worker. The global batch order is
    independent of `num_workers`, and a resumed run skips exactly the batches already trained on
    (`start_batch`), without decoding their audio.
-5. `SpeechCollator` (in the DataLoader workers): audio decoded with `distil.audio.decode_audio`, log-mel
-   features, per-sample/per-epoch targets (`distil.targets.build_targets`), labels padded to the longest
+5. `SpeechCollator` (in the DataLoader workers): audio decoded with `distil.data.audio.decode_audio`, log-mel
+   features, per-sample/per-epoch targets (`distil.data.targets.build_targets`), labels padded to the longest
    in the batch. With the encoder cache, cached batches skip decoding and features altogether.
 """
 
@@ -38,10 +38,10 @@ import torch
 from datasets import Audio, Features, List, Value
 from torch.utils.data import DataLoader
 
-from distil.audio import decode_audio
-from distil.data import DataConfigError, DatasetEntry, column_names, dataset_entries, load_split, stable_id
-from distil.encoder_cache import EncoderCache
-from distil.targets import WHISPER_MAX_LABEL_LENGTH, SpecialTokens, build_targets, collate_labels, sample_rng
+from distil.data.audio import decode_audio
+from distil.data.entries import DataConfigError, DatasetEntry, column_names, dataset_entries, load_split, stable_id
+from distil.data.encoder_cache import EncoderCache
+from distil.data.targets import WHISPER_MAX_LABEL_LENGTH, SpecialTokens, build_targets, collate_labels, sample_rng
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ class SpeechDataModule(L.LightningDataModule):
     """Weighted multi-dataset training stream + named validation sets for `WhisperDistiller`.
 
     Args (all plain values, so tests build it without Hydra):
-        datasets: `data.datasets` entries (see `distil.data`); their `splits` are trained on.
+        datasets: `data.datasets` entries (see `distil.data.entries`); their `splits` are trained on.
         processor_dir: directory with the tokenizer and feature extractor (the student's).
         label_source: "pseudo" (token_ids from pseudo-labelling) or "text" (reference, fine-tuning).
         pseudo_labels_dir: `${paths.pseudo_labels}/<labelling teacher>`; sources are read from

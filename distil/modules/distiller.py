@@ -1,6 +1,6 @@
 """`WhisperDistiller`: the Lightning module that trains a student Whisper against a frozen teacher.
 
-Loss (distil.losses): `ce_weight * CE(labels) + kl_weight * KL_T(teacher || student) + mse_weight * MSE(hidden)`
+Loss (distil.training.losses): `ce_weight * CE(labels) + kl_weight * KL_T(teacher || student) + mse_weight * MSE(hidden)`
 over label positions only. Methods are just weights: finetune / sft (kl_weight 0, no teacher loaded),
 kd (CE + KL), kd_mse (+ hidden-state MSE).
 
@@ -12,7 +12,7 @@ Speed-critical choices, all exact (same loss as the straightforward computation)
   at label positions (the [B, T, 51k] logits of padding and prompt positions are never built).
 - The frozen teacher runs in eval mode under `torch.no_grad`; it is not a registered sub-module, so it is
   not in `state_dict`, checkpoints, the optimiser or DDP.
-- Optional on-disk encoder-output cache (distil.encoder_cache) for later epochs.
+- Optional on-disk encoder-output cache (distil.data.encoder_cache) for later epochs.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ import lightning as L
 import torch
 from torch import nn
 
-from distil.encoder_cache import EncoderCache
-from distil.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
-from distil.optim import build_optimizer, build_scheduler, param_groups
+from distil.data.encoder_cache import EncoderCache
+from distil.training.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
+from distil.training.optim import build_optimizer, build_scheduler, param_groups
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from distil import ct2_import
-from distil.paths import models_dir
+from distil.whisper import ct2_import
+from distil.utils.paths import models_dir
 
 SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
 FINGERPRINT_CACHE = ".distil_fingerprint.json"
@@ -66,7 +66,7 @@ def _get(cfg: Mapping, key: str, default=None):
 def resolve_model(model_cfg: Mapping, models_root: str | Path | None = None, force: bool = False) -> str:
     """Return a local Hugging Face directory or Hub id for `model_cfg`, importing/building it on first use.
 
-    `models_root` defaults to `distil.paths.models_dir()` (`$DISTIL_HOME/models`); stages may pass
+    `models_root` defaults to `distil.utils.paths.models_dir()` (`$DISTIL_HOME/models`); stages may pass
     `cfg.paths.models`. `force` rebuilds an imported/random model even when its cache is complete.
     """
     path = _get(model_cfg, "path")
@@ -153,7 +153,7 @@ def build_tiny_random(
     root = Path(models_root).expanduser() if models_root is not None else models_dir()
     spec = tiny_random_spec(overrides)
     base_dir = Path(resolve_model(_base_model_cfg(spec["base"]), root))
-    marker_spec = {"builder": "distil.models.build_tiny_random", "version": TINY_RANDOM_VERSION, **spec}
+    marker_spec = {"builder": "distil.whisper.models.build_tiny_random", "version": TINY_RANDOM_VERSION, **spec}
     out = root / name
     if not force and ct2_import.is_complete(out, marker_spec):
         return out
@@ -165,7 +165,7 @@ def build_tiny_random(
 def _base_model_cfg(base: str) -> dict:
     from omegaconf import OmegaConf
 
-    from distil.paths import CONF_DIR
+    from distil.utils.paths import CONF_DIR
 
     path = CONF_DIR / "teacher" / f"{base}.yaml"
     if not path.is_file():

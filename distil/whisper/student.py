@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import ListConfig, OmegaConf
 
-from distil.paths import atomic_directory
+from distil.utils.paths import atomic_directory
 
 STUDENT_INFO_FILE = "distil_student.json"
 # Bump when the saved layout or the copy rule changes, so stale students are not silently reused.
@@ -149,7 +149,7 @@ def _local_teacher(teacher: str | Path) -> Path:
 
 def _student_info(teacher_dir: Path, encoder_map: list[int], decoder_map: list[int], config) -> dict:
     # The same fingerprint the pseudo-labels record, so training can tell which teacher a student is from.
-    from distil.models import model_fingerprint
+    from distil.whisper.models import model_fingerprint
 
     return {
         "format_version": INIT_FORMAT_VERSION,
@@ -220,7 +220,7 @@ def init_student(
     if not (teacher_dir / "config.json").is_file():
         raise FileNotFoundError(
             f"teacher directory {teacher_dir} has no config.json; pass a local Hugging Face Whisper "
-            "directory (e.g. from distil.models.resolve_model)"
+            "directory (e.g. from distil.whisper.models.resolve_model)"
         )
     config = WhisperConfig.from_pretrained(teacher_dir)
     if config.model_type != "whisper":

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from distil.latency import synchronize, timed_generate
+from distil.evaluation.latency import synchronize, timed_generate
 
 log = logging.getLogger(__name__)
 

@@ -736,7 +736,7 @@ def import_ct2(source: CT2Source, out_dir: str | Path, name: str | None = None, 
     """Import once: reuse `out_dir` when complete for the same source, else convert into a temp dir and rename."""
     out_dir = Path(out_dir).expanduser()
     spec = {
-        "importer": "distil.ct2_import",
+        "importer": "distil.whisper.ct2_import",
         "version": IMPORT_VERSION,
         "name": name or out_dir.name,
         "source": [str(p) for p in source.model_files],

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from distil.paths import REPO_ROOT
+from distil.utils.paths import REPO_ROOT
 
 
 def git_revision() -> str:

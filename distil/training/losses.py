@@ -4,7 +4,7 @@
 ce_weight 0.8, or 1.0 when kl_weight = 0, kl_weight 1.0, temperature 2.0).
 
 Logits are `[batch, time, vocab]` aligned with `labels` `[batch, time]` (logit `t` predicts label `t`;
-see distil.targets), and positions whose label is -100 (padding, prompt) are excluded everywhere.
+see distil.data.targets), and positions whose label is -100 (padding, prompt) are excluded everywhere.
 The vocabulary is large (51k), so the masked positions are selected first and only those rows are
 upcast to float32: no extra full `[B, T, V]` copy is made, and bf16 logits are reduced in fp32.
 """

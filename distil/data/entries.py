@@ -19,7 +19,7 @@ Local directories are read in this order: a `save_to_disk` dataset (or DatasetDi
 (`<path>/<split>/*.parquet` - the corpus layout and the pseudo-label layout), then `data_dir=<path>` with the
 builder's own split inference. Anything else is a Hub id, loaded with `load_dataset(path, config, split=...)`.
 Audio is always cast to `Audio(decode=False)`: datasets' decoder needs torchcodec, so stages decode with
-`distil.audio.decode_audio`.
+`distil.data.audio.decode_audio`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from distil.audio import resample
+from distil.data.audio import resample
 
 ENGINES = ("espeak-ng", "flite")
 
