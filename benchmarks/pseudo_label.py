@@ -37,8 +37,8 @@ from omegaconf import OmegaConf
 
 from distil.data.audio import decode_audio, encode_flac
 from distil.data.entries import DatasetEntry, load_split
-from distil.utils.paths import CONF_DIR, distil_home
 from distil.data.text import corpus_wer, english_normalizer
+from distil.utils.paths import CONF_DIR, distil_home
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -117,8 +117,8 @@ def run_one(args) -> dict:
     import torch
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
-    from distil.datamodules.speech import SpeechCollator
     from distil.data.encoder_cache import EncoderCache
+    from distil.datamodules.speech import SpeechCollator
     from distil.modules.distiller import WhisperDistiller
 
     torch.manual_seed(0)
@@ -261,8 +261,8 @@ def main() -> None:
         print("RESULT " + json.dumps(run_one(args)))
         return
     if not args.teacher or not args.student:
-        from distil.whisper.models import resolve_model
         from distil.utils.paths import distil_home
+        from distil.whisper.models import resolve_model
         from distil.whisper.student import init_student
 
         args.teacher = args.teacher or resolve_model(

@@ -60,9 +60,9 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from distil.data.audio import add_noise, encode_flac
+from distil.data.tts import ENGINES, require_engine, synthesize
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
-from distil.data.tts import ENGINES, require_engine, synthesize
 
 log = logging.getLogger(__name__)
 

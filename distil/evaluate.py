@@ -27,8 +27,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.data.audio import AudioDecodeError, add_noise, decode_audio
-from distil.utils.paths import CONF_DIR
 from distil.data.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
+from distil.utils.paths import CONF_DIR
 
 log = logging.getLogger(__name__)
 

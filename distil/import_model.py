@@ -12,10 +12,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distil.whisper import ct2_import
-from distil.whisper.models import resolve_model
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
+from distil.whisper import ct2_import
+from distil.whisper.models import resolve_model
 
 
 def import_model(

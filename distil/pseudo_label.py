@@ -60,11 +60,11 @@ from distil.data.entries import (
     load_split,
     validate_columns,
 )
+from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 from distil.datamodules.labelling import LabellingDataModule, LabellingSource, LabellingSpec, Skip
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
-from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 
 log = logging.getLogger(__name__)
 

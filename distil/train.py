@@ -30,8 +30,8 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
 import distil.whisper.student  # noqa: F401  (registers the ${student_name:...} resolver used by conf/student)
-from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
+from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller
 from distil.utils.paths import CONF_DIR, atomic_directory
 from distil.utils.runinfo import write_run_info

@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 
 import distil.corpus as corpus
 from distil.data.audio import decode_audio
-from distil.utils.paths import CONF_DIR
 from distil.data.tts import TTSUnavailable
+from distil.utils.paths import CONF_DIR
 
 TINY = [
     "corpora.espeak.sizes={train: 6, validation: 3, test: 4}",

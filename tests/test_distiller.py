@@ -10,8 +10,8 @@ import torch
 from test_speech_datamodule import _wave
 
 from distil.data.audio import encode_flac
-from distil.datamodules.speech import SpeechCollator
 from distil.data.encoder_cache import EncoderCache
+from distil.datamodules.speech import SpeechCollator
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller, weights_fingerprint
 from distil.whisper.student import init_student
 

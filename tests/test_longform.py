@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distil.data.text import english_normalizer
 from distil.evaluation.longform import (
     SequentialOptions,
     chunk_bounds,
@@ -16,7 +17,6 @@ from distil.evaluation.longform import (
     transcribe_chunked,
     transcribe_sequential,
 )
-from distil.data.text import english_normalizer
 
 
 def chunks_of(seq, size, overlap):

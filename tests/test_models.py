@@ -11,10 +11,10 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from distil.whisper import ct2_import
 from distil.import_model import import_model
-from distil.whisper.models import ModelConfigError, build_tiny_random, model_fingerprint, resolve_model
 from distil.utils.paths import CONF_DIR, REPO_ROOT
+from distil.whisper import ct2_import
+from distil.whisper.models import ModelConfigError, build_tiny_random, model_fingerprint, resolve_model
 
 
 def teacher_cfg(name: str):

@@ -4,8 +4,8 @@ import json
 
 from hydra import compose, initialize_config_dir
 
-from distil.utils.paths import CONF_DIR
 from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
+from distil.utils.paths import CONF_DIR
 
 TINY_CORPUS = [
     "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",

@@ -20,11 +20,11 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
+from distil.data.text import corpus_wer, english_normalizer, sample_wer
 from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
 from distil.modules.transcriber import GenerationConfigError
-from distil.utils.paths import CONF_DIR
 from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label, resolve_parallelism
-from distil.data.text import corpus_wer, english_normalizer, sample_wer
+from distil.utils.paths import CONF_DIR
 
 # Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).
 SPEAKERS = ["A"] * 5 + ["B"] * 3 + ["A"] * 4

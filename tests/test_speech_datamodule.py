@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from distil.data.audio import encode_flac
+from distil.data.targets import IGNORE_INDEX
 from distil.datamodules.speech import (
     DataError,
     SpeechCollator,
@@ -20,7 +21,6 @@ from distil.datamodules.speech import (
     drop_reason,
     sampling_probabilities,
 )
-from distil.data.targets import IGNORE_INDEX
 
 SR = 16_000
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()

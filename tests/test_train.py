@@ -14,8 +14,8 @@ from omegaconf import OmegaConf
 from test_speech_datamodule import entry, write_split
 
 import distil.whisper.student  # noqa: F401  (resolver)
-from distil.utils.paths import CONF_DIR
 from distil.train import resolve_ckpt_path, run_dir_from_overrides, train
+from distil.utils.paths import CONF_DIR
 
 TEACHER = "whisper-tiny-random"
 

@@ -39,9 +39,22 @@ from datasets import Audio, Features, List, Value
 from torch.utils.data import DataLoader
 
 from distil.data.audio import decode_audio
-from distil.data.entries import DataConfigError, DatasetEntry, column_names, dataset_entries, load_split, stable_id
 from distil.data.encoder_cache import EncoderCache
-from distil.data.targets import WHISPER_MAX_LABEL_LENGTH, SpecialTokens, build_targets, collate_labels, sample_rng
+from distil.data.entries import (
+    DataConfigError,
+    DatasetEntry,
+    column_names,
+    dataset_entries,
+    load_split,
+    stable_id,
+)
+from distil.data.targets import (
+    WHISPER_MAX_LABEL_LENGTH,
+    SpecialTokens,
+    build_targets,
+    collate_labels,
+    sample_rng,
+)
 
 log = logging.getLogger(__name__)
 

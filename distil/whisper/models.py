@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from distil.whisper import ct2_import
 from distil.utils.paths import models_dir
+from distil.whisper import ct2_import
 
 SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
 FINGERPRINT_CACHE = ".distil_fingerprint.json"
@@ -153,7 +153,11 @@ def build_tiny_random(
     root = Path(models_root).expanduser() if models_root is not None else models_dir()
     spec = tiny_random_spec(overrides)
     base_dir = Path(resolve_model(_base_model_cfg(spec["base"]), root))
-    marker_spec = {"builder": "distil.whisper.models.build_tiny_random", "version": TINY_RANDOM_VERSION, **spec}
+    marker_spec = {
+        "builder": "distil.whisper.models.build_tiny_random",
+        "version": TINY_RANDOM_VERSION,
+        **spec,
+    }
     out = root / name
     if not force and ct2_import.is_complete(out, marker_spec):
         return out
