@@ -30,7 +30,10 @@ def _compose(name: str, overrides=()):
 
 
 def test_wer(model_dir: str, corpora: str, names=("espeak", "flite"), batch_size: int = 16) -> dict:
-    from distil.evaluate import generation_kwargs, load_model, load_samples, score, set_entry, transcribe
+    from distil.evaluation.data import load_samples, set_entry
+    from distil.evaluation.scoring import score
+    from distil.whisper.generation import generation_kwargs, transcribe
+    from distil.whisper.loading import load_model
 
     lm = load_model({"path": model_dir}, device="cpu", dtype="float32")
     out, refs_all, hyps_all = {}, [], []
@@ -53,7 +56,7 @@ def test_wer(model_dir: str, corpora: str, names=("espeak", "flite"), batch_size
 
 
 def run(train_overrides=()) -> dict:
-    from distil.corpus import build_all
+    from distil.data.synthetic import build_all
     from distil.pseudo_label import pseudo_label
     from distil.train import run_dir_from_overrides, train
 

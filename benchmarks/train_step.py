@@ -118,7 +118,7 @@ def run_one(args) -> dict:
     from transformers import WhisperFeatureExtractor, WhisperTokenizerFast
 
     from distil.data.encoder_cache import EncoderCache
-    from distil.datamodules.speech import SpeechCollator
+    from distil.datamodules.collator import SpeechCollator
     from distil.modules.distiller import WhisperDistiller
 
     torch.manual_seed(0)

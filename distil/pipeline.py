@@ -80,7 +80,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         return stage_cfg, stage_dir, overrides
 
     if "corpus" in cfg.stages:
-        from distil.corpus import build_all
+        from distil.data.synthetic import build_all
 
         stage_cfg, _, _ = run("corpus")
         results["corpus"] = {name: str(path) for name, path in build_all(stage_cfg).items()}

@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 import warnings
 from pathlib import Path
@@ -31,15 +30,22 @@ from omegaconf import DictConfig, OmegaConf
 
 import distil.whisper.student  # noqa: F401  (registers the ${student_name:...} resolver used by conf/student)
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
-from distil.datamodules.speech import LABELS_METADATA, DataError, SpeechDataModule
+from distil.data.label_store import LABELS_METADATA
+from distil.datamodules.filters import DataError
+from distil.datamodules.speech import SpeechDataModule
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller
-from distil.utils.paths import CONF_DIR, atomic_directory
+from distil.training.checkpoints import (
+    CHECKPOINT_DIR,
+    FinalCheckpoint,
+    _student_state,
+    export_student,
+    resolve_ckpt_path,
+)
+from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_DIR = "checkpoints"
-EXPORTS = ("best", "last")
 # Overrides that do not change what is trained, so they do not change the run directory either.
 OUT_DIR_EXCLUDED_KEYS = (
     "experiment",
@@ -76,20 +82,6 @@ def run_dir_from_overrides(base: str | Path, overrides: list[str]) -> Path:
     if len(name) > 120:  # long (e.g. paths): a readable prefix plus a hash of everything, still unique
         name = name[:110] + "-" + hashlib.sha1(full.encode()).hexdigest()[:8]
     return Path(base) / name
-
-
-def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
-    """`last`: resume from `<out_dir>/checkpoints/last.ckpt` when it exists, else start; a path: that file."""
-    if ckpt_path in (None, "", "none", "null"):
-        return None
-    if ckpt_path == "last":
-        last = out_dir / CHECKPOINT_DIR / "last.ckpt"
-        return str(last) if last.is_file() else None
-    if not Path(ckpt_path).is_file():
-        raise FileNotFoundError(
-            f"ckpt_path={ckpt_path} does not exist (use ckpt_path=last to resume automatically)"
-        )
-    return str(ckpt_path)
 
 
 def loss_settings(cfg: DictConfig) -> dict:
@@ -248,44 +240,6 @@ def build_trainer(cfg: DictConfig, out_dir: Path, callbacks: list | None = None)
 
 
 # =========================================================================== export
-
-
-def export_student(state: dict[str, torch.Tensor], base_dir: str, out: Path) -> Path:
-    """Write a complete HF directory (weights, config, generation config, processor) atomically."""
-    from transformers import WhisperForConditionalGeneration, WhisperProcessor
-
-    model = WhisperForConditionalGeneration.from_pretrained(base_dir, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "proj_out.weight"]
-    if missing or unexpected:
-        raise RuntimeError(
-            f"exported weights do not fit {base_dir}: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
-    model.tie_weights()
-    with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        WhisperProcessor.from_pretrained(base_dir).save_pretrained(tmp)
-        info = Path(base_dir) / "distil_student.json"
-        if info.is_file():
-            shutil.copy(info, tmp / info.name)
-    return out
-
-
-def _student_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    return {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
-
-
-class FinalCheckpoint(L.Callback):
-    """Write last.ckpt when training ends (max_steps need not be a multiple of the checkpoint interval).
-
-    Runs inside the training processes (also under ddp_spawn) and not after an exception, so a failed
-    run leaves the last good checkpoint as it was."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
 
 
 # =========================================================================== the stage

@@ -14,8 +14,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-import distil.corpus as corpus
-from distil.data.audio import decode_audio
+import distil.data.synthetic as corpus
+from distil.data.audio import decode_audio, make_noise
 from distil.data.tts import TTSUnavailable
 from distil.utils.paths import CONF_DIR
 
@@ -213,11 +213,11 @@ def test_noisy_variant_has_requested_snr(built, kind):
 
 
 def test_make_noise_is_deterministic_and_shaped():
-    white = corpus.make_noise("white", 32000, seed=1)
-    assert np.array_equal(white, corpus.make_noise("white", 32000, seed=1))
-    assert not np.array_equal(white, corpus.make_noise("white", 32000, seed=2))
+    white = make_noise("white", 32000, seed=1)
+    assert np.array_equal(white, make_noise("white", 32000, seed=1))
+    assert not np.array_equal(white, make_noise("white", 32000, seed=2))
     for kind in ("white", "pink", "brown"):
-        noise = corpus.make_noise(kind, 32000, seed=3)
+        noise = make_noise(kind, 32000, seed=3)
         assert noise.dtype == np.float32 and noise.shape == (32000,)
         assert np.sqrt(np.mean(noise**2)) == pytest.approx(1.0, rel=1e-3)
 
@@ -226,10 +226,10 @@ def test_make_noise_is_deterministic_and_shaped():
         freqs = np.fft.rfftfreq(noise.size, 1 / 16000)
         return power[(freqs > 50) & (freqs < 500)].mean() / power[(freqs > 4000) & (freqs < 7500)].mean()
 
-    ratios = [low_high(corpus.make_noise(k, 32000, seed=4)) for k in ("white", "pink", "brown")]
+    ratios = [low_high(make_noise(k, 32000, seed=4)) for k in ("white", "pink", "brown")]
     assert 0.7 < ratios[0] < 1.4 and ratios[1] > 5 * ratios[0] and ratios[2] > 5 * ratios[1]
     with pytest.raises(ValueError, match="babble"):
-        corpus.make_noise("babble", 10, 0)
+        make_noise("babble", 10, 0)
 
 
 # --- bad input: clear errors, raised before any synthesis --------------------------------------

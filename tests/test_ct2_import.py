@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from distil.utils.io import COMPLETE_MARKER, build_directory, is_complete
 from distil.whisper import ct2_import
-from distil.whisper.ct2_import import CT2FormatError, CT2Source, packaged_source, read_ct2_model
+from distil.whisper.ct2_reader import CT2FormatError, CT2Source, packaged_source, read_ct2_model
 
 ctranslate2 = pytest.importorskip("ctranslate2")
 
@@ -159,7 +160,7 @@ def test_non_whisper_ct2_dir_is_rejected(tmp_path):
     with pytest.raises(CT2FormatError, match=r"model\.bin.*'TransformerSpec', not 'WhisperSpec'"):
         ct2_import.import_ct2(CT2Source.from_dir(tmp_path), tmp_path / "out")
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob(".tmp-*"))  # the failed import left nothing behind
+    assert not list(tmp_path.glob(".*.tmp-*"))  # the failed import left nothing behind
 
     # A Whisper spec whose variables are not Whisper's: named, not silently half-imported.
     write_ct2_bin(tmp_path / "model.bin", variables=[("encoder/conv1/weight", np.zeros((4, 2, 3)))])
@@ -191,7 +192,7 @@ def test_tiny_en_directory_is_a_hub_like_whisper(tiny_en_dir):
     files = {p.name for p in tiny_en_dir.iterdir()}
     assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
             "vocab.json", "merges.txt", "normalizer.json", "preprocessor_config.json"} <= files  # fmt: skip
-    assert ct2_import.is_complete(tiny_en_dir)
+    assert is_complete(tiny_en_dir)
 
     model = WhisperForConditionalGeneration.from_pretrained(tiny_en_dir)
     c = model.config
@@ -261,15 +262,15 @@ def test_import_is_reused_and_atomic(tiny_en_dir, tmp_path):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        ct2_import.write_atomically(target, {"v": 1}, dies)
+        build_directory(target, {"v": 1}, dies)
     assert not target.exists() and not list(tmp_path.iterdir())
 
     target.mkdir()
     (target / "config.json").write_text("{} half written")
-    ct2_import.write_atomically(target, {"v": 1}, lambda d: (d / "config.json").write_text("{}"))
+    build_directory(target, {"v": 1}, lambda d: (d / "config.json").write_text("{}"))
     assert (target / "config.json").read_text() == "{}"
-    assert ct2_import.is_complete(target, {"v": 1}) and not ct2_import.is_complete(target, {"v": 2})
-    assert json.loads((target / ct2_import.COMPLETE_MARKER).read_text())["spec"] == {"v": 1}
+    assert is_complete(target, {"v": 1}) and not is_complete(target, {"v": 2})
+    assert json.loads((target / COMPLETE_MARKER).read_text())["spec"] == {"v": 1}
 
 
 def test_base_directory_multilingual_settings(base_dir):

@@ -11,7 +11,7 @@ from test_speech_datamodule import _wave
 
 from distil.data.audio import encode_flac
 from distil.data.encoder_cache import EncoderCache
-from distil.datamodules.speech import SpeechCollator
+from distil.datamodules.collator import SpeechCollator
 from distil.modules.distiller import DistillationSetupError, WhisperDistiller, weights_fingerprint
 from distil.whisper.student import init_student
 

@@ -13,8 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from distil.data.audio import encode_flac
-from distil.evaluate import EvalInputError, averages, evaluate, load_model, primary_metric
+from distil.evaluate import evaluate, primary_metric
+from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
+from distil.evaluation.scoring import averages
+from distil.whisper.loading import load_model
 
 SR = 16_000
 

@@ -12,8 +12,9 @@ import torch
 from omegaconf import OmegaConf
 
 from distil.import_model import import_model
+from distil.utils.io import is_complete
 from distil.utils.paths import CONF_DIR, REPO_ROOT
-from distil.whisper import ct2_import
+from distil.whisper import ct2_reader
 from distil.whisper.models import ModelConfigError, build_tiny_random, model_fingerprint, resolve_model
 
 
@@ -178,7 +179,7 @@ def test_import_model_function(tiny_en_dir, model_cache):
 
 def test_import_model_cli_converts_a_ct2_dir(tiny_en_dir, tmp_path):
     """`distil-import-model ct2_dir=... out=...` on the bundled tiny.en gives the same weights as the teacher."""
-    ct2_dir = ct2_import.packaged_source("tiny.en").model_files[0].parent
+    ct2_dir = ct2_reader.packaged_source("tiny.en").model_files[0].parent
     out = tmp_path / "converted"
     env = {**os.environ, "DISTIL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -190,6 +191,6 @@ def test_import_model_cli_converts_a_ct2_dir(tiny_en_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == str(out)
-    assert ct2_import.is_complete(out)
+    assert is_complete(out)
     assert model_fingerprint(out) == model_fingerprint(tiny_en_dir)
     assert list((tmp_path / "home" / "runs" / "import_model").glob("*/config.yaml"))  # run info recorded

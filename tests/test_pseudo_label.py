@@ -20,10 +20,12 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
+from distil.data.label_store import SUCCESS, ShardWriter, build_prompt
 from distil.data.text import corpus_wer, english_normalizer, sample_wer
 from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
 from distil.modules.transcriber import GenerationConfigError
-from distil.pseudo_label import SUCCESS, ShardWriter, build_prompt, pseudo_label, resolve_parallelism
+from distil.pseudo_label import pseudo_label
+from distil.utils.parallel import resolve_parallelism
 from distil.utils.paths import CONF_DIR
 
 # Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).

@@ -14,13 +14,9 @@ import torch
 
 from distil.data.audio import encode_flac
 from distil.data.targets import IGNORE_INDEX
-from distil.datamodules.speech import (
-    DataError,
-    SpeechCollator,
-    SpeechDataModule,
-    drop_reason,
-    sampling_probabilities,
-)
+from distil.datamodules.collator import SpeechCollator
+from distil.datamodules.filters import DataError, drop_reason, sampling_probabilities
+from distil.datamodules.speech import SpeechDataModule
 
 SR = 16_000
 WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()

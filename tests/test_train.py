@@ -14,7 +14,8 @@ from omegaconf import OmegaConf
 from test_speech_datamodule import entry, write_split
 
 import distil.whisper.student  # noqa: F401  (resolver)
-from distil.train import resolve_ckpt_path, run_dir_from_overrides, train
+from distil.train import run_dir_from_overrides, train
+from distil.training.checkpoints import resolve_ckpt_path
 from distil.utils.paths import CONF_DIR
 
 TEACHER = "whisper-tiny-random"
@@ -171,7 +172,7 @@ def test_resume_continues_and_matches_uninterrupted_run(home, tmp_path):
 
 
 def test_bad_inputs_fail_at_start_up(home, tmp_path):
-    from distil.datamodules.speech import DataError
+    from distil.datamodules.filters import DataError
     from distil.modules.distiller import DistillationSetupError
 
     # a student whose width differs from the teacher's, in KD mode

@@ -15,6 +15,8 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+SAMPLING_RATE = 16_000  # Whisper's input rate; every decoder and feature extractor here uses it
+
 
 class AudioDecodeError(ValueError):
     """An audio sample that cannot be turned into a waveform (unreadable, empty, missing)."""
@@ -38,7 +40,7 @@ def _describe(audio: Any) -> str:
     return "<in-memory bytes>"
 
 
-def decode_audio(audio: Any, target_sr: int = 16_000) -> np.ndarray:
+def decode_audio(audio: Any, target_sr: int = SAMPLING_RATE) -> np.ndarray:
     """Decode one sample to a mono float32 waveform at `target_sr`.
 
     `audio` is what a datasets `Audio(decode=False)` column holds (`{"bytes": ..., "path": ...}`),
@@ -87,3 +89,46 @@ def add_noise(wave: np.ndarray, noise: np.ndarray, snr_db: float) -> np.ndarray:
     mixed = wave + scale * noise
     peak = float(np.max(np.abs(mixed)))
     return (mixed / peak * 0.99 if peak > 0.99 else mixed).astype(np.float32)
+
+
+def audio_duration(audio: Any) -> float | None:
+    """Seconds of audio from the file header or the array, without decoding; None when unknown.
+
+    Unreadable headers mean "unknown" here: decoding reports why, with the sample named, when the audio is used.
+    """
+    try:
+        if isinstance(audio, dict):
+            if audio.get("array") is not None:
+                return len(audio["array"]) / float(audio["sampling_rate"])
+            audio = audio.get("bytes") or audio.get("path")
+        if audio is None:
+            return None
+        info = sf.info(io.BytesIO(audio) if isinstance(audio, (bytes, bytearray)) else str(audio))
+        return info.frames / info.samplerate if info.samplerate else None
+    except Exception:
+        return None
+
+
+NOISE_TYPES = ("white", "pink", "brown")
+
+
+def make_noise(kind: str, n_samples: int, seed: int) -> np.ndarray:
+    """Deterministic unit-RMS noise of `kind` ("white", "pink" 1/f, "brown" 1/f^2), float32."""
+    if kind not in NOISE_TYPES:
+        raise ValueError(f"unknown noise type {kind!r}; choose one of {NOISE_TYPES}")
+    if n_samples <= 0:
+        return np.zeros(0, dtype=np.float32)
+    white = np.random.default_rng(seed).standard_normal(n_samples)
+    if kind == "white":
+        noise = white
+    else:
+        # Shape the spectrum: power ~ 1/f (pink) or 1/f^2 (brown), i.e. amplitude ~ f^-exponent.
+        exponent = 0.5 if kind == "pink" else 1.0
+        spectrum = np.fft.rfft(white)
+        freqs = np.arange(spectrum.size, dtype=np.float64)
+        freqs[0] = 1.0  # keep DC finite; it is removed just below
+        spectrum /= freqs**exponent
+        noise = np.fft.irfft(spectrum, n=n_samples)
+        noise -= noise.mean()
+    rms = float(np.sqrt(np.mean(noise**2))) or 1.0
+    return (noise / rms).astype(np.float32)

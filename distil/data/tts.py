@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-from distil.data.audio import resample
+from distil.data.audio import SAMPLING_RATE, resample
 
 ENGINES = ("espeak-ng", "flite")
 
@@ -31,7 +31,7 @@ def require_engine(engine: str) -> str:
 
 
 def synthesize(
-    text: str, engine: str, voice: str, sampling_rate: int = 16_000, rate: int | None = None
+    text: str, engine: str, voice: str, sampling_rate: int = SAMPLING_RATE, rate: int | None = None
 ) -> np.ndarray:
     """Speak `text` with `engine`/`voice` and return a mono float32 waveform at `sampling_rate`.
 

@@ -38,7 +38,6 @@ otherwise truncate it silently. Split such recordings first (or label them with 
 
 from __future__ import annotations
 
-import io
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
@@ -47,14 +46,11 @@ from typing import Any
 
 import lightning as L
 import numpy as np
-import soundfile as sf
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from distil.data.audio import AudioDecodeError, decode_audio, encode_flac
+from distil.data.audio import SAMPLING_RATE, AudioDecodeError, audio_duration, decode_audio, encode_flac
 from distil.data.entries import DatasetEntry, duration_column, stable_id
 
-SAMPLING_RATE = 16_000
 MAX_WHISPER_SECONDS = 30.0
 
 
@@ -92,16 +88,6 @@ class Skip:
 # ----------------------------------------------------------------------------------------------------------
 # Pure planning functions
 # ----------------------------------------------------------------------------------------------------------
-def header_duration(audio: Any) -> float | None:
-    """Seconds of audio from the file header (no decoding); None when the header cannot be read."""
-    try:
-        data = audio.get("bytes") or audio.get("path") if isinstance(audio, dict) else audio
-        if data is None:
-            return None
-        info = sf.info(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else str(data))
-        return info.frames / info.samplerate if info.samplerate else None
-    except Exception:  # any unreadable header means "unknown", decoding will report why
-        return None
 
 
 def pack_units(
@@ -215,7 +201,7 @@ class LabellingSource:
             self.durations = [None if d is None else float(d) for d in ds[self.duration_column]]
         else:
             self.durations = [
-                header_duration(a) for a in ds.select_columns([entry.audio_column])[entry.audio_column]
+                audio_duration(a) for a in ds.select_columns([entry.audio_column])[entry.audio_column]
             ]
         if self.spec.packing:
             speakers = ds[entry.speaker_column]
@@ -290,7 +276,7 @@ class LabellingSource:
             for i, row in enumerate(self.ds):
                 d = row.get(self.duration_column) if self.duration_column else None
                 if d is None:
-                    d = header_duration(row[entry.audio_column])
+                    d = audio_duration(row[entry.audio_column])
                 yield Clip(i, self._row(row, i), None if d is None else float(d))
 
         if spec.packing:
@@ -458,10 +444,4 @@ class LabellingDataModule(L.LightningDataModule):
 
 
 def _identity(batch):
-    return batch
-
-
-def transfer_features(batch: dict, device: torch.device) -> dict:
-    if batch.get("input_features") is not None:
-        batch["input_features"] = batch["input_features"].to(device)
     return batch

@@ -22,12 +22,8 @@ Shape of the training data path (top to bottom):
 
 from __future__ import annotations
 
-import io
 import logging
-import math
-from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +31,10 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from datasets import Audio, Features, List, Value
+from datasets import Audio
 from torch.utils.data import DataLoader
 
-from distil.data.audio import decode_audio
+from distil.data.audio import audio_duration
 from distil.data.encoder_cache import EncoderCache
 from distil.data.entries import (
     DataConfigError,
@@ -46,194 +42,33 @@ from distil.data.entries import (
     column_names,
     dataset_entries,
     load_split,
-    stable_id,
 )
+from distil.data.label_store import PSEUDO_LABEL_COLUMNS, SUCCESS
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
-    SpecialTokens,
-    build_targets,
-    collate_labels,
-    sample_rng,
+)
+from distil.datamodules.collator import LABEL_SOURCES, SpeechCollator, label_body
+from distil.datamodules.filters import DataError, FilterStats, drop_reason, sampling_probabilities
+from distil.datamodules.mixture import (
+    CANONICAL_FEATURES,
+    TrainSource,
+    TrainStream,
+    _ListDataset,
+    _MapMixture,
+    _MapRows,
+    _StreamMixture,
+    canonical_row,
 )
 
 log = logging.getLogger(__name__)
 
-SAMPLING_RATE = 16_000
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
-LABEL_SOURCES = ("pseudo", "text")
-# Columns the pseudo-labelling stage adds (see distil.pseudo_label).
-PSEUDO_LABEL_COLUMNS = ("token_ids", "pl_wer")
-LABELS_METADATA = "distil_labels.json"
-LABELS_SUCCESS = "_SUCCESS"  # written last by distil.pseudo_label: the split is complete
-
-# Every source is mapped to this schema before streamed interleaving (it needs identical features).
-CANONICAL_FEATURES = Features(
-    {
-        "audio": Audio(decode=False),
-        "sample_id": Value("string"),
-        "source": Value("string"),  # "<dataset>/<split>": the cache key prefix and the stats key
-        "text": Value("string"),
-        "token_ids": List(Value("int64")),
-        "prompt": Value("string"),
-        "pl_wer": Value("float64"),
-        "duration": Value("float64"),
-        "language": Value("string"),
-    }
-)
-
-
-class DataError(DataConfigError):
-    """Training data that cannot be used as configured (missing pseudo-labels, references, columns)."""
 
 
 # =========================================================================== pure helpers
 
 
-def sampling_probabilities(weights: Sequence[float]) -> list[float]:
-    """Mixing probabilities proportional to each dataset's `samples` weight (hours or sample counts)."""
-    w = [float(x) for x in weights]
-    if not w:
-        raise DataError("no training datasets: data.datasets is empty")
-    if any(not math.isfinite(x) or x <= 0 for x in w):
-        raise DataError(f"data.datasets[*].samples must be positive numbers, got {w}")
-    total = sum(w)
-    return [x / total for x in w]
-
-
-def drop_reason(
-    pl_wer: float | None,
-    duration: float | None,
-    n_label_tokens: int | None,
-    *,
-    wer_threshold: float | None = None,
-    min_duration_s: float | None = None,
-    max_duration_s: float | None = None,
-    max_label_length: int | None = WHISPER_MAX_LABEL_LENGTH,
-) -> str | None:
-    """Why a training sample is dropped (`"wer"`, `"too_short"`, `"too_long"`, `"label_too_long"`), or None to keep it.
-
-    WER filter: keep iff `pl_wer <= wer_threshold` (percent; exactly at the threshold is kept). A sample
-    without a `pl_wer` (no reference text) cannot be judged: that is an error, not a silent drop.
-    Label length counts the label ids (prefix included, prompt excluded); Whisper's decoder has
-    `max_label_length` positions and `decoder_input_ids = ids[:-1]`, so up to `max_label_length + 1` ids fit.
-    """
-    if wer_threshold is not None:
-        if pl_wer is None or (isinstance(pl_wer, float) and math.isnan(pl_wer)):
-            raise DataError(
-                "data.wer_threshold is set but a sample has no pl_wer (its dataset has no reference text, "
-                "so pseudo-label WER is undefined); set data.wer_threshold=null or label data with references"
-            )
-        if pl_wer > wer_threshold:
-            return "wer"
-    if duration is not None:
-        if min_duration_s is not None and duration < min_duration_s:
-            return "too_short"
-        if max_duration_s is not None and duration > max_duration_s:
-            return "too_long"
-    if max_label_length is not None and n_label_tokens is not None and n_label_tokens > max_label_length + 1:
-        return "label_too_long"
-    return None
-
-
-@dataclass
-class FilterStats:
-    """Kept and dropped counts of one training source, by reason."""
-
-    source: str
-    total: int = 0
-    dropped: Counter = field(default_factory=Counter)
-
-    @property
-    def kept(self) -> int:
-        return self.total - sum(self.dropped.values())
-
-    def add(self, reason: str | None) -> None:
-        self.total += 1
-        if reason is not None:
-            self.dropped[reason] += 1
-
-    def summary(self) -> str:
-        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts})"
-
-    def as_dict(self) -> dict:
-        return {"source": self.source, "total": self.total, "kept": self.kept, "dropped": dict(self.dropped)}
-
-
-def audio_duration(audio: Any) -> float | None:
-    """Duration in seconds from the audio file header (no decoding); None when unknown."""
-    import soundfile as sf
-
-    try:
-        if isinstance(audio, Mapping):
-            if audio.get("array") is not None:
-                return len(audio["array"]) / float(audio["sampling_rate"])
-            if audio.get("bytes"):
-                return float(sf.info(io.BytesIO(audio["bytes"])).duration)
-            if audio.get("path"):
-                return float(sf.info(audio["path"]).duration)
-        elif isinstance(audio, (str, Path)):
-            return float(sf.info(str(audio)).duration)
-    except (RuntimeError, sf.LibsndfileError, OSError):
-        return None
-    return None
-
-
-def label_body(token_ids: Sequence[int], special: SpecialTokens) -> list[int]:
-    """The label ids from `<|startoftranscript|>` on (a packed label may start with its prompt)."""
-    ids = [int(i) for i in token_ids]
-    if ids and ids[0] == special.startofprev and special.sot in ids:
-        return ids[ids.index(special.sot) :]
-    return ids
-
-
-class TextLabeler:
-    """Label ids for the reference text (fine-tuning): the tokenizer's Whisper prefix + text + `<|endoftext|>`.
-
-    English-only vocabularies (51864 tokens) use `<|startoftranscript|><|notimestamps|>`; multilingual ones
-    need the language (`data.datasets[i].language` or `data.language`) and task tokens.
-    """
-
-    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
-        self.tokenizer = tokenizer
-        self.multilingual = len(tokenizer) > 51864
-        self.language, self.task = language, task or "transcribe"
-        self._prefix_for = object()  # the language the tokenizer's prefix is currently set to
-
-    def __call__(self, text: str, language: str | None = None) -> list[int]:
-        lang = (language or self.language) if self.multilingual else None
-        if self.multilingual and not lang:
-            raise DataError(
-                "fine-tuning a multilingual model on reference text needs the language: set "
-                "data.datasets[i].language or data.language"
-            )
-        if lang != self._prefix_for:
-            task = self.task if self.multilingual else None
-            self.tokenizer.set_prefix_tokens(language=lang, task=task, predict_timestamps=False)
-            self._prefix_for = lang
-        # Whisper transcripts start with a space token, as the teacher generates them.
-        return list(self.tokenizer(" " + (text or "").strip()).input_ids)
-
-
 # =========================================================================== per-source preparation
-
-
-def canonical_row(row: Mapping[str, Any], entry: DatasetEntry, split: str, index: int) -> dict:
-    """One row of a source in `CANONICAL_FEATURES` form (missing optional columns become None)."""
-    sid = row[entry.id_column] if entry.id_column else None
-    duration = row.get(entry.duration_column) if entry.duration_column else None
-    token_ids = row.get("token_ids")
-    return {
-        "audio": row[entry.audio_column],
-        "sample_id": str(sid) if sid is not None else stable_id(entry.name, split, index),
-        "source": f"{entry.name}/{split}",
-        "text": row.get(entry.text_column) if entry.text_column else None,
-        "token_ids": [int(i) for i in token_ids] if token_ids is not None else None,
-        "prompt": row.get("prompt"),
-        "pl_wer": float(row["pl_wer"]) if row.get("pl_wer") is not None else None,
-        "duration": float(duration) if duration is not None else None,
-        "language": row.get("language") or entry.language,  # multilingual pseudo-labels carry one per sample
-    }
 
 
 def check_columns(
@@ -266,15 +101,6 @@ def check_columns(
         )
 
 
-@dataclass
-class TrainSource:
-    entry: DatasetEntry
-    split: str
-    dataset: datasets.Dataset | datasets.IterableDataset
-    kept_rows: np.ndarray | None  # map-style: row indices that pass the filters
-    stats: FilterStats | None
-
-
 def load_pseudo_labelled(
     entry: DatasetEntry, split: str, streaming: bool = False, cache_dir: str | None = None
 ):
@@ -294,224 +120,7 @@ def load_pseudo_labelled(
 # =========================================================================== the collator
 
 
-class SpeechCollator:
-    """Rows -> model batch: log-mel features (or cached encoder states), padded decoder inputs and labels."""
-
-    def __init__(
-        self,
-        feature_extractor,
-        tokenizer,
-        *,
-        label_source: str = "pseudo",
-        timestamp_probability: float = 0.0,
-        condition_on_prev_probability: float = 0.0,
-        max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
-        seed: int = 0,
-        language: str | None = None,
-        task: str | None = None,
-        encoder_cache: EncoderCache | None = None,
-    ):
-        if label_source not in LABEL_SOURCES:
-            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
-        self.feature_extractor = feature_extractor
-        self.tokenizer = tokenizer
-        self.special = SpecialTokens.from_tokenizer(tokenizer)
-        self.text_labeler = TextLabeler(tokenizer, language, task)
-        self.label_source = label_source
-        self.timestamp_probability = float(timestamp_probability)
-        self.condition_on_prev_probability = float(condition_on_prev_probability)
-        self.max_label_length = int(max_label_length)
-        self.seed = int(seed)
-        self.encoder_cache = encoder_cache
-        pad = tokenizer.pad_token_id
-        self.pad_id = int(pad if pad is not None else self.special.eot)
-
-    def label_ids(self, row: Mapping[str, Any]) -> list[int]:
-        if self.label_source == "text":
-            return self.text_labeler(row["text"], row.get("language"))
-        return [int(i) for i in row["token_ids"]]
-
-    def prompt_ids(self, row: Mapping[str, Any]) -> list[int] | None:
-        prompt = row.get("prompt")
-        if not prompt:
-            return None
-        return list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
-
-    def features(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        waves = [decode_audio(r["audio"], SAMPLING_RATE) for r in rows]
-        # Log-mel features are always fp32: under an enclosing CPU autocast (bf16 training that collates in
-        # the training process) the extractor's STFT would come out bf16, which it cannot turn into numpy.
-        with torch.autocast("cpu", enabled=False):
-            out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
-        return out.input_features
-
-    def cache_keys(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
-        return [f"{r['source']}/{r['sample_id']}" for r in rows]
-
-    def __call__(self, rows: Sequence[Mapping[str, Any]], epoch: int = 0) -> dict[str, Any]:
-        keys = self.cache_keys(rows)
-        batch: dict[str, Any] = {"sample_ids": keys, "epoch": int(epoch)}
-        cached = self.encoder_cache.load(keys) if self.encoder_cache is not None else None
-        if cached is not None:
-            batch["encoder_hidden_states"] = torch.from_numpy(cached)  # fp16; the module casts
-        else:
-            batch["input_features"] = self.features(rows)
-        targets = [
-            build_targets(
-                self.label_ids(r),
-                self.special,
-                sample_rng(self.seed, epoch, key),
-                prompt_ids=self.prompt_ids(r),
-                timestamp_probability=self.timestamp_probability,
-                condition_on_prev_probability=self.condition_on_prev_probability,
-                max_label_length=self.max_label_length,
-            )
-            for r, key in zip(rows, keys, strict=True)
-        ]
-        batch.update(collate_labels(targets, self.pad_id))
-        return batch
-
-    def validation(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-        return {
-            "input_features": self.features(rows),
-            "references": [r.get("text") or "" for r in rows],
-            "sample_ids": self.cache_keys(rows),
-        }
-
-
 # =========================================================================== the training stream
-
-
-class _MapMixture:
-    """Map-style mixture: the interleaved `(source, row)` pairs, permuted per epoch."""
-
-    def __init__(
-        self, sources: list[TrainSource], pairs: np.ndarray, entries_split: list[tuple[DatasetEntry, str]]
-    ):
-        self.sources = sources
-        self.pairs = pairs  # [n, 2] int64: source index, row index
-        self.entries_split = entries_split
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[np.ndarray]:
-        order = (
-            np.random.default_rng([seed, epoch]).permutation(len(self.pairs))
-            if shuffle
-            else np.arange(len(self.pairs))
-        )
-        for start in range(0, len(order) - batch_size + 1, batch_size):  # the last partial batch is dropped
-            yield self.pairs[order[start : start + batch_size]]
-
-    def fetch(self, handles: np.ndarray) -> list[dict]:
-        rows = []
-        for src, row in handles:
-            s = self.sources[int(src)]
-            rows.append(canonical_row(s.dataset[int(row)], s.entry, s.split, int(row)))
-        return rows
-
-
-class _StreamMixture:
-    """Streamed mixture: canonical rows from `interleave_datasets`, shuffled with a buffer per epoch."""
-
-    def __init__(self, dataset: datasets.IterableDataset, shuffle_buffer_size: int):
-        self.dataset = dataset
-        self.shuffle_buffer_size = int(shuffle_buffer_size)
-
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[list[dict]]:
-        ds = self.dataset
-        if shuffle and self.shuffle_buffer_size > 1:
-            ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
-        ds.set_epoch(epoch)
-        # `.iter` (not `__iter__`) so datasets does not split the stream by DataLoader worker: every worker
-        # sees the same global batch order and keeps its own batches (see TrainStream).
-        for cols in ds.iter(batch_size=batch_size, drop_last_batch=True):
-            yield [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
-
-    def fetch(self, handles: list[dict]) -> list[dict]:
-        return handles
-
-
-class TrainStream(torch.utils.data.IterableDataset):
-    """Endless, deterministic stream of collated training batches (epoch after epoch).
-
-    Global batch `j` (counted from the start of training, across epochs) is produced by rank
-    `(j - start_batch) % world_size` and, on that rank, by worker `((j - start_batch) // world_size) %
-    num_workers`; PyTorch's DataLoader returns worker outputs round-robin, so each rank sees its
-    batches in global order whatever `num_workers` is. `start_batch` skips batches already trained on
-    (resume): skipped batches are never decoded.
-    """
-
-    def __init__(
-        self,
-        mixture: _MapMixture | _StreamMixture,
-        collator: SpeechCollator,
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        rank: int = 0,
-        world_size: int = 1,
-        max_epochs: int | None = None,
-    ):
-        self.mixture = mixture
-        self.collator = collator
-        self.batch_size = int(batch_size)
-        self.seed = int(seed)
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.max_epochs = max_epochs
-        self.start_batch = 0
-
-    def __iter__(self) -> Iterator[dict]:
-        info = torch.utils.data.get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        j, epoch, start = 0, 0, self.start_batch
-        while self.max_epochs is None or epoch < self.max_epochs:
-            produced = 0
-            for handles in self.mixture.epoch_batches(epoch, self.seed, self.batch_size, self.shuffle):
-                produced += 1
-                k = j - start
-                if (
-                    k >= 0
-                    and k % self.world_size == self.rank
-                    and (k // self.world_size) % n_workers == worker
-                ):
-                    batch = self.collator(self.mixture.fetch(handles), epoch)
-                    batch["batch_index"] = j
-                    yield batch
-                j += 1
-            if produced == 0:
-                raise DataError(
-                    f"the training data has fewer samples than one batch (data.batch_size={self.batch_size}) "
-                    "after filtering; lower the batch size or relax the filters"
-                )
-            epoch += 1
-
-
-class _ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.rows[i]
-
-
-class _MapRows(torch.utils.data.Dataset):
-    """A map-style validation split read row by row in canonical form."""
-
-    def __init__(self, dataset: datasets.Dataset, entry: DatasetEntry, split: str, n: int):
-        self.dataset, self.entry, self.split, self.n = dataset, entry, split, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return canonical_row(self.dataset[i], self.entry, self.split, i)
 
 
 # =========================================================================== the DataModule
@@ -652,7 +261,7 @@ class SpeechDataModule(L.LightningDataModule):
             for split in entry.splits:
                 src_entry = DatasetEntry(**{**entry.__dict__, "path": path})
                 if self.label_source == "pseudo":
-                    done = Path(path) / split / LABELS_SUCCESS
+                    done = Path(path) / split / SUCCESS
                     if not done.is_file():
                         raise DataError(
                             f"pseudo-labels of {entry.name!r} split {split!r} are missing or incomplete (no {done}); "
@@ -792,7 +401,7 @@ class SpeechDataModule(L.LightningDataModule):
         pairs = np.stack([table["src"], table["row"]], axis=1).astype(np.int64)
         if self.max_train_samples is not None:
             pairs = pairs[: int(self.max_train_samples)]
-        return _MapMixture(sources, pairs, [(s.entry, s.split) for s in sources])
+        return _MapMixture(sources, pairs)
 
     def validation_entries(self) -> list[tuple[DatasetEntry, str]]:
         """(entry, split) of every validation set: `validation_splits` of the training entries that have
@@ -890,6 +499,3 @@ class SpeechDataModule(L.LightningDataModule):
             )
             for ds in self.val_sets
         ]
-
-    def val_set_sizes(self) -> list[int]:
-        return [len(ds) for ds in self.val_sets]

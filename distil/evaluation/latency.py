@@ -16,6 +16,8 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import torch
 
+from distil.data.audio import SAMPLING_RATE
+
 
 def count_real_tokens(
     sequences: torch.Tensor, eos_token_id: int, prompt_token_ids: Iterable[int] = ()
@@ -88,7 +90,7 @@ def measure_latency(
     warmup: int = 1,
     repeats: int = 1,
     generate_kwargs: dict | None = None,
-    sampling_rate: int = 16_000,
+    sampling_rate: int = SAMPLING_RATE,
 ) -> dict:
     """RTFx and tokens/s of `model.generate` over `waves` for each batch size (greedy unless told)."""
     if not waves:

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from transformers.models.whisper.tokenization_whisper import _find_longest_common_sequence
 
+from distil.data.audio import SAMPLING_RATE
 from distil.data.text import Normalizer, corpus_wer, identity
 
-SAMPLING_RATE = 16_000
 WINDOW_S = 30.0  # Whisper's receptive field
 
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import synchronize, timed_generate
 
 log = logging.getLogger(__name__)
@@ -77,7 +78,7 @@ def speculative_benchmark(
     waves: Sequence[np.ndarray],
     generate_kwargs: dict | None = None,
     warmup: int = 1,
-    sampling_rate: int = 16_000,
+    sampling_rate: int = SAMPLING_RATE,
 ) -> dict:
     """Time the teacher alone and the teacher with `assistant` on the same samples (batch size 1).
 

@@ -323,7 +323,7 @@ class WhisperDistiller(L.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def _generate_kwargs(self, language: str | None) -> dict:
-        from distil.evaluate import generation_kwargs
+        from distil.whisper.generation import generation_kwargs
 
         return generation_kwargs(
             self.student,
@@ -362,7 +362,7 @@ class WhisperDistiller(L.LightningModule):
         self._val_outputs = {}
 
     def on_validation_epoch_end(self) -> None:
-        from distil.evaluate import score
+        from distil.evaluation.scoring import score
 
         outputs = self._val_outputs
         if self.trainer.world_size > 1:  # every rank decoded a shard; DistributedSampler may repeat samples

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import torch
 
+from distil.utils.io import build_directory, is_complete
 from distil.utils.paths import models_dir
-from distil.whisper import ct2_import
+from distil.whisper import ct2_import, ct2_reader
 
 SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
 FINGERPRINT_CACHE = ".distil_fingerprint.json"
@@ -92,9 +93,9 @@ def resolve_model(model_cfg: Mapping, models_root: str | Path | None = None, for
         checkpoint = _get(model_cfg, "checkpoint")
         if checkpoint is None:
             raise ModelConfigError(
-                f"model {name!r} has source 'ct2' but no `checkpoint`; one of {sorted(ct2_import.PACKAGED_CHECKPOINTS)}"
+                f"model {name!r} has source 'ct2' but no `checkpoint`; one of {sorted(ct2_reader.PACKAGED_CHECKPOINTS)}"
             )
-        source_files = ct2_import.packaged_source(str(checkpoint))
+        source_files = ct2_reader.packaged_source(str(checkpoint))
         return str(ct2_import.import_ct2(source_files, root / str(name), name=str(name), force=force))
     return str(build_tiny_random(str(name), _get(model_cfg, "random", {}), root, force=force))
 
@@ -159,9 +160,9 @@ def build_tiny_random(
         **spec,
     }
     out = root / name
-    if not force and ct2_import.is_complete(out, marker_spec):
+    if not force and is_complete(out, marker_spec):
         return out
-    return ct2_import.write_atomically(
+    return build_directory(
         out, marker_spec, lambda tmp: _write_tiny_random(spec, base_dir, tmp), replace=force
     )
 

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import ListConfig, OmegaConf
 
-from distil.utils.paths import atomic_directory
+from distil.utils.io import atomic_directory
 
 STUDENT_INFO_FILE = "distil_student.json"
 # Bump when the saved layout or the copy rule changes, so stale students are not silently reused.

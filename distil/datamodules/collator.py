@@ -1,0 +1,148 @@
+"""Rows -> model batches: log-mel features, per-sample/per-epoch targets (`distil.data.targets`), padding;
+reference text -> label ids for fine-tuning.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from distil.data.audio import SAMPLING_RATE, decode_audio
+from distil.data.encoder_cache import EncoderCache
+from distil.data.targets import (
+    WHISPER_MAX_LABEL_LENGTH,
+    SpecialTokens,
+    build_targets,
+    collate_labels,
+    sample_rng,
+)
+from distil.datamodules.filters import DataError
+
+log = logging.getLogger(__name__)
+
+
+LABEL_SOURCES = ("pseudo", "text")
+
+
+def label_body(token_ids: Sequence[int], special: SpecialTokens) -> list[int]:
+    """The label ids from `<|startoftranscript|>` on (a packed label may start with its prompt)."""
+    ids = [int(i) for i in token_ids]
+    if ids and ids[0] == special.startofprev and special.sot in ids:
+        return ids[ids.index(special.sot) :]
+    return ids
+
+
+class TextLabeler:
+    """Label ids for the reference text (fine-tuning): the tokenizer's Whisper prefix + text + `<|endoftext|>`.
+
+    English-only vocabularies (51864 tokens) use `<|startoftranscript|><|notimestamps|>`; multilingual ones
+    need the language (`data.datasets[i].language` or `data.language`) and task tokens.
+    """
+
+    def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
+        self.tokenizer = tokenizer
+        self.multilingual = len(tokenizer) > 51864
+        self.language, self.task = language, task or "transcribe"
+        self._prefix_for = object()  # the language the tokenizer's prefix is currently set to
+
+    def __call__(self, text: str, language: str | None = None) -> list[int]:
+        lang = (language or self.language) if self.multilingual else None
+        if self.multilingual and not lang:
+            raise DataError(
+                "fine-tuning a multilingual model on reference text needs the language: set "
+                "data.datasets[i].language or data.language"
+            )
+        if lang != self._prefix_for:
+            task = self.task if self.multilingual else None
+            self.tokenizer.set_prefix_tokens(language=lang, task=task, predict_timestamps=False)
+            self._prefix_for = lang
+        # Whisper transcripts start with a space token, as the teacher generates them.
+        return list(self.tokenizer(" " + (text or "").strip()).input_ids)
+
+
+class SpeechCollator:
+    """Rows -> model batch: log-mel features (or cached encoder states), padded decoder inputs and labels."""
+
+    def __init__(
+        self,
+        feature_extractor,
+        tokenizer,
+        *,
+        label_source: str = "pseudo",
+        timestamp_probability: float = 0.0,
+        condition_on_prev_probability: float = 0.0,
+        max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
+        seed: int = 0,
+        language: str | None = None,
+        task: str | None = None,
+        encoder_cache: EncoderCache | None = None,
+    ):
+        if label_source not in LABEL_SOURCES:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+        self.feature_extractor = feature_extractor
+        self.tokenizer = tokenizer
+        self.special = SpecialTokens.from_tokenizer(tokenizer)
+        self.text_labeler = TextLabeler(tokenizer, language, task)
+        self.label_source = label_source
+        self.timestamp_probability = float(timestamp_probability)
+        self.condition_on_prev_probability = float(condition_on_prev_probability)
+        self.max_label_length = int(max_label_length)
+        self.seed = int(seed)
+        self.encoder_cache = encoder_cache
+        pad = tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else self.special.eot)
+
+    def label_ids(self, row: Mapping[str, Any]) -> list[int]:
+        if self.label_source == "text":
+            return self.text_labeler(row["text"], row.get("language"))
+        return [int(i) for i in row["token_ids"]]
+
+    def prompt_ids(self, row: Mapping[str, Any]) -> list[int] | None:
+        prompt = row.get("prompt")
+        if not prompt:
+            return None
+        return list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
+
+    def features(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
+        waves = [decode_audio(r["audio"], SAMPLING_RATE) for r in rows]
+        # Log-mel features are always fp32: under an enclosing CPU autocast (bf16 training that collates in
+        # the training process) the extractor's STFT would come out bf16, which it cannot turn into numpy.
+        with torch.autocast("cpu", enabled=False):
+            out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
+        return out.input_features
+
+    def cache_keys(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+        return [f"{r['source']}/{r['sample_id']}" for r in rows]
+
+    def __call__(self, rows: Sequence[Mapping[str, Any]], epoch: int = 0) -> dict[str, Any]:
+        keys = self.cache_keys(rows)
+        batch: dict[str, Any] = {"sample_ids": keys, "epoch": int(epoch)}
+        cached = self.encoder_cache.load(keys) if self.encoder_cache is not None else None
+        if cached is not None:
+            batch["encoder_hidden_states"] = torch.from_numpy(cached)  # fp16; the module casts
+        else:
+            batch["input_features"] = self.features(rows)
+        targets = [
+            build_targets(
+                self.label_ids(r),
+                self.special,
+                sample_rng(self.seed, epoch, key),
+                prompt_ids=self.prompt_ids(r),
+                timestamp_probability=self.timestamp_probability,
+                condition_on_prev_probability=self.condition_on_prev_probability,
+                max_label_length=self.max_label_length,
+            )
+            for r, key in zip(rows, keys, strict=True)
+        ]
+        batch.update(collate_labels(targets, self.pad_id))
+        return batch
+
+    def validation(self, rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+        return {
+            "input_features": self.features(rows),
+            "references": [r.get("text") or "" for r in rows],
+            "sample_ids": self.cache_keys(rows),
+        }

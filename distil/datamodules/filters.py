@@ -1,0 +1,93 @@
+"""Training-data filters (pseudo-label WER, duration, label length), their per-source counts, mixing weights."""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from distil.data.entries import (
+    DataConfigError,
+)
+from distil.data.targets import (
+    WHISPER_MAX_LABEL_LENGTH,
+)
+
+log = logging.getLogger(__name__)
+
+
+class DataError(DataConfigError):
+    """Training data that cannot be used as configured (missing pseudo-labels, references, columns)."""
+
+
+def sampling_probabilities(weights: Sequence[float]) -> list[float]:
+    """Mixing probabilities proportional to each dataset's `samples` weight (hours or sample counts)."""
+    w = [float(x) for x in weights]
+    if not w:
+        raise DataError("no training datasets: data.datasets is empty")
+    if any(not math.isfinite(x) or x <= 0 for x in w):
+        raise DataError(f"data.datasets[*].samples must be positive numbers, got {w}")
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def drop_reason(
+    pl_wer: float | None,
+    duration: float | None,
+    n_label_tokens: int | None,
+    *,
+    wer_threshold: float | None = None,
+    min_duration_s: float | None = None,
+    max_duration_s: float | None = None,
+    max_label_length: int | None = WHISPER_MAX_LABEL_LENGTH,
+) -> str | None:
+    """Why a training sample is dropped (`"wer"`, `"too_short"`, `"too_long"`, `"label_too_long"`), or None to keep it.
+
+    WER filter: keep iff `pl_wer <= wer_threshold` (percent; exactly at the threshold is kept). A sample
+    without a `pl_wer` (no reference text) cannot be judged: that is an error, not a silent drop.
+    Label length counts the label ids (prefix included, prompt excluded); Whisper's decoder has
+    `max_label_length` positions and `decoder_input_ids = ids[:-1]`, so up to `max_label_length + 1` ids fit.
+    """
+    if wer_threshold is not None:
+        if pl_wer is None or (isinstance(pl_wer, float) and math.isnan(pl_wer)):
+            raise DataError(
+                "data.wer_threshold is set but a sample has no pl_wer (its dataset has no reference text, "
+                "so pseudo-label WER is undefined); set data.wer_threshold=null or label data with references"
+            )
+        if pl_wer > wer_threshold:
+            return "wer"
+    if duration is not None:
+        if min_duration_s is not None and duration < min_duration_s:
+            return "too_short"
+        if max_duration_s is not None and duration > max_duration_s:
+            return "too_long"
+    if max_label_length is not None and n_label_tokens is not None and n_label_tokens > max_label_length + 1:
+        return "label_too_long"
+    return None
+
+
+@dataclass
+class FilterStats:
+    """Kept and dropped counts of one training source, by reason."""
+
+    source: str
+    total: int = 0
+    dropped: Counter = field(default_factory=Counter)
+
+    @property
+    def kept(self) -> int:
+        return self.total - sum(self.dropped.values())
+
+    def add(self, reason: str | None) -> None:
+        self.total += 1
+        if reason is not None:
+            self.dropped[reason] += 1
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
+        return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts})"
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "total": self.total, "kept": self.kept, "dropped": dict(self.dropped)}

@@ -1,0 +1,196 @@
+"""The training mixture: sources in one canonical row schema, map-style and streamed interleaving, and
+`TrainStream`, which cuts the mixture into a deterministic, resumable sequence of batches per rank/worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from datasets import Audio, Features, List, Value
+
+from distil.data.entries import (
+    DatasetEntry,
+    stable_id,
+)
+from distil.datamodules.collator import SpeechCollator
+from distil.datamodules.filters import DataError, FilterStats
+
+log = logging.getLogger(__name__)
+
+
+# Every source is mapped to this schema before streamed interleaving (it needs identical features).
+CANONICAL_FEATURES = Features(
+    {
+        "audio": Audio(decode=False),
+        "sample_id": Value("string"),
+        "source": Value("string"),  # "<dataset>/<split>": the cache key prefix and the stats key
+        "text": Value("string"),
+        "token_ids": List(Value("int64")),
+        "prompt": Value("string"),
+        "pl_wer": Value("float64"),
+        "duration": Value("float64"),
+        "language": Value("string"),
+    }
+)
+
+
+def canonical_row(row: Mapping[str, Any], entry: DatasetEntry, split: str, index: int) -> dict:
+    """One row of a source in `CANONICAL_FEATURES` form (missing optional columns become None)."""
+    sid = row[entry.id_column] if entry.id_column else None
+    duration = row.get(entry.duration_column) if entry.duration_column else None
+    token_ids = row.get("token_ids")
+    return {
+        "audio": row[entry.audio_column],
+        "sample_id": str(sid) if sid is not None else stable_id(entry.name, split, index),
+        "source": f"{entry.name}/{split}",
+        "text": row.get(entry.text_column) if entry.text_column else None,
+        "token_ids": [int(i) for i in token_ids] if token_ids is not None else None,
+        "prompt": row.get("prompt"),
+        "pl_wer": float(row["pl_wer"]) if row.get("pl_wer") is not None else None,
+        "duration": float(duration) if duration is not None else None,
+        "language": row.get("language") or entry.language,  # multilingual pseudo-labels carry one per sample
+    }
+
+
+@dataclass
+class TrainSource:
+    entry: DatasetEntry
+    split: str
+    dataset: datasets.Dataset | datasets.IterableDataset
+    kept_rows: np.ndarray | None  # map-style: row indices that pass the filters
+    stats: FilterStats | None
+
+
+class _MapMixture:
+    """Map-style mixture: the interleaved `(source, row)` pairs, permuted per epoch."""
+
+    def __init__(self, sources: list[TrainSource], pairs: np.ndarray):
+        self.sources = sources
+        self.pairs = pairs  # [n, 2] int64: source index, row index
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[np.ndarray]:
+        order = (
+            np.random.default_rng([seed, epoch]).permutation(len(self.pairs))
+            if shuffle
+            else np.arange(len(self.pairs))
+        )
+        for start in range(0, len(order) - batch_size + 1, batch_size):  # the last partial batch is dropped
+            yield self.pairs[order[start : start + batch_size]]
+
+    def fetch(self, handles: np.ndarray) -> list[dict]:
+        rows = []
+        for src, row in handles:
+            s = self.sources[int(src)]
+            rows.append(canonical_row(s.dataset[int(row)], s.entry, s.split, int(row)))
+        return rows
+
+
+class _StreamMixture:
+    """Streamed mixture: canonical rows from `interleave_datasets`, shuffled with a buffer per epoch."""
+
+    def __init__(self, dataset: datasets.IterableDataset, shuffle_buffer_size: int):
+        self.dataset = dataset
+        self.shuffle_buffer_size = int(shuffle_buffer_size)
+
+    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[list[dict]]:
+        ds = self.dataset
+        if shuffle and self.shuffle_buffer_size > 1:
+            ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+        ds.set_epoch(epoch)
+        # `.iter` (not `__iter__`) so datasets does not split the stream by DataLoader worker: every worker
+        # sees the same global batch order and keeps its own batches (see TrainStream).
+        for cols in ds.iter(batch_size=batch_size, drop_last_batch=True):
+            yield [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
+
+    def fetch(self, handles: list[dict]) -> list[dict]:
+        return handles
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless, deterministic stream of collated training batches (epoch after epoch).
+
+    Global batch `j` (counted from the start of training, across epochs) is produced by rank
+    `(j - start_batch) % world_size` and, on that rank, by worker `((j - start_batch) // world_size) %
+    num_workers`; PyTorch's DataLoader returns worker outputs round-robin, so each rank sees its
+    batches in global order whatever `num_workers` is. `start_batch` skips batches already trained on
+    (resume): skipped batches are never decoded.
+    """
+
+    def __init__(
+        self,
+        mixture: _MapMixture | _StreamMixture,
+        collator: SpeechCollator,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = True,
+        rank: int = 0,
+        world_size: int = 1,
+        max_epochs: int | None = None,
+    ):
+        self.mixture = mixture
+        self.collator = collator
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+        self.max_epochs = max_epochs
+        self.start_batch = 0
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        j, epoch, start = 0, 0, self.start_batch
+        while self.max_epochs is None or epoch < self.max_epochs:
+            produced = 0
+            for handles in self.mixture.epoch_batches(epoch, self.seed, self.batch_size, self.shuffle):
+                produced += 1
+                k = j - start
+                if (
+                    k >= 0
+                    and k % self.world_size == self.rank
+                    and (k // self.world_size) % n_workers == worker
+                ):
+                    batch = self.collator(self.mixture.fetch(handles), epoch)
+                    batch["batch_index"] = j
+                    yield batch
+                j += 1
+            if produced == 0:
+                raise DataError(
+                    f"the training data has fewer samples than one batch (data.batch_size={self.batch_size}) "
+                    "after filtering; lower the batch size or relax the filters"
+                )
+            epoch += 1
+
+
+class _ListDataset(torch.utils.data.Dataset):
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.rows[i]
+
+
+class _MapRows(torch.utils.data.Dataset):
+    """A map-style validation split read row by row in canonical form."""
+
+    def __init__(self, dataset: datasets.Dataset, entry: DatasetEntry, split: str, n: int):
+        self.dataset, self.entry, self.split, self.n = dataset, entry, split, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict:
+        return canonical_row(self.dataset[i], self.entry, self.split, i)

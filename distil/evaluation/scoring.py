@@ -1,0 +1,70 @@
+"""Scoring transcripts: WER (normalised and orthographic) per set, averages over sets, prediction rows."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+from distil.data.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
+from distil.evaluation.data import EvalInputError, Sample
+
+log = logging.getLogger(__name__)
+
+
+def score(
+    references: Sequence[str | None], predictions: Sequence[str], language: str | None, metric: str = "wer"
+) -> dict:
+    """Normalised and orthographic error rates of one set (CER too when the set's metric is `cer`)."""
+    refs = [r or "" for r in references]
+    normalizer = get_normalizer(language)
+    normalised = corpus_wer(refs, predictions, normalizer)
+    orthographic = corpus_wer(refs, predictions, identity)
+    out = {
+        "metric": metric,
+        "wer": normalised.wer,
+        "wer_orthographic": orthographic.wer,
+        "samples": len(predictions),
+        "scored": normalised.scored,
+        "skipped_empty_reference": normalised.skipped_empty_reference,
+        "details": normalised.to_dict(),
+    }
+    if metric == "cer":
+        out["cer"] = corpus_cer(refs, predictions, normalizer)
+        out["cer_orthographic"] = corpus_cer(refs, predictions, identity)
+    elif metric != "wer":
+        raise EvalInputError(f"unknown metric {metric!r}: use wer or cer")
+    return out
+
+
+def averages(set_metrics: dict[str, dict]) -> dict:
+    """Macro (mean over sets) and sample-weighted (weights = scored samples) averages of each rate."""
+    out: dict[str, Any] = {}
+    for key in ("wer", "wer_orthographic", "cer", "cer_orthographic"):
+        rows = [
+            (m[key], m["scored"])
+            for m in set_metrics.values()
+            if m.get("status") == "ok" and m.get(key) is not None
+        ]
+        if not rows:
+            continue
+        total = sum(n for _, n in rows)
+        out[f"{key}_macro"] = sum(v for v, _ in rows) / len(rows)
+        out[f"{key}_sample_weighted"] = sum(v * n for v, n in rows) / total if total else None
+        out[f"{key}_sets"] = len(rows)
+    return out
+
+
+def prediction_rows(
+    samples: Sequence[Sample], predictions: Sequence[str], language: str | None
+) -> list[dict]:
+    normalizer = get_normalizer(language)
+    return [
+        {
+            "id": s.id,
+            "reference": s.reference,
+            "prediction": p,
+            "wer": sample_wer(s.reference, p, normalizer) if s.reference and s.reference.strip() else None,
+        }
+        for s, p in zip(samples, predictions, strict=True)
+    ]

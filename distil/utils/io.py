@@ -1,0 +1,115 @@
+"""Atomic writes: every file and directory distil writes appears complete or not at all.
+
+A writer that crashes or is killed leaves only a hidden `.<name>.tmp-*` sibling, never a half-written file
+or directory that a later stage (or a resumed run) would take as complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = ".distil_complete.json"  # written last into a directory built by `build_directory`
+
+
+@contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `path` to write; on success it replaces `path` (os.replace is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Sequence[dict]) -> None:
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def _follow_umask(directory: Path) -> None:
+    """mkdtemp (and safetensors) create owner-only files; shared outputs should follow the user's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for f in directory.iterdir():
+        if f.is_file():
+            os.chmod(f, 0o666 & ~umask)
+
+
+@contextmanager
+def atomic_directory(
+    out_dir: str | Path, keep_existing: Callable[[], bool] = lambda: False
+) -> Iterator[Path]:
+    """Yield a temporary sibling of `out_dir` to write into; on success it replaces `out_dir`.
+
+    `keep_existing()` is asked once the build is done: True keeps an `out_dir` that appeared meanwhile (another
+    process finished the same build first) and drops the temporary copy.
+    """
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
+        _follow_umask(tmp)
+        if out_dir.exists():
+            if keep_existing():
+                shutil.rmtree(tmp)
+                return
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def is_complete(directory: str | Path, spec: dict | None = None) -> bool:
+    """True iff `directory` was fully written by `build_directory` and, when given, for the same `spec`."""
+    marker = Path(directory) / COMPLETE_MARKER
+    if not marker.is_file():
+        return False
+    if spec is None:
+        return True
+    try:
+        return json.loads(marker.read_text()).get("spec") == spec
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def build_directory(
+    final_dir: str | Path, spec: dict, build: Callable[[Path], Any], replace: bool = False
+) -> Path:
+    """Run `build(tmp_dir)`, write the completeness marker (with `spec`) last, then move it to `final_dir`.
+
+    An incomplete or stale `final_dir` is replaced; a complete one for the same `spec` only when `replace`
+    (otherwise it was written concurrently and is kept).
+    """
+    final_dir = Path(final_dir)
+    with atomic_directory(
+        final_dir, keep_existing=lambda: not replace and is_complete(final_dir, spec)
+    ) as tmp:
+        build(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps({"spec": spec}, indent=2, sort_keys=True) + "\n")
+    return final_dir

@@ -1,0 +1,179 @@
+"""Loading a Whisper model to run: a Hugging Face directory or Hub id, or a distil training checkpoint on
+top of its student directory; errors name the path and the fix.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from distil.evaluation.data import EvalInputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedModel:
+    model: Any
+    processor: Any
+    name: str
+    path: str
+    kind: str  # "hf" (a transformers directory or Hub id) or "checkpoint" (a training .ckpt)
+
+    def info(self) -> dict:
+        cfg = self.model.config
+        return {
+            "name": self.name,
+            "path": self.path,
+            "kind": self.kind,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "encoder_layers": cfg.encoder_layers,
+            "decoder_layers": cfg.decoder_layers,
+            "multilingual": is_multilingual(self.model),
+            "dtype": str(self.model.dtype).replace("torch.", ""),
+        }
+
+
+def pick_device(device: str | None = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_processor(path: str):
+    from transformers import WhisperProcessor
+
+    try:
+        processor = WhisperProcessor.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise EvalInputError(
+            f"model directory {path} has no usable Whisper processor (tokenizer + feature extractor files): {err}. "
+            "Save one next to the weights (`WhisperProcessor.from_pretrained(teacher).save_pretrained(dir)`) "
+            "or re-create the student with `distil.init_student`, which copies it from the teacher."
+        ) from err
+    return processor
+
+
+def _hf_path(model_cfg: DictConfig | dict, models_root: str | None = None) -> str:
+    """Local directory or Hub id of an HF model config (imports/builds bundled teachers on first use)."""
+    from distil.whisper.models import ModelConfigError, resolve_model
+
+    try:
+        return str(resolve_model(model_cfg, models_root))
+    except ModelConfigError as err:
+        raise EvalInputError(str(err)) from err
+
+
+def _read_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # Lightning stores hyper-parameters (OmegaConf objects) that weights_only rejects
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def student_state_from_checkpoint(checkpoint: dict, path: str, prefix: str = "student.") -> dict:
+    """The student's weights from a Lightning checkpoint (keys `student.*`), prefix removed."""
+    state = checkpoint.get("state_dict", checkpoint)
+    if not isinstance(state, dict):
+        raise EvalInputError(f"checkpoint {path} holds no state_dict")
+    out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not out:
+        sample = ", ".join(list(state)[:3])
+        raise EvalInputError(
+            f"checkpoint {path} has no '{prefix}*' weights (first keys: {sample}): it is not a distil "
+            "training checkpoint; pass a Whisper model directory as model.path instead"
+        )
+    return out
+
+
+def load_checkpoint_into(model, state: dict, path: str, base: str) -> None:
+    """Load `state` into `model`, explaining an architecture mismatch instead of a tensor-size error."""
+    own = model.state_dict()
+    tied = {"proj_out.weight"}  # tied to the decoder token embedding, often not saved
+    missing = [k for k in own if k not in state and k not in tied]
+    unexpected = [k for k in state if k not in own]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+        for k in state
+        if k in own and state[k].shape != own[k].shape
+    ]
+    if missing or unexpected or wrong:
+        raise EvalInputError(
+            f"checkpoint {path} does not fit the architecture of model.base={base} "
+            f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}, "
+            f"shape mismatches {wrong[:3]}). model.base must be the student directory this checkpoint was "
+            "trained from (same layer counts and width)."
+        )
+    model.load_state_dict(state, strict=False)
+    model.tie_weights()
+
+
+def load_model(
+    model_cfg: DictConfig | dict,
+    device: str | None = "auto",
+    dtype: str | None = "auto",
+    models_root: str | None = None,
+) -> LoadedModel:
+    """Load the model to evaluate: an HF Whisper directory / Hub id, or a training checkpoint.
+
+    A checkpoint (`model.path=...ckpt`) needs `model.base`: the HF directory with the matching config and
+    processor (the student directory the run started from).
+    """
+    from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+    model_cfg = (
+        OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
+        if isinstance(model_cfg, DictConfig)
+        else OmegaConf.create(dict(model_cfg))
+    )
+    dev = pick_device(device)
+    torch_dtype = pick_dtype(dtype, dev)
+    path = model_cfg.get("path")
+    if path and str(path).endswith(".ckpt"):
+        ckpt = Path(str(path)).expanduser()
+        if not ckpt.is_file():
+            raise EvalInputError(f"checkpoint {ckpt} does not exist")
+        base = model_cfg.get("base")
+        if not base:
+            raise EvalInputError(
+                f"checkpoint {ckpt} needs model.base=<student HF directory> for its config and processor"
+            )
+        base = _hf_path({"path": base}, models_root)
+        processor = load_processor(base)
+        state = student_state_from_checkpoint(_read_checkpoint(ckpt), str(ckpt))
+        model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(base))
+        from transformers import GenerationConfig
+
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(base)
+        except OSError:
+            log.warning("no generation_config.json in %s; using the default", base)
+        load_checkpoint_into(model, state, str(ckpt), base)
+        name, kind, where = model_cfg.get("name") or ckpt.stem, "checkpoint", str(ckpt)
+    else:
+        where = _hf_path(model_cfg, models_root)
+        processor = load_processor(where)
+        try:
+            model = WhisperForConditionalGeneration.from_pretrained(where)
+        except (OSError, ValueError) as err:
+            raise EvalInputError(f"cannot load a Whisper model from {where}: {err}") from err
+        name, kind = model_cfg.get("name") or Path(where).name, "hf"
+    model = model.to(dev, torch_dtype).eval()
+    return LoadedModel(model, processor, str(name), where, kind)
+
+
+def is_multilingual(model) -> bool:
+    gc = model.generation_config
+    flag = getattr(gc, "is_multilingual", None)
+    return bool(getattr(gc, "lang_to_id", None)) if flag is None else bool(flag)
