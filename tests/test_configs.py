@@ -62,20 +62,3 @@ def test_every_group_option_composes_in_a_stage_that_uses_it(group, option, monk
         pytest.skip(f"no main config puts group {group!r} in its defaults")
     for name in users:
         _compose(name, [f"{group}={option}"])
-
-
-CONSOLE_SCRIPTS = ["corpus", "import-model", "pseudo-label", "init-student", "train", "evaluate", "pipeline"]
-
-
-@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
-def test_console_scripts_find_their_config_from_any_directory(script, tmp_path):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    exe = Path(sys.executable).parent / f"distil-{script}"
-    env = {**os.environ, "DISTIL_HOME": str(tmp_path)}
-    result = subprocess.run([str(exe), "--cfg", "job"], cwd=tmp_path, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "paths:" in result.stdout

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 import torch
-from test_speech_datamodule import _wave
+from helpers import wave
 
 from distil.data.audio import encode_flac
 from distil.data.encoder_cache import EncoderCache
@@ -37,7 +37,7 @@ def batch(tiny_dir, tokenizer):
     texts = ["the quick brown fox", "seven small birds sing in green trees today"]
     rows = [
         {
-            "audio": {"bytes": encode_flac(_wave(0.6 + 0.2 * i, i), SR), "path": None},
+            "audio": {"bytes": encode_flac(wave(0.6 + 0.2 * i, i), SR), "path": None},
             "sample_id": f"s{i}",
             "source": "a/train",
             "token_ids": list(tokenizer(" " + t).input_ids),

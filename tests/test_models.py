@@ -9,11 +9,12 @@ import sys
 
 import pytest
 import torch
+from helpers import PROJECT_ROOT
 from omegaconf import OmegaConf
 
 from distil.import_model import import_model
 from distil.utils.io import is_complete
-from distil.utils.paths import CONF_DIR, REPO_ROOT
+from distil.utils.paths import CONF_DIR
 from distil.whisper import ct2_reader
 from distil.whisper.models import ModelConfigError, build_tiny_random, model_fingerprint, resolve_model
 
@@ -184,7 +185,7 @@ def test_import_model_cli_converts_a_ct2_dir(tiny_en_dir, tmp_path):
     env = {**os.environ, "DISTIL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, "-m", "distil.import_model", f"ct2_dir={ct2_dir}", f"out={out}"],
-        cwd=REPO_ROOT,
+        cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -2,11 +2,11 @@
 
 import json
 
-from distil.utils.paths import REPO_ROOT
+from helpers import PROJECT_ROOT
 
 
 def test_walkthrough_notebook_runs():
-    notebook = json.loads((REPO_ROOT / "notebooks" / "walkthrough.ipynb").read_text())
+    notebook = json.loads((PROJECT_ROOT / "notebooks" / "walkthrough.ipynb").read_text())
     namespace: dict = {}
     for index, cell in enumerate(notebook["cells"]):
         if cell["cell_type"] != "code":

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import SR, WORDS, entry, wave, write_split
 
 from distil.data.audio import encode_flac
 from distil.data.targets import IGNORE_INDEX
@@ -18,81 +15,7 @@ from distil.datamodules.collator import SpeechCollator
 from distil.datamodules.filters import DataError, drop_reason, sampling_probabilities
 from distil.datamodules.speech import SpeechDataModule
 
-SR = 16_000
-WORDS = "the quick brown fox jumps over a lazy dog while seven small birds sing in green trees".split()
-
-
 # =========================================================================== synthetic data (shared helpers)
-
-
-def _wave(seconds: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * SR)) / SR
-    return (0.1 * np.sin(2 * np.pi * (200 + 50 * seed % 7) * t) + 0.01 * rng.standard_normal(len(t))).astype(
-        np.float32
-    )
-
-
-def write_split(
-    root: Path,
-    name: str,
-    split: str,
-    n: int,
-    tokenizer=None,
-    *,
-    pl_wer=None,
-    durations=None,
-    labelled: bool = True,
-    id_offset: int = 0,
-    teacher_meta: dict | None = None,
-    extra_columns: dict | None = None,
-) -> Path:
-    """A split in the corpus / pseudo-label layout: `<root>/<name>/<split>/part-00000.parquet` (+ `_SUCCESS`)."""
-    rows = {"audio": [], "text": [], "id": [], "speaker": [], "duration": []}
-    if labelled:
-        rows.update({"token_ids": [], "pl_wer": [], "pseudo_label": []})
-    for i in range(n):
-        dur = float(durations[i]) if durations is not None else 0.5 + 0.1 * (i % 4)
-        text = " ".join(WORDS[(i + k) % len(WORDS)] for k in range(3 + i % 4))
-        rows["audio"].append({"bytes": encode_flac(_wave(dur, i + id_offset), SR), "path": None})
-        rows["text"].append(text)
-        rows["id"].append(f"{name}-{i + id_offset}")
-        rows["speaker"].append(f"spk{i % 2}")
-        rows["duration"].append(dur)
-        if labelled:
-            rows["token_ids"].append(list(tokenizer(" " + text).input_ids))
-            rows["pl_wer"].append(None if pl_wer is None else pl_wer[i])
-            rows["pseudo_label"].append(text)
-    for k, v in (extra_columns or {}).items():
-        rows[k] = v
-    out = root / name / split
-    out.mkdir(parents=True, exist_ok=True)
-    table = pa.table(rows)
-    meta = {
-        b"huggingface": json.dumps(
-            {"info": {"features": {"audio": {"_type": "Audio", "decode": False}}}}
-        ).encode()
-    }
-    pq.write_table(table.replace_schema_metadata(meta), out / "part-00000.parquet")
-    if labelled:
-        (out / "distil_labels.json").write_text(json.dumps({"teacher": teacher_meta or {}}))
-        (out / "_SUCCESS").write_text("")
-    return out
-
-
-def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dict:
-    return {
-        "name": name,
-        "path": str(root / name),
-        "splits": list(splits),
-        "audio_column": "audio",
-        "text_column": "text",
-        "id_column": "id",
-        "speaker_column": "speaker",
-        "duration_column": "duration",
-        "language": "en",
-        "samples": samples,
-    }
 
 
 def make_dm(tiny_dir, datasets, pl_root, **kw) -> SpeechDataModule:
@@ -324,7 +247,7 @@ def test_collator_uses_encoder_cache(tmp_path, tiny_dir, tokenizer):
     )
     rows = [
         {
-            "audio": {"bytes": encode_flac(_wave(0.5, i), SR), "path": None},
+            "audio": {"bytes": encode_flac(wave(0.5, i), SR), "path": None},
             "sample_id": str(i),
             "source": "a/train",
             "token_ids": list(tokenizer(" hello").input_ids),

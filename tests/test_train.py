@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import entry, write_split
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
-from test_speech_datamodule import entry, write_split
 
 import distil.whisper.student  # noqa: F401  (resolver)
 from distil.train import run_dir_from_overrides, train

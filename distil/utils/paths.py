@@ -1,17 +1,45 @@
-"""Where distil keeps its caches: one root, `$DISTIL_HOME` (default `~/.cache/distil`)."""
+"""Where distil finds its configs and keeps its artifacts.
+
+The configs ship inside the package (`distil/conf` is the repository's top-level `conf/`, linked into the
+package and copied into the wheel), so console scripts find them whether distil is installed editable, from a
+wheel, or run from a checkout. Artifacts live under one root, `paths.root` in `conf/paths/default.yaml`.
+"""
 
 from __future__ import annotations
 
-import os
+import hashlib
+import re
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-CONF_DIR = REPO_ROOT / "conf"
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+CONF_DIR = PACKAGE_DIR / "conf"
+# The source checkout (for the git revision in run_info.json); None when distil runs from a wheel.
+REPO_ROOT: Path | None = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / ".git").exists() else None
+
+MAX_DIRNAME = 120
+
+
+def safe_dirname(text: str) -> str:
+    """`text` (e.g. Hydra's `job.override_dirname`) as one directory name: no separators, at most 120 chars.
+
+    Long names (overrides holding paths) keep a readable prefix plus a hash of the whole text, so they stay unique.
+    """
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    if len(name) > MAX_DIRNAME:
+        name = name[: MAX_DIRNAME - 10] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return name
+
+
+def default_paths():
+    """`conf/paths/default.yaml` resolved (its `${oc.env:DISTIL_HOME,...}` default is the only copy of it)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({"paths": OmegaConf.load(CONF_DIR / "paths" / "default.yaml")}).paths
 
 
 def distil_home() -> Path:
-    return Path(os.environ.get("DISTIL_HOME", "~/.cache/distil")).expanduser()
+    return Path(default_paths().root).expanduser()
 
 
 def models_dir() -> Path:
-    return distil_home() / "models"
+    return Path(default_paths().models).expanduser()

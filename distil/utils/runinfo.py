@@ -12,6 +12,8 @@ from distil.utils.paths import REPO_ROOT
 
 
 def git_revision() -> str:
+    if REPO_ROOT is None:  # installed from a wheel: no checkout to ask
+        return "unknown"
     try:
         rev = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True

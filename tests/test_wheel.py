@@ -1,0 +1,87 @@
+"""`pip install .` (not editable) gives console scripts that find their configs from any directory.
+
+The wheel is built from a copy of the sources (the checkout stays clean) and installed with `--no-deps` into a
+fresh venv whose only view of the dependencies is a `.pth` line naming this venv's site-packages (so nothing
+is downloaded, and this checkout's editable install is not on the path: its finder is never loaded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+
+import pytest
+from helpers import PROJECT_ROOT
+
+CONSOLE_SCRIPTS = ["corpus", "import-model", "pseudo-label", "init-student", "train", "evaluate", "pipeline"]
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    result = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert result.returncode == 0, f"{cmd}: {result.stdout[-1500:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.fixture(scope="module")
+def wheel_venv(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("wheel")
+    src = work / "src"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    for name in ("distil", "conf"):
+        shutil.copytree(PROJECT_ROOT / name, src / name, symlinks=True, ignore=ignore)
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(PROJECT_ROOT / name, src / name)
+    _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", work, src])
+    (wheel,) = work.glob("distil-*.whl")
+
+    venv = work / "venv"
+    _run([sys.executable, "-m", "venv", "--without-pip", venv])
+    site = Path(
+        sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"]
+    )  # the new venv's site-packages
+    (site / "_distil_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            venv / "bin" / "python",
+            "install",
+            "-q",
+            "--no-deps",
+            wheel,
+        ]
+    )
+    return venv
+
+
+def test_wheel_ships_the_configs_and_imports_from_the_wheel(wheel_venv, tmp_path):
+    where = _run(
+        [wheel_venv / "bin" / "python", "-c", "import distil.utils.paths as p; print(p.CONF_DIR)"],
+        cwd=tmp_path,
+    ).stdout.strip()
+    conf = Path(where)
+    assert str(conf).startswith(str(wheel_venv)), f"distil was imported from {conf}, not from the wheel"
+    assert (conf / "train.yaml").is_file() and (conf / "hydra" / "launcher" / "slurm.yaml").is_file()
+    shipped = {p.relative_to(conf) for p in conf.rglob("*.yaml")}
+    assert shipped == {p.relative_to(PROJECT_ROOT / "conf") for p in (PROJECT_ROOT / "conf").rglob("*.yaml")}
+
+
+@pytest.mark.parametrize("script", CONSOLE_SCRIPTS)
+def test_console_scripts_find_their_config_from_any_directory(wheel_venv, script, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["DISTIL_HOME"] = str(tmp_path)
+    result = _run(
+        [wheel_venv / "bin" / f"distil-{script}", "--cfg", "job", "--resolve"], cwd=tmp_path, env=env
+    )
+    assert f"root: {tmp_path}" in result.stdout
+
+
+def test_train_help_from_the_wheel(wheel_venv, tmp_path):
+    result = _run([wheel_venv / "bin" / "distil-train", "--help"], cwd=tmp_path)
+    assert "train is powered by Hydra" in result.stdout
