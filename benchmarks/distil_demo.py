@@ -58,7 +58,7 @@ def test_wer(model_dir: str, corpora: str, names=("espeak", "flite"), batch_size
 def run(train_overrides=()) -> dict:
     from distil.data.synthetic import build_all
     from distil.pseudo_label import pseudo_label
-    from distil.train import run_dir_from_overrides, train
+    from distil.train import default_out_dir, override_dirname, train
 
     timings = {}
     t = time.time()
@@ -73,7 +73,8 @@ def run(train_overrides=()) -> dict:
 
     cfg = _compose("train", ["experiment=demo", *train_overrides])
     OmegaConf.set_struct(cfg, False)
-    cfg.out_dir = str(run_dir_from_overrides(cfg.students_root_dir, list(train_overrides)))
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg.out_dir = str(default_out_dir(cfg.students_root_dir, override_dirname(train_overrides)))
     t = time.time()
     summary = train(cfg)
     timings["train_s"] = time.time() - t

@@ -109,8 +109,7 @@ def run_stage(
     from distil.pseudo_label import pseudo_label
 
     cfg = OmegaConf.load(CONF_DIR / "pseudo_label.yaml")
-    for key in ("defaults", "hydra"):
-        cfg.pop(key)
+    cfg.pop("defaults")
     cfg.paths = OmegaConf.load(CONF_DIR / "paths" / "default.yaml")
     cfg.paths.root = str(home)
     cfg.paths.models = str(distil_home() / "models")  # reuse the imported teacher

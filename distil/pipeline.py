@@ -96,11 +96,11 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         results["init_student"] = str(init_student_from_config(stage_cfg))
     train_summary = None
     if "train" in cfg.stages:
-        from distil.train import run_dir_from_overrides, train
+        from distil.train import default_out_dir, override_dirname, train
 
         stage_cfg, _, overrides = run("train")
-        if stage_cfg.get("out_dir") is None:
-            stage_cfg.out_dir = str(run_dir_from_overrides(stage_cfg.students_root_dir, overrides))
+        if stage_cfg.get("out_dir") is None:  # the directory `distil-train <overrides>` would use
+            stage_cfg.out_dir = str(default_out_dir(stage_cfg.students_root_dir, override_dirname(overrides)))
         train_summary = train(stage_cfg)
         results["train"] = train_summary
     if "evaluate" in cfg.stages:
@@ -142,11 +142,12 @@ def _quoted(path: str | Path) -> str:
 def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | None:
     """The distilled student to evaluate: the best export of this run's training, else its last export."""
     if train_summary is None:
-        from distil.train import run_dir_from_overrides
+        from distil.train import default_out_dir, override_dirname
 
-        train_cfg = compose_stage("train", stage_overrides(cfg, "train"), cfg.paths)
-        out_dir = train_cfg.get("out_dir") or run_dir_from_overrides(
-            train_cfg.students_root_dir, stage_overrides(cfg, "train")
+        overrides = stage_overrides(cfg, "train")
+        train_cfg = compose_stage("train", overrides, cfg.paths)
+        out_dir = train_cfg.get("out_dir") or default_out_dir(
+            train_cfg.students_root_dir, override_dirname(overrides)
         )
         exports = {k: Path(out_dir) / k for k in ("best", "last")}
         exports = {k: str(v) for k, v in exports.items() if (v / "config.json").is_file()}

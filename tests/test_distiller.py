@@ -12,7 +12,8 @@ from helpers import wave
 from distil.data.audio import encode_flac
 from distil.data.encoder_cache import EncoderCache
 from distil.datamodules.collator import SpeechCollator
-from distil.modules.distiller import DistillationSetupError, WhisperDistiller, weights_fingerprint
+from distil.modules.distiller import DistillationSetupError, WhisperDistiller
+from distil.whisper.models import weights_fingerprint
 from distil.whisper.student import init_student
 
 SR = 16_000
@@ -90,7 +91,7 @@ def test_teacher_sees_the_student_decoder_inputs(tiny_dir, batch):
 
 def test_methods_load_the_teacher_only_when_needed(student_dir, tiny_dir, batch):
     sft = make(student_dir, tiny_dir, kl_weight=0.0)
-    assert sft._teacher is None and sft.ce_weight == 1.0
+    assert sft.teacher is None and sft.ce_weight == 1.0
     with torch.no_grad():
         loss, parts = sft.compute_loss(batch)
     assert set(parts) == {"ce", "loss"} and torch.isfinite(loss)
@@ -106,14 +107,19 @@ def test_teacher_is_not_in_state_dict_or_checkpoint(student_dir, tiny_dir):
     module = make(student_dir, tiny_dir)
     keys = list(module.state_dict())
     assert keys and all(k.startswith("student.") for k in keys)
-    ckpt = {"state_dict": {**module.state_dict(), "teacher.model.x": torch.zeros(1)}}
-    module.on_save_checkpoint(ckpt)
-    assert all(k.startswith("student.") for k in ckpt["state_dict"])
+    assert any(
+        k.startswith("teacher.") for k in dict(module.named_parameters())
+    )  # registered, not persistent
+    module.load_state_dict(module.state_dict(), strict=True)  # a student-only state loads strictly
+    with pytest.raises(RuntimeError, match="Missing key"):
+        module.load_state_dict(
+            {k: v for k, v in module.state_dict().items() if "decoder" not in k}, strict=True
+        )
     trainable = {id(p) for p in module.student.parameters() if p.requires_grad}
-    assert not any(id(p) in trainable for p in module._teacher.parameters())
+    assert not any(id(p) in trainable for p in module.teacher.parameters())
     assert not any(p.requires_grad for p in module.student.model.encoder.parameters())  # frozen encoder
     module.train()
-    assert not module._teacher.training and not module.student.model.encoder.training
+    assert not module.teacher.training and not module.student.model.encoder.training
     assert module.student.model.decoder.training
 
 

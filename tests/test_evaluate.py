@@ -14,10 +14,9 @@ from omegaconf import OmegaConf
 
 from distil.data.audio import encode_flac
 from distil.evaluate import evaluate, primary_metric
-from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
 from distil.evaluation.scoring import averages
-from distil.whisper.loading import load_model
+from distil.whisper.loading import ModelLoadError, load_model
 
 SR = 16_000
 
@@ -184,7 +183,7 @@ def test_model_directory_without_processor_is_a_clear_error(tiny_random_dir, tmp
 
     bare = tmp_path / "bare"
     WhisperForConditionalGeneration.from_pretrained(tiny_random_dir).save_pretrained(bare)
-    with pytest.raises(EvalInputError, match="feature extractor|tokenizer|processor"):
+    with pytest.raises(ModelLoadError, match="feature extractor|tokenizer|processor"):
         load_model({"path": str(bare)}, device="cpu")
 
 
@@ -201,7 +200,7 @@ def test_training_checkpoint_loads_and_other_architectures_are_rejected(tiny_ran
     for key, value in reference.model.state_dict().items():
         assert torch.equal(value, loaded.model.state_dict()[key]), key
 
-    with pytest.raises(EvalInputError, match=r"model\.base"):
+    with pytest.raises(ModelLoadError, match=r"model\.base"):
         load_model({"path": str(ckpt)}, device="cpu")
 
     other = WhisperForConditionalGeneration(
@@ -210,11 +209,11 @@ def test_training_checkpoint_loads_and_other_architectures_are_rejected(tiny_ran
     torch.save(
         {"state_dict": {f"student.{k}": v for k, v in other.state_dict().items()}}, tmp_path / "other.ckpt"
     )
-    with pytest.raises(EvalInputError, match="does not fit the architecture"):
+    with pytest.raises(ModelLoadError, match="does not fit the architecture"):
         load_model({"path": str(tmp_path / "other.ckpt"), "base": str(tiny_random_dir)}, device="cpu")
 
     torch.save({"state_dict": {"model.layer.weight": torch.zeros(2)}}, tmp_path / "foreign.ckpt")
-    with pytest.raises(EvalInputError, match="not a distil"):
+    with pytest.raises(ModelLoadError, match="not a distil"):
         load_model({"path": str(tmp_path / "foreign.ckpt"), "base": str(tiny_random_dir)}, device="cpu")
 
 

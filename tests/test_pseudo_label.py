@@ -20,7 +20,7 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
-from distil.data.label_store import SUCCESS, ShardWriter, build_prompt
+from distil.data.label_store import SUCCESS, LabellingStateError, ShardWriter, build_prompt
 from distil.data.text import corpus_wer, english_normalizer, sample_wer
 from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
 from distil.modules.transcriber import GenerationConfigError
@@ -245,7 +245,7 @@ def test_killed_run_resumes_to_identical_output(tmp_path, tiny_random_dir, corpu
 def test_resume_with_other_settings_is_refused(tmp_path, tiny_random_dir, corpus):
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(tmp_path, tiny_random_dir, corpus, callbacks=[KillAfterShards(1)])
-    with pytest.raises(RuntimeError, match="different settings.*generation"):
+    with pytest.raises(LabellingStateError, match="different settings.*generation"):
         run(tmp_path, tiny_random_dir, corpus, "generation.num_beams=2")
 
 

@@ -191,17 +191,22 @@ def test_student_name_distinguishes_settings():
 
 
 def test_student_configs_compose_with_derived_names():
-    conf_dir = Path(__file__).resolve().parent.parent / "conf" / "student"
+    from hydra import compose, initialize_config_dir
+
+    from distil.utils.paths import CONF_DIR
+
+    options = sorted(f.stem for f in (CONF_DIR / "student").glob("*.yaml") if f.stem != "default")
     names = {}
-    for f in sorted(conf_dir.glob("*.yaml")):
-        cfg = OmegaConf.load(f)
-        names[f.stem] = cfg.name
-        resolve_layers(cfg.decoder_layers, 32)  # valid for a large-v2 sized teacher
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for option in options:
+            cfg = compose("init_student", [f"student={option}"]).student
+            names[option] = cfg.name
+            resolve_layers(cfg.decoder_layers, 32)  # valid for a large-v2 sized teacher
+        cfg = compose("init_student", ["student=2dec", "student.encoder_layers=3"])
     assert names["2dec"] == "dec2"
     assert len(set(names.values())) == len(names)
-    cfg = OmegaConf.load(conf_dir / "2dec.yaml")
-    cfg.encoder_layers = 3
-    assert cfg.name == "enc3-dec2"
+    assert cfg.student.name == "enc3-dec2"
+    assert cfg.out_dir == cfg.student.init_dir and cfg.out_dir.endswith("-enc3-dec2")
 
 
 # ----------------------------------------------------------------------------------- init_student

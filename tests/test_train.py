@@ -14,7 +14,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import distil.whisper.student  # noqa: F401  (resolver)
-from distil.train import run_dir_from_overrides, train
+from distil.train import default_out_dir, override_dirname, train
 from distil.training.checkpoints import resolve_ckpt_path
 from distil.utils.paths import CONF_DIR
 
@@ -64,10 +64,11 @@ def compose_train(home: Path, overrides=(), steps: int = 4):
     ]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("train", overrides=base + list(overrides))
+        dirname = override_dirname(overrides)  # named after the test's own overrides, not the base ones
     OmegaConf.set_struct(cfg, False)
     cfg.data.datasets = OmegaConf.create(datasets)
     if cfg.out_dir is None:
-        cfg.out_dir = str(run_dir_from_overrides(cfg.students_root_dir, list(overrides)))
+        cfg.out_dir = str(default_out_dir(cfg.students_root_dir, dirname))
     return cfg
 
 
@@ -83,13 +84,19 @@ def test_config_groups_compose(home):
 
 
 def test_run_dir_and_ckpt_path(tmp_path):
-    assert run_dir_from_overrides(tmp_path, ["experiment=demo", "data.num_workers=2"]) == tmp_path
-    a = run_dir_from_overrides(tmp_path, ["loss.kl_weight=0", "experiment=demo"])
-    b = run_dir_from_overrides(tmp_path, ["loss.kl_weight=1"])
-    assert a != b and a.parent == tmp_path and a == run_dir_from_overrides(tmp_path, ["loss.kl_weight=0"])
-    long_a = run_dir_from_overrides(tmp_path, ["data.datasets.0.path=/" + "x" * 300, "loss.kl_weight=0"])
-    long_b = run_dir_from_overrides(tmp_path, ["data.datasets.0.path=/" + "x" * 300, "loss.kl_weight=1"])
-    assert long_a != long_b and len(long_a.name) < 130
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        assert (
+            override_dirname(["experiment=demo", "data.num_workers=2", "out_dir=/x"]) == ""
+        )  # excluded keys
+        a = override_dirname(["loss.kl_weight=0", "experiment=demo"])
+        b = override_dirname(["loss.kl_weight=1"])
+        long_a = override_dirname(["data.batch_size=1", "data.pseudo_labels_dir=/" + "x" * 300])
+        long_b = override_dirname(["data.batch_size=2", "data.pseudo_labels_dir=/" + "x" * 300])
+    assert a == "loss.kl_weight=0" and a != b
+    assert default_out_dir(tmp_path, "") == tmp_path
+    assert default_out_dir(tmp_path, a) == tmp_path / "loss.kl_weight=0"
+    long_a, long_b = default_out_dir(tmp_path, long_a), default_out_dir(tmp_path, long_b)
+    assert long_a != long_b and long_a.parent == tmp_path and len(long_a.name) <= 120  # one safe directory
     assert resolve_ckpt_path("last", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")
@@ -100,7 +107,7 @@ def test_run_dir_and_ckpt_path(tmp_path):
 def test_end_to_end_train_exports_pipeline_loadable_students(home):
     from transformers import pipeline
 
-    from distil.train import LabellerMismatchWarning
+    from distil.data.label_store import LabellerMismatchWarning
 
     cfg = compose_train(home, ["data.wer_threshold=4"])  # drops all of b (pl_wer 5)
     with pytest.warns(LabellerMismatchWarning, match="another-teacher"):

@@ -40,23 +40,11 @@ def wheel_venv(tmp_path_factory) -> Path:
 
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv])
-    site = Path(
-        sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"]
-    )  # the new venv's site-packages
+    site = Path(sysconfig.get_paths(vars={"base": str(venv), "platbase": str(venv)})["purelib"])
     (site / "_distil_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "--python",
-            venv / "bin" / "python",
-            "install",
-            "-q",
-            "--no-deps",
-            wheel,
-        ]
-    )
+    pip = [sys.executable, "-m", "pip", "--python", venv / "bin" / "python"]
+    # --ignore-installed: pip must not uninstall the editable distil it can see through the .pth line.
+    _run([*pip, "install", "-q", "--no-deps", "--ignore-installed", wheel])
     return venv
 
 

@@ -15,10 +15,12 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from distil.utils.errors import InputError
+
 SAMPLING_RATE = 16_000  # Whisper's input rate; every decoder and feature extractor here uses it
 
 
-class AudioDecodeError(ValueError):
+class AudioDecodeError(InputError):
     """An audio sample that cannot be turned into a waveform (unreadable, empty, missing)."""
 
 

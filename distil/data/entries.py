@@ -32,11 +32,13 @@ from typing import Any
 import datasets
 from datasets import Audio
 
+from distil.utils.errors import InputError
+
 # File extensions a local split directory may hold, mapped to the datasets builder that reads them.
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
 
 
-class DataConfigError(ValueError):
+class DataConfigError(InputError):
     """A dataset entry that does not match the data (missing split or column, bad path)."""
 
 

@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from distil.data.entries import (
 )
 from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 from distil.datamodules.labelling import LabellingSpec, Skip
+from distil.utils.errors import InputError
 from distil.utils.io import read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -48,7 +50,7 @@ PROMPT_TOKEN = "<|startofprev|>"
 LABEL_COLUMNS = ("whisper_transcript", "token_ids", "pseudo_label", "pl_wer", "pl_index")
 
 
-class LabellingStateError(RuntimeError):
+class LabellingStateError(InputError):
     """An output directory written with different settings than this run's."""
 
 
@@ -365,3 +367,31 @@ def run_record(out_dir: Path, before: set[int], spec: LabellingSpec, seconds: fl
         "audio_seconds_per_second": audio / seconds if seconds > 0 else None,
         "shards_written": len(manifests),
     }
+
+
+class LabellerMismatchWarning(UserWarning):
+    """The pseudo-labels were made by another teacher than the KD teacher."""
+
+
+def check_labeller(pseudo_labels_dir: str, datasets_cfg, teacher_dir: str, teacher_name: str) -> list[str]:
+    """Warn when the pseudo-labels' teacher (distil_labels.json) is not the KD teacher; returns the messages."""
+    from distil.whisper.models import model_fingerprint
+
+    fingerprint = model_fingerprint(teacher_dir)
+    messages = []
+    for entry in datasets_cfg:
+        for split in entry.get("splits") or ["train"]:
+            meta_path = Path(pseudo_labels_dir) / entry["name"] / split / LABELS_METADATA
+            if not meta_path.is_file():
+                continue
+            labeller = json.loads(meta_path.read_text()).get("teacher", {})
+            if labeller.get("fingerprint") and labeller["fingerprint"] != fingerprint:
+                messages.append(
+                    f"pseudo-labels of {entry['name']}/{split} were made by {labeller.get('name')!r} "
+                    f"({labeller['fingerprint']}) but the KD teacher is {teacher_name!r} ({fingerprint}): the KL term "
+                    "pulls the student towards a different model than the one that wrote its labels"
+                )
+    for m in messages:
+        warnings.warn(m, LabellerMismatchWarning, stacklevel=2)
+        log.warning(m)
+    return messages

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from distil.data.audio import NOISE_TYPES, SAMPLING_RATE, add_noise, encode_flac, make_noise
 from distil.data.tts import ENGINES, require_engine, synthesize
+from distil.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ FEATURES = datasets.Features(
 )
 
 
-class CorpusConfigError(ValueError):
+class CorpusConfigError(InputError):
     """A corpus config that cannot be built; the message names the key and the fix."""
 
 

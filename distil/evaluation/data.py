@@ -10,6 +10,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from distil.data.audio import SAMPLING_RATE, AudioDecodeError, decode_audio
+from distil.utils.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ SET_DEFAULTS = {
 }
 
 
-class EvalInputError(ValueError):
+class EvalInputError(InputError):
     """Input the evaluation cannot use (model, checkpoint, data set); the message names it and the fix."""
 
 

@@ -10,33 +10,33 @@ Speed-critical choices, all exact (same loss as the straightforward computation)
   are then identically zero and are skipped; the decoder MSE terms still need the teacher's decoder states.
 - Labels arrive padded to the longest in the batch (not 448), and the vocabulary projection runs only
   at label positions (the [B, T, 51k] logits of padding and prompt positions are never built).
-- The frozen teacher runs in eval mode under `torch.no_grad`; it is not a registered sub-module, so it is
-  not in `state_dict`, checkpoints, the optimiser or DDP.
+- The frozen teacher runs in eval mode under `torch.no_grad`; it is a registered sub-module (Lightning moves
+  it to the device) that is never checkpointed, optimised or synchronised by DDP.
 - Optional on-disk encoder-output cache (distil.data.encoder_cache) for later epochs.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
+import functools
+import inspect
 import logging
-from pathlib import Path
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 import torch
-from torch import nn
 
 from distil.data.encoder_cache import EncoderCache
 from distil.training.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
-from distil.training.optim import build_optimizer, build_scheduler, param_groups
+from distil.training.optim import param_groups
+from distil.utils.errors import InputError
+from distil.whisper.models import load_whisper, same_weights, weights_fingerprint
+from distil.whisper.student import STUDENT_INFO_FILE, student_layer_maps
 
 log = logging.getLogger(__name__)
 
-STUDENT_INFO_FILE = "distil_student.json"
 
-
-class DistillationSetupError(ValueError):
+class DistillationSetupError(InputError):
     """A student/teacher/loss combination that cannot train (raised at start-up)."""
 
 
@@ -44,44 +44,15 @@ class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the batch's samples."""
 
 
-def load_whisper(path: str, dropout: float | None = None):
-    from transformers import WhisperForConditionalGeneration
-
-    kwargs = {}
-    if dropout is not None:
-        kwargs = {
-            "dropout": float(dropout),
-            "attention_dropout": float(dropout),
-            "activation_dropout": float(dropout),
-        }
-    return WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **kwargs)
+def _without_teacher(module, state_dict, prefix, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
 
 
-def same_weights(a: nn.Module, b: nn.Module) -> bool:
-    """True if two modules have the same parameter/buffer names, shapes and values (exact)."""
-    sa, sb = a.state_dict(), b.state_dict()
-    if sa.keys() != sb.keys():
-        return False
-    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
-
-
-def weights_fingerprint(module: nn.Module) -> str:
-    """sha256 over a module's tensors (names, shapes, values): identity of e.g. a frozen encoder."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().to("cpu", torch.float32).contiguous()
-        h.update(f"{name}:{tuple(t.shape)}".encode())
-        h.update(t.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def student_layer_maps(student_dir: str) -> tuple[list[int], list[int]] | None:
-    """(encoder, decoder) teacher layer indices the student was copied from (distil_student.json)."""
-    p = Path(student_dir) / STUDENT_INFO_FILE
-    if not p.is_file():
-        return None
-    info = json.loads(p.read_text())
-    return list(info["encoder_layer_map"]), list(info["decoder_layer_map"])
+def _teacher_not_missing(module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [
+        k for k in incompatible_keys.missing_keys if not k.startswith("teacher.")
+    ]
 
 
 class WhisperDistiller(L.LightningModule):
@@ -95,25 +66,28 @@ class WhisperDistiller(L.LightningModule):
         mse_weight: float = 0.0,
         temperature: float = 2.0,
         freeze_encoder: bool = True,
+        share_encoder: bool | None = None,
         dropout: float | None = None,
         gradient_checkpointing: bool = False,
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        warmup_steps: int = 0,
-        schedule: str = "constant",
-        total_steps: int = 0,
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[[torch.optim.Optimizer], Any] | None = None,
+        val_set_names: Sequence[str] = (),
+        val_languages: Sequence[str | None] = (),
         val_max_new_tokens: int = 128,
         val_num_beams: int = 1,
         language: str | None = None,
         task: str | None = None,
         full_logits: bool = False,
-        share_encoder: bool | None = None,
         fused_optimizer: bool | None = None,
     ):
+        """`optimizer(params, ...)` and `scheduler(optimizer)` are partials (Hydra `_partial_: true`, see
+        conf/train.yaml `module.optimizer` / `module.scheduler`); defaults: AdamW at 1e-4, constant rate."""
         super().__init__()
-        self.save_hyperparameters()
+        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
+        self.scheduler_factory = scheduler
+        self.val_set_names = list(val_set_names)
+        self.val_languages = list(val_languages) or [None] * len(self.val_set_names)
         self.kl_weight = float(kl_weight)
         self.mse_weight = float(mse_weight)
         self.ce_weight = effective_ce_weight(ce_weight, self.kl_weight)
@@ -132,8 +106,14 @@ class WhisperDistiller(L.LightningModule):
                 )
             teacher = load_whisper(teacher_dir).eval().requires_grad_(False)
             self._check_compatible(teacher)
-        # Plain attribute, not a sub-module: kept out of state_dict, checkpoints, optimiser and DDP.
-        object.__setattr__(self, "_teacher", teacher)
+        # A registered sub-module, so Lightning moves it to the device with the student, but not persistent:
+        # `state_dict` (so every checkpoint) holds the student only and loading does not ask for the teacher;
+        # the optimiser sees only the student, DDP neither broadcasts nor synchronises it.
+        self.teacher = teacher
+        self.register_state_dict_post_hook(_without_teacher)
+        self.register_load_state_dict_post_hook(_teacher_not_missing)
+        if teacher is not None:
+            self._ddp_params_and_buffers_to_ignore = [f"teacher.{k}" for k in teacher.state_dict()]
 
         if self.freeze_encoder:
             self.student.model.encoder.requires_grad_(False)
@@ -166,13 +146,6 @@ class WhisperDistiller(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up helpers
 
-    @property
-    def teacher(self):
-        t = self._teacher
-        if t is not None and t.device != self.device:
-            t.to(self.device)
-        return t
-
     def _check_compatible(self, teacher) -> None:
         s, t = self.student.config, teacher.config
         problems = []
@@ -198,7 +171,7 @@ class WhisperDistiller(L.LightningModule):
                 raise DistillationSetupError(
                     "encoder_cache needs model.freeze_encoder=true (the encoder must not change)"
                 )
-            if self._teacher is not None and not self.share_encoder:
+            if self.teacher is not None and not self.share_encoder:
                 raise DistillationSetupError(
                     "encoder_cache needs the student's frozen encoder to be identical to the teacher's "
                     "(one shared encoder pass); this student's encoder differs"
@@ -212,6 +185,8 @@ class WhisperDistiller(L.LightningModule):
         super().train(mode)
         if self.freeze_encoder:
             self.student.model.encoder.eval()  # frozen means deterministic too: no dropout
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
     # ------------------------------------------------------------------ forward / loss
@@ -333,14 +308,8 @@ class WhisperDistiller(L.LightningModule):
             self.hparams.val_num_beams,
         )
 
-    def _val_meta(self) -> tuple[list[str], list[str | None]]:
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        names = list(getattr(dm, "val_names", []) or [])
-        languages = list(getattr(dm, "val_languages", []) or [None] * len(names))
-        return names, languages
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        names, languages = self._val_meta()
+        languages = self.val_languages
         language = languages[dataloader_idx] if dataloader_idx < len(languages) else None
         feats = batch["input_features"].to(self.device, next(self.student.parameters()).dtype)
         ids = self.student.generate(input_features=feats, **self._generate_kwargs(language))
@@ -372,7 +341,7 @@ class WhisperDistiller(L.LightningModule):
             for part in gathered:
                 for idx, rows in part.items():
                     outputs.setdefault(idx, {}).update(rows)
-        names, languages = self._val_meta()
+        names, languages = self.val_set_names, self.val_languages
         metrics: dict[str, float] = {}
         weighted_num, weighted_den, macro = 0.0, 0, []
         for idx, rows in sorted(outputs.items()):
@@ -406,17 +375,15 @@ class WhisperDistiller(L.LightningModule):
         return bool(fused)
 
     def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = build_optimizer(
-            param_groups(self.student, hp.weight_decay),
-            hp.lr,
-            hp.weight_decay,
-            hp.betas,
-            hp.eps,
-            fused=self._use_fused(),
-        )
-        total = int(hp.total_steps) if hp.total_steps and hp.total_steps > 0 else int(self.trainer.max_steps)
-        scheduler = build_scheduler(optimizer, int(hp.warmup_steps), total, hp.schedule)
+        factory = self.optimizer_factory
+        kwargs = {}
+        if "fused" in inspect.signature(getattr(factory, "func", factory)).parameters:
+            kwargs["fused"] = self._use_fused() or None
+        weight_decay = float(getattr(factory, "keywords", {}).get("weight_decay", 0.0))
+        optimizer = factory(param_groups(self.student, weight_decay), **kwargs)
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(
@@ -434,14 +401,18 @@ class WhisperDistiller(L.LightningModule):
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("state_dict", {})
-        for key in [k for k in state if not k.startswith("student.")]:
-            del state[key]  # only the student is trained; the frozen teacher is never checkpointed
         checkpoint["distil_rng"] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             checkpoint["distil_rng"]["cuda"] = torch.cuda.get_rng_state_all()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        missing = sorted(
+            k for k in self.state_dict() if k.startswith("student.") and k not in checkpoint["state_dict"]
+        )
+        if missing:
+            raise DistillationSetupError(
+                f"the checkpoint does not fit this student: {len(missing)} student weights missing, e.g. {missing[:3]}"
+            )
         rng = checkpoint.get("distil_rng")
         if rng is not None:  # exact resume with dropout
             torch.set_rng_state(rng["torch"])

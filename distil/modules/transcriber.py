@@ -16,10 +16,12 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig, WhisperForConditionalGeneration
 from transformers.utils import logging as hf_logging
 
+from distil.utils.errors import InputError
+
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-class GenerationConfigError(ValueError):
+class GenerationConfigError(InputError):
     """Generation settings the teacher cannot honour (e.g. a language for an English-only model)."""
 
 

@@ -6,8 +6,6 @@ or a linearly decaying learning rate (the reference's `constant_with_warmup` / `
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 from torch import nn
 
@@ -47,20 +45,6 @@ def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
         return 1.0
     remaining = max(1, total_steps - warmup_steps)
     return max(0.0, (total_steps - step) / remaining)
-
-
-def build_optimizer(
-    params: Iterable[dict] | Iterable[torch.nn.Parameter],
-    lr: float,
-    weight_decay: float = 0.0,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    fused: bool = False,
-) -> torch.optim.AdamW:
-    # `fused`: one kernel per tensor instead of ~10 elementwise passes (CPU and CUDA).
-    return torch.optim.AdamW(
-        params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, fused=fused or None
-    )
 
 
 def build_scheduler(

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from distil.utils.errors import InputError
+
 log = logging.getLogger(__name__)
 
 
@@ -36,7 +38,7 @@ _NP_DTYPES = {
 }
 
 
-class CT2FormatError(ValueError):
+class CT2FormatError(InputError):
     """A CTranslate2 directory/file that is not a (supported) Whisper checkpoint."""
 
 

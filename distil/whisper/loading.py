@@ -12,9 +12,13 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distil.evaluation.data import EvalInputError
+from distil.utils.errors import InputError
 
 log = logging.getLogger(__name__)
+
+
+class ModelLoadError(InputError):
+    """A model, checkpoint or processor that cannot be loaded; the message names the path and the fix."""
 
 
 @dataclass
@@ -57,7 +61,7 @@ def load_processor(path: str):
     try:
         processor = WhisperProcessor.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
-        raise EvalInputError(
+        raise ModelLoadError(
             f"model directory {path} has no usable Whisper processor (tokenizer + feature extractor files): {err}. "
             "Save one next to the weights (`WhisperProcessor.from_pretrained(teacher).save_pretrained(dir)`) "
             "or re-create the student with `distil.init_student`, which copies it from the teacher."
@@ -72,7 +76,7 @@ def _hf_path(model_cfg: DictConfig | dict, models_root: str | None = None) -> st
     try:
         return str(resolve_model(model_cfg, models_root))
     except ModelConfigError as err:
-        raise EvalInputError(str(err)) from err
+        raise ModelLoadError(str(err)) from err
 
 
 def _read_checkpoint(path: Path) -> dict:
@@ -86,11 +90,11 @@ def student_state_from_checkpoint(checkpoint: dict, path: str, prefix: str = "st
     """The student's weights from a Lightning checkpoint (keys `student.*`), prefix removed."""
     state = checkpoint.get("state_dict", checkpoint)
     if not isinstance(state, dict):
-        raise EvalInputError(f"checkpoint {path} holds no state_dict")
+        raise ModelLoadError(f"checkpoint {path} holds no state_dict")
     out = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not out:
         sample = ", ".join(list(state)[:3])
-        raise EvalInputError(
+        raise ModelLoadError(
             f"checkpoint {path} has no '{prefix}*' weights (first keys: {sample}): it is not a distil "
             "training checkpoint; pass a Whisper model directory as model.path instead"
         )
@@ -109,7 +113,7 @@ def load_checkpoint_into(model, state: dict, path: str, base: str) -> None:
         if k in own and state[k].shape != own[k].shape
     ]
     if missing or unexpected or wrong:
-        raise EvalInputError(
+        raise ModelLoadError(
             f"checkpoint {path} does not fit the architecture of model.base={base} "
             f"(missing {len(missing)} keys e.g. {missing[:3]}, unexpected {len(unexpected)} e.g. {unexpected[:3]}, "
             f"shape mismatches {wrong[:3]}). model.base must be the student directory this checkpoint was "
@@ -117,6 +121,20 @@ def load_checkpoint_into(model, state: dict, path: str, base: str) -> None:
         )
     model.load_state_dict(state, strict=False)
     model.tie_weights()
+
+
+def model_from_checkpoint(ckpt: str | Path, base: str):
+    """The student trained in a distil Lightning checkpoint, built on its student directory `base` (fp32, CPU)."""
+    from transformers import GenerationConfig, WhisperConfig, WhisperForConditionalGeneration
+
+    state = student_state_from_checkpoint(_read_checkpoint(Path(ckpt)), str(ckpt))
+    model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(base))
+    try:
+        model.generation_config = GenerationConfig.from_pretrained(base)
+    except OSError:
+        log.warning("no generation_config.json in %s; using the default", base)
+    load_checkpoint_into(model, state, str(ckpt), base)
+    return model
 
 
 def load_model(
@@ -130,7 +148,7 @@ def load_model(
     A checkpoint (`model.path=...ckpt`) needs `model.base`: the HF directory with the matching config and
     processor (the student directory the run started from).
     """
-    from transformers import WhisperConfig, WhisperForConditionalGeneration
+    from transformers import WhisperForConditionalGeneration
 
     model_cfg = (
         OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
@@ -143,23 +161,15 @@ def load_model(
     if path and str(path).endswith(".ckpt"):
         ckpt = Path(str(path)).expanduser()
         if not ckpt.is_file():
-            raise EvalInputError(f"checkpoint {ckpt} does not exist")
+            raise ModelLoadError(f"checkpoint {ckpt} does not exist")
         base = model_cfg.get("base")
         if not base:
-            raise EvalInputError(
+            raise ModelLoadError(
                 f"checkpoint {ckpt} needs model.base=<student HF directory> for its config and processor"
             )
         base = _hf_path({"path": base}, models_root)
         processor = load_processor(base)
-        state = student_state_from_checkpoint(_read_checkpoint(ckpt), str(ckpt))
-        model = WhisperForConditionalGeneration(WhisperConfig.from_pretrained(base))
-        from transformers import GenerationConfig
-
-        try:
-            model.generation_config = GenerationConfig.from_pretrained(base)
-        except OSError:
-            log.warning("no generation_config.json in %s; using the default", base)
-        load_checkpoint_into(model, state, str(ckpt), base)
+        model = model_from_checkpoint(ckpt, base)
         name, kind, where = model_cfg.get("name") or ckpt.stem, "checkpoint", str(ckpt)
     else:
         where = _hf_path(model_cfg, models_root)
@@ -167,7 +177,7 @@ def load_model(
         try:
             model = WhisperForConditionalGeneration.from_pretrained(where)
         except (OSError, ValueError) as err:
-            raise EvalInputError(f"cannot load a Whisper model from {where}: {err}") from err
+            raise ModelLoadError(f"cannot load a Whisper model from {where}: {err}") from err
         name, kind = model_cfg.get("name") or Path(where).name, "hf"
     model = model.to(dev, torch_dtype).eval()
     return LoadedModel(model, processor, str(name), where, kind)

@@ -18,7 +18,9 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from torch import nn
 
+from distil.utils.errors import InputError
 from distil.utils.io import build_directory, is_complete
 from distil.utils.paths import models_dir
 from distil.whisper import ct2_import, ct2_reader
@@ -55,7 +57,7 @@ _PROCESSOR_FILES = (
 )
 
 
-class ModelConfigError(ValueError):
+class ModelConfigError(InputError):
     """A model config that cannot be resolved (unknown source, bad path, ...)."""
 
 
@@ -281,3 +283,34 @@ def model_fingerprint(model_dir: str | Path) -> str:
     except OSError:
         pass
     return fingerprint
+
+
+def load_whisper(path: str, dropout: float | None = None):
+    from transformers import WhisperForConditionalGeneration
+
+    kwargs = {}
+    if dropout is not None:
+        kwargs = {
+            "dropout": float(dropout),
+            "attention_dropout": float(dropout),
+            "activation_dropout": float(dropout),
+        }
+    return WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **kwargs)
+
+
+def same_weights(a: nn.Module, b: nn.Module) -> bool:
+    """True if two modules have the same parameter/buffer names, shapes and values (exact)."""
+    sa, sb = a.state_dict(), b.state_dict()
+    if sa.keys() != sb.keys():
+        return False
+    return all(sa[k].shape == sb[k].shape and torch.equal(sa[k].cpu(), sb[k].cpu()) for k in sa)
+
+
+def weights_fingerprint(module: nn.Module) -> str:
+    """sha256 over a module's tensors (names, shapes, values): identity of e.g. a frozen encoder."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{tuple(t.shape)}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]

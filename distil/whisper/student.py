@@ -297,3 +297,12 @@ def init_student(
         # Written last: its presence marks the directory as complete.
         (tmp / STUDENT_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
     return out_dir
+
+
+def student_layer_maps(student_dir: str) -> tuple[list[int], list[int]] | None:
+    """(encoder, decoder) teacher layer indices the student was copied from (distil_student.json)."""
+    p = Path(student_dir) / STUDENT_INFO_FILE
+    if not p.is_file():
+        return None
+    info = json.loads(p.read_text())
+    return list(info["encoder_layer_map"]), list(info["decoder_layer_map"])

@@ -1,0 +1,50 @@
+"""Lightning callbacks of the training stage (configured under `callbacks:` in conf/train.yaml)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lightning as L
+
+from distil.utils.io import write_atomic
+
+DATA_FILTER_REPORT = "data_filter.json"
+
+
+class FinalCheckpoint(L.Callback):
+    """Write last.ckpt when training ends (max_steps need not be a multiple of the checkpoint interval).
+
+    Runs inside the training processes (also under ddp_spawn) and not after an exception, so a failed
+    run leaves the last good checkpoint as it was."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)
+
+
+class DataFilterReport(L.Callback):
+    """`<out_dir>/data_filter.json` and TensorBoard counts of what the datamodule's filters kept and dropped.
+
+    Lightning runs the datamodule's `setup` before the callbacks' `setup`, so the counts exist here, before
+    the first step; only rank 0 writes."""
+
+    def __init__(self, out_dir: str | Path):
+        self.out_dir = Path(out_dir)
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        stats = getattr(trainer.datamodule, "filter_stats", None)
+        if stage != "fit" or stats is None or not trainer.is_global_zero:
+            return
+        report = {source: s.as_dict() for source, s in stats.items()}
+        write_atomic(self.out_dir / DATA_FILTER_REPORT, json.dumps(report, indent=2) + "\n")
+        if trainer.logger is None:
+            return
+        for source, s in stats.items():
+            if hasattr(trainer.logger.experiment, "add_text"):
+                trainer.logger.experiment.add_text("data/filter", s.summary(), 0)
+            trainer.logger.log_metrics(
+                {f"data/{source}/kept": s.kept, f"data/{source}/dropped": s.total - s.kept}, 0
+            )
