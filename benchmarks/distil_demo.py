@@ -56,7 +56,7 @@ def test_wer(model_dir: str, corpora: str, names=("espeak", "flite"), batch_size
 
 
 def run(train_overrides=()) -> dict:
-    from distil.data.synthetic import build_all
+    from distil.data.synthetic_build import build_all
     from distil.pseudo_label import pseudo_label
     from distil.train import default_out_dir, override_dirname, train
 

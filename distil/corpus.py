@@ -42,7 +42,8 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
-from distil.data.synthetic import build_all
+from distil.data.synthetic_build import build_all
+from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 
@@ -72,6 +73,7 @@ log = logging.getLogger(__name__)
 # An absolute path: with "../conf" the `distil-corpus` console script fails (Hydra then looks for a
 # `conf` Python module because the caller is not a file next to the configs).
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     for name, path in build_all(cfg).items():

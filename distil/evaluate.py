@@ -30,6 +30,7 @@ from distil.evaluation.sections import (
     evaluate_short_set,
     evaluate_speculative,
 )
+from distil.utils.errors import one_line_errors
 from distil.utils.io import write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
@@ -158,6 +159,7 @@ def primary_metric(metrics: dict) -> float | None:
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     from distil.utils.runinfo import write_run_info
 

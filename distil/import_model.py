@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper import ct2_import
@@ -48,6 +49,7 @@ def import_model(
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     path = import_model(

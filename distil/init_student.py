@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper.student import init_student
@@ -32,6 +33,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
+@one_line_errors
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     out = init_student_from_config(cfg)

@@ -17,6 +17,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 
@@ -80,7 +81,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         return stage_cfg, stage_dir, overrides
 
     if "corpus" in cfg.stages:
-        from distil.data.synthetic import build_all
+        from distil.data.synthetic_build import build_all
 
         stage_cfg, _, _ = run("corpus")
         results["corpus"] = {name: str(path) for name, path in build_all(stage_cfg).items()}
@@ -213,6 +214,7 @@ def format_comparison(rows: dict[str, dict[str, Any]]) -> str:
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     out = write_run_info(cfg)
     results = run_pipeline(cfg, hydra_output_dir() or out)

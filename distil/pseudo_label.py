@@ -54,6 +54,7 @@ from distil.data.entries import (
     load_split,
     validate_columns,
 )
+from distil.data.label_plan import LabellingSpec
 from distil.data.label_store import (
     LABEL_COLUMNS,
     SUCCESS,
@@ -69,8 +70,9 @@ from distil.data.label_store import (
     total_shards,
     try_finalise,
 )
-from distil.datamodules.labelling import LabellingDataModule, LabellingSource, LabellingSpec
+from distil.datamodules.labelling import LabellingDataModule, LabellingSource
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
+from distil.utils.errors import one_line_errors
 from distil.utils.io import read_json, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
@@ -308,6 +310,7 @@ def _log_tensorboard(run_dir: Path, results: dict) -> None:
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
+@one_line_errors
 def main(cfg: DictConfig) -> float | None:
     write_run_info(cfg)
     summary = pseudo_label(cfg)

@@ -16,6 +16,7 @@ from omegaconf import OmegaConf
 
 import distil.data.synthetic as corpus
 from distil.data.audio import decode_audio, make_noise
+from distil.data.synthetic_build import build_all
 from distil.data.tts import TTSUnavailable
 from distil.utils.paths import CONF_DIR
 
@@ -55,7 +56,7 @@ def tiny_cfg(out_dir: Path, *extra: str) -> dict:
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpora")
     cfg = tiny_cfg(out)
-    return cfg, corpus.build_all(cfg)
+    return cfg, build_all(cfg)
 
 
 def load(path: Path, split: str, streaming: bool = False):
@@ -147,7 +148,7 @@ def test_test_voices_and_sentences_are_held_out(built):
 
 def test_build_is_deterministic(built, tmp_path):
     cfg, paths = built
-    again = corpus.build_all({**cfg, "out_dir": str(tmp_path)})
+    again = build_all({**cfg, "out_dir": str(tmp_path)})
     for name, path in paths.items():
         first, second = parquet_bytes(path), parquet_bytes(again[name])
         assert first and first == second, name
@@ -155,15 +156,15 @@ def test_build_is_deterministic(built, tmp_path):
 
 def test_second_run_does_nothing_and_changed_config_rebuilds(tmp_path):
     cfg = tiny_cfg(tmp_path, "~corpora.flite", "~corpora.longform", "noise.snr_db=null")
-    path = corpus.build_all(cfg)["espeak"]
+    path = build_all(cfg)["espeak"]
     marker = path / corpus.MARKER
     stamp = {p: p.stat().st_mtime_ns for p in [marker, *path.rglob("*.parquet")]}
     content = marker.read_text()
-    corpus.build_all(cfg)
+    build_all(cfg)
     assert {p: p.stat().st_mtime_ns for p in stamp} == stamp and marker.read_text() == content
 
     cfg["corpora"]["espeak"]["sizes"]["test"] = 2
-    corpus.build_all(cfg)
+    build_all(cfg)
     assert load(path, "test").num_rows == 2
     assert json.loads(marker.read_text())["config_hash"] != json.loads(content)["config_hash"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["espeak"]  # no temp/old dirs left
@@ -240,7 +241,7 @@ def no_synthesis(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("synthesis started before the config was validated")
 
-    monkeypatch.setattr(corpus, "synthesize", fail)
+    monkeypatch.setattr("distil.data.synthetic_build.synthesize", fail)
 
 
 @pytest.mark.parametrize(
@@ -269,30 +270,30 @@ def no_synthesis(monkeypatch):
 def test_bad_config_is_rejected_before_synthesis(tmp_path, no_synthesis, override, message):
     cfg = tiny_cfg(tmp_path, override)
     with pytest.raises(corpus.CorpusConfigError, match=message):
-        corpus.build_all(cfg)
+        build_all(cfg)
     assert not any(tmp_path.iterdir())
 
 
 def test_missing_engine_says_make_setup(tmp_path, monkeypatch, no_synthesis):
     monkeypatch.setattr("distil.data.tts.shutil.which", lambda exe: None)
     with pytest.raises(TTSUnavailable, match="make setup"):
-        corpus.build_all(tiny_cfg(tmp_path))
+        build_all(tiny_cfg(tmp_path))
 
 
 def test_empty_or_small_sentence_file(tmp_path, no_synthesis):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     with pytest.raises(corpus.CorpusConfigError, match=f"sentences: file {empty} has no sentences"):
-        corpus.build_all(tiny_cfg(tmp_path / "out", f"sentences={empty}"))
+        build_all(tiny_cfg(tmp_path / "out", f"sentences={empty}"))
     with pytest.raises(corpus.CorpusConfigError, match="does not exist"):
-        corpus.build_all(tiny_cfg(tmp_path / "out", f"sentences={tmp_path / 'missing.txt'}"))
+        build_all(tiny_cfg(tmp_path / "out", f"sentences={tmp_path / 'missing.txt'}"))
     small = tmp_path / "small.txt"
     small.write_text("".join(f"Sentence number {i} is here.\n" for i in range(10)))
     # 10 sentences -> 2 in the test pool; 2 test voices can speak at most 4 distinct utterances
     with pytest.raises(
         corpus.CorpusConfigError, match=r"corpora\.espeak\.sizes\.test: 5 .* pool has 2 sentences x 2 voices"
     ):
-        corpus.build_all(tiny_cfg(tmp_path / "out", f"sentences={small}", "corpora.espeak.sizes.test=5"))
+        build_all(tiny_cfg(tmp_path / "out", f"sentences={small}", "corpora.espeak.sizes.test=5"))
 
 
 def test_cli_entry_point(tmp_path):

@@ -20,9 +20,10 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
+from distil.data.label_plan import Clip, LabellingSpec, pack_units
 from distil.data.label_store import SUCCESS, LabellingStateError, ShardWriter, build_prompt
 from distil.data.text import corpus_wer, english_normalizer, sample_wer
-from distil.datamodules.labelling import Clip, LabellingSource, LabellingSpec, ShardBatches, pack_units
+from distil.datamodules.labelling import LabellingSource, ShardBatches
 from distil.modules.transcriber import GenerationConfigError
 from distil.pseudo_label import pseudo_label
 from distil.utils.parallel import resolve_parallelism

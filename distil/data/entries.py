@@ -175,7 +175,11 @@ def column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
 
 
 def validate_columns(
-    entry: DatasetEntry, split: str, names: Iterable[str], need_speaker: bool = False
+    entry: DatasetEntry,
+    split: str,
+    names: Iterable[str],
+    need_speaker: bool = False,
+    where: str | None = None,
 ) -> None:
     """Raise DataConfigError naming dataset, split, missing column, available columns and the key to set."""
     names = list(names)
@@ -193,7 +197,7 @@ def validate_columns(
         if column not in names:
             fix = f"set {entry.key}.{key} to one of {names}" + (" or null" if nullable else "")
             raise DataConfigError(
-                f"dataset {entry.name!r} split {split!r} has no column {column!r} ({key}); "
+                f"dataset {entry.name!r} split {split!r}{f' ({where})' if where else ''} has no column {column!r} ({key}); "
                 f"available columns: {names}; {fix}"
             )
 

@@ -27,8 +27,8 @@ from omegaconf import DictConfig, OmegaConf
 from distil.data.entries import (
     DatasetEntry,
 )
+from distil.data.label_plan import LabellingSpec, Skip
 from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
-from distil.datamodules.labelling import LabellingSpec, Skip
 from distil.utils.errors import InputError
 from distil.utils.io import read_json, write_json_atomic
 

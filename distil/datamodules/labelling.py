@@ -1,28 +1,5 @@
-"""Feeding the teacher: units of work, shards, packing, duration-sorted batches, audio decoding.
-
-Vocabulary
-----------
-- clip: one row of the input dataset, at its original `index`.
-- unit: what the teacher labels as one sample - one clip, or (with packing) several consecutive clips of
-  one speaker concatenated. Units are numbered 0, 1, 2, ... in dataset order; without packing the unit
-  index is the clip index.
-- shard: units [k * shard_size, (k + 1) * shard_size). A shard is the unit of resume (written whole, or not
-  at all), of job splitting (`shard.index`/`shard.count`: job j owns shards k with k % count == j) and of
-  rank splitting under DDP (rank r of W takes every W-th shard the job still has to do). Because shards are
-  defined on the dataset order, every job and rank derives the same partition and none ever collides.
-
-Packing (`packing.enabled`), precisely
---------------------------------------
-Clips are read in dataset order. A clip joins the open unit iff the unit's speaker equals the clip's
-speaker (both known) and the unit's duration plus the clip's stays <= `max_seconds`; otherwise the open unit
-is closed and the clip opens a new one. A unit `continues` its predecessor iff the predecessor unit exists,
-has the same speaker, and no clip was dropped between them; only then does it get the predecessor's
-pseudo-label as its previous-context prompt (`<|startofprev|>` + text, added when the split is merged).
-So a speaker change always starts a prompt-less unit, and clips of different speakers are never merged.
-Clips whose duration is unknown (no duration column, unreadable header) or that alone exceed `max_seconds`
-are skipped (listed) and break the chain. A clip that passes planning but then fails to decode is left out
-of its unit (listed); the unit keeps its other clips. The same rule runs over a stream, so packing works in
-streaming mode too, and gives the same units.
+"""Feeding the teacher: shards of planned units (`distil.data.label_plan`) as duration-sorted batches of
+decoded audio, for one Lightning predict run.
 
 Batching
 --------
@@ -41,8 +18,6 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import Any
 
 import lightning as L
 import numpy as np
@@ -50,129 +25,25 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distil.data.audio import SAMPLING_RATE, AudioDecodeError, audio_duration, decode_audio, encode_flac
 from distil.data.entries import DatasetEntry, duration_column, stable_id
-
-MAX_WHISPER_SECONDS = 30.0
-
-
-@dataclass
-class Clip:
-    index: int
-    row: dict[str, Any]
-    duration: float | None
-
-
-@dataclass
-class Unit:
-    index: int
-    clips: list[Clip]
-    continues: bool = False  # packing: same speaker as the previous unit, which directly precedes it
-
-    @property
-    def duration(self) -> float:
-        return sum(c.duration or 0.0 for c in self.clips)
-
-
-@dataclass
-class Skip:
-    """A clip (or packed unit) that was not labelled, and why."""
-
-    ids: list[str]
-    indices: list[int]
-    reason: str
-    detail: str = ""
-
-    def to_dict(self) -> dict:
-        return {"ids": self.ids, "indices": self.indices, "reason": self.reason, "detail": self.detail}
-
+from distil.data.label_plan import (
+    MAX_WHISPER_SECONDS,
+    Clip,
+    LabellingSpec,
+    Skip,
+    Unit,
+    chunk_shards,
+    duration_batches,
+    pack_units,
+)
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure planning functions
 # ----------------------------------------------------------------------------------------------------------
 
 
-def pack_units(
-    clips: Iterable[Clip],
-    speaker_of: Callable[[Clip], Any],
-    max_seconds: float,
-    on_skip: Callable[[Skip], None],
-) -> Iterator[Unit]:
-    """Group consecutive same-speaker clips up to `max_seconds` (the rule in the module docstring)."""
-    current: list[Clip] = []
-    current_speaker, current_duration, current_continues = None, 0.0, False
-    previous_speaker, chain_ok = None, False  # speaker of the last emitted unit; no clip dropped since
-    n_units = 0
-
-    def close():
-        nonlocal current, n_units, previous_speaker, chain_ok
-        unit = Unit(n_units, current, current_continues)
-        n_units += 1
-        previous_speaker, chain_ok, current = current_speaker, True, []
-        return unit
-
-    for clip in clips:
-        speaker = speaker_of(clip)
-        bad = clip.duration is None or clip.duration > max_seconds
-        if bad:
-            if current:
-                yield close()
-            chain_ok = False
-            reason = "unreadable_audio" if clip.duration is None else "too_long"
-            on_skip(Skip([str(clip.row.get("__id"))], [clip.index], reason, f"duration={clip.duration}"))
-            continue
-        fits = current_duration + clip.duration <= max_seconds
-        if current and speaker is not None and speaker == current_speaker and fits:
-            current.append(clip)
-            current_duration += clip.duration
-            continue
-        if current:
-            yield close()
-        current = [clip]
-        current_continues = chain_ok and speaker is not None and speaker == previous_speaker
-        current_speaker, current_duration = speaker, clip.duration
-    if current:
-        yield close()
-
-
-def chunk_shards(units: Iterable[Unit], shard_size: int) -> Iterator[tuple[int, list[Unit]]]:
-    """Cut the unit stream into shards of `shard_size` consecutive units."""
-    shard: list[Unit] = []
-    for unit in units:
-        shard.append(unit)
-        if len(shard) == shard_size:
-            yield unit.index // shard_size, shard
-            shard = []
-    if shard:
-        yield shard[0].index // shard_size, shard
-
-
-def duration_batches(units: list[Unit], batch_size: int) -> list[list[Unit]]:
-    """Sort by duration (longest first, ties by index) and cut into batches."""
-    ordered = sorted(units, key=lambda u: (-u.duration, u.index))
-    return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def job_owns(shard: int, job_index: int, job_count: int) -> bool:
-    return shard % job_count == job_index
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Sources: map-style (random access, known length) and streaming (one pass)
 # ----------------------------------------------------------------------------------------------------------
-@dataclass
-class LabellingSpec:
-    """What every rank needs to rebuild the same plan."""
-
-    entry: DatasetEntry
-    split: str
-    shard_size: int = 1000
-    packing: bool = False
-    max_seconds: float = MAX_WHISPER_SECONDS
-    job_index: int = 0
-    job_count: int = 1
-    done: set[int] = field(default_factory=set)  # shards already complete on disk
-
-    def wanted(self, shard: int) -> bool:
-        return job_owns(shard, self.job_index, self.job_count) and shard not in self.done
 
 
 class LabellingSource:

@@ -31,7 +31,6 @@ import datasets
 import lightning as L
 import numpy as np
 import torch
-from datasets import Audio
 from torch.utils.data import DataLoader
 
 from distil.data.audio import audio_duration
@@ -43,14 +42,13 @@ from distil.data.entries import (
     dataset_entries,
     load_split,
 )
-from distil.data.label_store import PSEUDO_LABEL_COLUMNS, SUCCESS
+from distil.data.label_store import SUCCESS
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
 )
 from distil.datamodules.collator import LABEL_SOURCES, SpeechCollator, label_body
 from distil.datamodules.filters import DataError, FilterStats, drop_reason, sampling_probabilities
 from distil.datamodules.mixture import (
-    CANONICAL_FEATURES,
     TrainSource,
     TrainStream,
     _ListDataset,
@@ -59,6 +57,7 @@ from distil.datamodules.mixture import (
     _StreamMixture,
     canonical_row,
 )
+from distil.datamodules.sources import check_columns, filter_source, load_pseudo_labelled
 
 log = logging.getLogger(__name__)
 
@@ -69,52 +68,6 @@ STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_withou
 
 
 # =========================================================================== per-source preparation
-
-
-def check_columns(
-    entry: DatasetEntry, split: str, names: Sequence[str], label_source: str, where: str
-) -> None:
-    """Clear start-up errors for unknown columns and for pseudo-labels missing when the method needs them."""
-    names = list(names)
-    for key in ("audio_column", "text_column", "id_column", "duration_column"):
-        column = getattr(entry, key)
-        if column is None or column in names:
-            continue
-        if key == "duration_column":  # optional: durations then come from the audio headers
-            continue
-        raise DataError(
-            f"dataset {entry.name!r} split {split!r} ({where}) has no column {column!r} ({key}); "
-            f"available columns: {names}; set {entry.key}.{key} to one of them"
-            + (" or null" if key != "audio_column" else "")
-        )
-    if label_source == "pseudo":
-        missing = [c for c in PSEUDO_LABEL_COLUMNS if c not in names]
-        if missing:
-            raise DataError(
-                f"dataset {entry.name!r} split {split!r} ({where}) has no pseudo-label columns {missing}; this "
-                "loss trains on pseudo-labels: run `python -m distil.pseudo_label` first, or use loss=finetune"
-            )
-    elif entry.text_column is None:
-        raise DataError(
-            f"dataset {entry.name!r} has no text column ({entry.key}.text_column is null) but loss=finetune "
-            "trains on the reference text; use a pseudo-labelled method (loss=sft or kd)"
-        )
-
-
-def load_pseudo_labelled(
-    entry: DatasetEntry, split: str, streaming: bool = False, cache_dir: str | None = None
-):
-    """A finished pseudo-label split: only its parquet shards (the directory also holds JSON metadata)."""
-    directory = Path(str(entry.path)) / split
-    files = sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        raise DataError(f"pseudo-label split {directory} holds no parquet shards; re-run distil.pseudo_label")
-    ds = datasets.load_dataset(
-        "parquet", data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
-    )
-    if entry.audio_column in column_names(ds):
-        ds = ds.cast_column(entry.audio_column, Audio(decode=False))
-    return ds
 
 
 # =========================================================================== the collator
@@ -281,7 +234,20 @@ class SpeechDataModule(L.LightningDataModule):
                     # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
                     src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
                 check_columns(src_entry, split, names, self.label_source, path)
-                sources.append(self._filter_source(src_entry, split, ds, collator))
+                needs_duration = any(
+                    self.filters[k] is not None for k in ("min_duration_s", "max_duration_s")
+                )
+                source = filter_source(
+                    src_entry,
+                    split,
+                    ds,
+                    lambda row: self._reason(row, collator),
+                    needs_duration=needs_duration,
+                    count_streamed=self.count_streamed_filters,
+                )
+                if source.stats is not None:
+                    self._log_stats(source.stats)
+                sources.append(source)
         return sources
 
     def _label_length(self, row: Mapping[str, Any], collator: SpeechCollator) -> int | None:
@@ -297,66 +263,6 @@ class SpeechDataModule(L.LightningDataModule):
         ):
             duration = audio_duration(row["audio"])
         return drop_reason(row.get("pl_wer"), duration, self._label_length(row, collator), **self.filters)
-
-    def _filter_source(self, entry: DatasetEntry, split: str, ds, collator: SpeechCollator) -> TrainSource:
-        name = f"{entry.name}/{split}"
-        if isinstance(ds, datasets.Dataset):
-            stats = FilterStats(name)
-            keep = []
-            # Metadata columns only: the audio column is read only when a duration must come from headers.
-            need_audio = entry.duration_column not in ds.column_names and (
-                self.filters["min_duration_s"] is not None or self.filters["max_duration_s"] is not None
-            )
-            cols = [
-                c
-                for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
-                if c and c in ds.column_names
-            ]
-            meta = ds.select_columns(cols + ([entry.audio_column] if need_audio else []))
-            for i, raw in enumerate(meta):
-                row = {
-                    "text": raw.get(entry.text_column) if entry.text_column else None,
-                    "token_ids": raw.get("token_ids"),
-                    "pl_wer": raw.get("pl_wer"),
-                    "duration": raw.get(entry.duration_column) if entry.duration_column else None,
-                    "audio": raw.get(entry.audio_column),
-                }
-                try:
-                    reason = self._reason(row, collator)
-                except DataError as err:
-                    raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
-                stats.add(reason)
-                if reason is None:
-                    keep.append(i)
-            self._log_stats(stats)
-            return TrainSource(entry, split, ds, np.asarray(keep, dtype=np.int64), stats)
-
-        # Streamed: canonical rows, filtered lazily; counts from one pass over the metadata (no decoding).
-        canon = ds.map(
-            lambda row, idx: canonical_row(row, entry, split, idx),
-            with_indices=True,
-            remove_columns=column_names(ds),
-            features=CANONICAL_FEATURES,
-        )
-        canon = canon.filter(lambda row: self._reason(row, collator) is None)
-        stats = None
-        if self.count_streamed_filters:
-            stats = FilterStats(name)
-            meta_cols = [
-                c
-                for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
-                if c and c in column_names(ds)
-            ]
-            if entry.duration_column not in meta_cols:
-                meta_cols.append(entry.audio_column)
-            for i, raw in enumerate(ds.select_columns(meta_cols)):
-                row = canonical_row({**{c: None for c in column_names(ds)}, **raw}, entry, split, i)
-                try:
-                    stats.add(self._reason(row, collator))
-                except DataError as err:
-                    raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
-            self._log_stats(stats)
-        return TrainSource(entry, split, canon, None, stats)
 
     def _log_stats(self, stats: FilterStats) -> None:
         self.filter_stats[stats.source] = stats
