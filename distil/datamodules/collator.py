@@ -20,6 +20,7 @@ from distil.data.targets import (
     sample_rng,
 )
 from distil.datamodules.filters import DataError
+from distil.whisper.generation import is_multilingual_vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,13 @@ def label_body(token_ids: Sequence[int], special: SpecialTokens) -> list[int]:
 class TextLabeler:
     """Label ids for the reference text (fine-tuning): the tokenizer's Whisper prefix + text + `<|endoftext|>`.
 
-    English-only vocabularies (51864 tokens) use `<|startoftranscript|><|notimestamps|>`; multilingual ones
+    English-only vocabularies use `<|startoftranscript|><|notimestamps|>`; multilingual ones
     need the language (`data.datasets[i].language` or `data.language`) and task tokens.
     """
 
     def __init__(self, tokenizer, language: str | None = None, task: str | None = None):
         self.tokenizer = tokenizer
-        self.multilingual = len(tokenizer) > 51864
+        self.multilingual = is_multilingual_vocabulary(len(tokenizer))
         self.language, self.task = language, task or "transcribe"
         self._prefix_for = object()  # the language the tokenizer's prefix is currently set to
 

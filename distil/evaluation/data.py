@@ -18,9 +18,6 @@ log = logging.getLogger(__name__)
 FRAME_S = 0.01  # Whisper's log-mel hop (160 samples): shorter audio has no frame at all
 
 
-ENGLISH = (None, "en", "english")
-
-
 SET_DEFAULTS = {
     "config": None,
     "split": "test",

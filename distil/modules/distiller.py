@@ -27,9 +27,11 @@ import lightning as L
 import torch
 
 from distil.data.encoder_cache import EncoderCache
+from distil.evaluation.scoring import score
 from distil.training.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
 from distil.training.optim import param_groups
 from distil.utils.errors import InputError
+from distil.whisper.generation import generate_texts, generation_kwargs
 from distil.whisper.models import load_whisper, same_weights, weights_fingerprint
 from distil.whisper.student import STUDENT_INFO_FILE, student_layer_maps
 
@@ -298,8 +300,6 @@ class WhisperDistiller(L.LightningModule):
     # ------------------------------------------------------------------ validation
 
     def _generate_kwargs(self, language: str | None) -> dict:
-        from distil.whisper.generation import generation_kwargs
-
         return generation_kwargs(
             self.student,
             language or self.hparams.language,
@@ -311,13 +311,11 @@ class WhisperDistiller(L.LightningModule):
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
         languages = self.val_languages
         language = languages[dataloader_idx] if dataloader_idx < len(languages) else None
-        feats = batch["input_features"].to(self.device, next(self.student.parameters()).dtype)
-        ids = self.student.generate(input_features=feats, **self._generate_kwargs(language))
-        ids = ids if torch.is_tensor(ids) else ids["sequences"]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+        kwargs = self._generate_kwargs(language)
+        texts = generate_texts(self.student, self.tokenizer, batch["input_features"], kwargs)
         out = self._val_outputs.setdefault(dataloader_idx, {})
         for key, ref, hyp in zip(batch["sample_ids"], batch["references"], texts, strict=True):
-            out[key] = (ref, hyp.strip())
+            out[key] = (ref, hyp)
 
     @property
     def tokenizer(self):
@@ -331,8 +329,6 @@ class WhisperDistiller(L.LightningModule):
         self._val_outputs = {}
 
     def on_validation_epoch_end(self) -> None:
-        from distil.evaluation.scoring import score
-
         outputs = self._val_outputs
         if self.trainer.world_size > 1:  # every rank decoded a shard; DistributedSampler may repeat samples
             gathered: list = [None] * self.trainer.world_size

@@ -17,6 +17,7 @@ from transformers import AutoTokenizer, GenerationConfig, WhisperForConditionalG
 from transformers.utils import logging as hf_logging
 
 from distil.utils.errors import InputError
+from distil.whisper.generation import is_multilingual
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -106,7 +107,7 @@ class WhisperTranscriber(L.LightningModule):
         self.model_dir = model_dir
         self.dtype_name = dtype
         self.generation_config = self.model.generation_config
-        self.multilingual = bool(getattr(self.generation_config, "is_multilingual", False))
+        self.multilingual = is_multilingual(self.model)
         eos = self.generation_config.eos_token_id
         self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 

@@ -10,10 +10,23 @@ import numpy as np
 import torch
 
 from distil.data.audio import SAMPLING_RATE
-from distil.evaluation.data import ENGLISH, EvalInputError
-from distil.whisper.loading import is_multilingual
+from distil.utils.errors import InputError
 
 log = logging.getLogger(__name__)
+
+ENGLISH = (None, "en", "english")
+# Whisper's English-only checkpoints (*.en) have 51864 tokens; multilingual ones 51865 (v1/v2) or 51866 (v3).
+ENGLISH_ONLY_VOCAB_SIZE = 51864
+
+
+def is_multilingual(model) -> bool:
+    """Whether a Whisper model takes language/task prompt tokens: its generation config says, else its vocabulary."""
+    flag = getattr(model.generation_config, "is_multilingual", None)
+    return bool(flag) if flag is not None else is_multilingual_vocabulary(model.config.vocab_size)
+
+
+def is_multilingual_vocabulary(vocab_size: int) -> bool:
+    return int(vocab_size) > ENGLISH_ONLY_VOCAB_SIZE
 
 
 def generation_kwargs(
@@ -26,7 +39,7 @@ def generation_kwargs(
         if task:
             kwargs["task"] = task
     elif language not in ENGLISH or task not in (None, "transcribe"):
-        raise EvalInputError(
+        raise InputError(
             f"the model is English-only but the set asks for language={language!r}, task={task!r}: "
             "evaluate it on English sets (language: en) or use a multilingual model"
         )
@@ -44,8 +57,14 @@ def transcribe(
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
         feats = fe([waves[i] for i in idx], sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-        ids = model.generate(input_features=feats.to(model.device, model.dtype), **generate_kwargs)
-        ids = ids if torch.is_tensor(ids) else ids["sequences"]
-        for i, text in zip(idx, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
-            texts[i] = text.strip()
+        for i, text in zip(idx, generate_texts(model, processor, feats, generate_kwargs), strict=True):
+            texts[i] = text
     return texts
+
+
+def generate_texts(model, tokenizer, input_features: torch.Tensor, generate_kwargs: dict) -> list[str]:
+    """One batch of log-mel features -> stripped transcripts (special tokens removed)."""
+    param = next(model.parameters())
+    ids = model.generate(input_features=input_features.to(param.device, param.dtype), **generate_kwargs)
+    ids = ids if torch.is_tensor(ids) else ids["sequences"]
+    return [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]

@@ -13,6 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.utils.errors import InputError
+from distil.whisper.generation import is_multilingual
 
 log = logging.getLogger(__name__)
 
@@ -181,9 +182,3 @@ def load_model(
         name, kind = model_cfg.get("name") or Path(where).name, "hf"
     model = model.to(dev, torch_dtype).eval()
     return LoadedModel(model, processor, str(name), where, kind)
-
-
-def is_multilingual(model) -> bool:
-    gc = model.generation_config
-    flag = getattr(gc, "is_multilingual", None)
-    return bool(getattr(gc, "lang_to_id", None)) if flag is None else bool(flag)
