@@ -62,3 +62,74 @@ def test_every_group_option_composes_in_a_stage_that_uses_it(group, option, monk
         pytest.skip(f"no main config puts group {group!r} in its defaults")
     for name in users:
         _compose(name, [f"{group}={option}"])
+
+
+# ------------------------------------------------------------------ instantiation: no key the code ignores
+
+EXPERIMENTS = sorted(p.stem for p in (CONF_DIR / "experiment").glob("*.yaml"))
+CPU = ["trainer.accelerator=cpu", "trainer.devices=1", "trainer.strategy=auto", "trainer.precision=32-true"]
+
+
+@pytest.fixture(scope="module")
+def tiny_student(tiny_dir, tmp_path_factory) -> str:
+    from distil.whisper.student import init_student
+
+    return str(init_student(tiny_dir, tmp_path_factory.mktemp("student") / "s", decoder_layers=1))
+
+
+def _train_parts(cfg, tiny_dir, student, out_dir):
+    """Every `_target_` of the train config, built as distil-train builds them (teacher/student/paths swapped)."""
+    from distil.utils.errors import instantiate
+
+    OmegaConf.set_struct(cfg, False)
+    cfg.out_dir = str(out_dir)
+    datamodule = instantiate(cfg.data, processor_dir=student)
+    module = instantiate(cfg.module, student_dir=student, teacher_dir=tiny_dir)
+    callbacks = [instantiate(c) for c in cfg.callbacks.values()]
+    loggers = [instantiate(c) for c in cfg.logger.values()]
+    return datamodule, module, callbacks, loggers
+
+
+@pytest.mark.parametrize("experiment", [None, *EXPERIMENTS])
+def test_train_config_and_every_experiment_instantiate(
+    experiment, tiny_dir, tiny_student, monkeypatch, tmp_path
+):
+    import lightning as L
+
+    from distil.datamodules.speech import SpeechDataModule
+    from distil.modules.distiller import WhisperDistiller
+    from distil.utils.errors import instantiate
+
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    overrides = ([f"experiment={experiment}"] if experiment else []) + CPU
+    cfg = _compose("train", overrides)
+    datamodule, module, callbacks, loggers = _train_parts(cfg, tiny_dir, tiny_student, tmp_path / "run")
+    assert isinstance(datamodule, SpeechDataModule) and isinstance(module, WhisperDistiller)
+    assert module.kl_weight == cfg.loss.kl_weight and module.optimizer_factory.keywords["lr"] == cfg.optim.lr
+    assert datamodule.batch_size == cfg.data.batch_size and datamodule.label_source == cfg.loss.labels
+    trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(tmp_path))
+    assert isinstance(trainer, L.Trainer) and trainer.max_steps == cfg.trainer.max_steps
+
+
+def test_train_config_runs_one_fast_dev_run_step(tiny_dir, tiny_student, tokenizer, monkeypatch, tmp_path):
+    """The composed parts train together: one fast_dev_run step and validation batch on local data."""
+    from helpers import entry, write_split
+
+    from distil.utils.errors import instantiate
+
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    write_split(tmp_path / "pl", "a", "train", 4, tokenizer, pl_wer=[0.0] * 4)
+    write_split(tmp_path / "corpora", "a", "validation", 2, labelled=False)
+    cfg = _compose(
+        "train",
+        [*CPU, "data.batch_size=2", "val.max_new_tokens=2", f"data.pseudo_labels_dir={tmp_path / 'pl'}"],
+    )
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.datasets = OmegaConf.create([entry("a", tmp_path / "corpora")])
+    datamodule, module, callbacks, loggers = _train_parts(cfg, tiny_dir, tiny_student, tmp_path / "run")
+    trainer = instantiate(
+        cfg.trainer, fast_dev_run=True, logger=loggers, callbacks=callbacks, default_root_dir=str(tmp_path)
+    )
+    trainer.fit(module, datamodule=datamodule)
+    assert trainer.global_step == 1
+    assert datamodule.filter_stats["a/train"].kept == 4

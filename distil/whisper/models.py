@@ -22,29 +22,21 @@ from torch import nn
 
 from distil.utils.errors import InputError
 from distil.utils.io import build_directory, is_complete
-from distil.utils.paths import models_dir
+from distil.utils.paths import CONF_DIR, models_dir
 from distil.whisper import ct2_import, ct2_reader
 
 SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
 FINGERPRINT_CACHE = ".distil_fingerprint.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
-# The tiny random teacher: real vocabulary, tokenizer, feature extractor and generation config (from tiny.en),
-# random weights at a size that makes every unit test fast. Override any key via `teacher.random`.
-TINY_RANDOM_DEFAULTS = {
-    "base": "tiny_en",  # teacher config whose tokenizer/feature extractor/generation config are reused
-    "d_model": 64,
-    "encoder_layers": 2,
-    "decoder_layers": 2,
-    "attention_heads": 4,
-    "ffn_dim": 256,
-    "seed": 0,
-    # Random weights almost never predict <|endoftext|>, so every generate() would run to max_length (448
-    # steps, ~40 s per batch on CPU, dominated by logits processors). From this decoder position on, the
-    # <|endoftext|> direction is added to the positional embeddings so greedy decoding stops: transcripts are
-    # a handful of random tokens. null disables it.
-    "eot_after": 12,
-}
+
+def tiny_random_defaults() -> dict:
+    """The tiny random teacher's architecture: `random:` of conf/teacher/tiny_random.yaml (the only copy)."""
+    from omegaconf import OmegaConf
+
+    return dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "teacher" / "tiny_random.yaml").random))
+
+
 TINY_RANDOM_VERSION = 3
 _PROCESSOR_FILES = (
     "tokenizer.json",
@@ -141,7 +133,7 @@ def check_model_path(path: str) -> str:
 
 
 def tiny_random_spec(overrides: Mapping | None = None) -> dict:
-    spec = dict(TINY_RANDOM_DEFAULTS)
+    spec = tiny_random_defaults()
     unknown = set(overrides or {}) - set(spec)
     if unknown:
         raise ModelConfigError(f"unknown tiny random model keys {sorted(unknown)}; valid: {sorted(spec)}")
@@ -171,8 +163,6 @@ def build_tiny_random(
 
 def _base_model_cfg(base: str) -> dict:
     from omegaconf import OmegaConf
-
-    from distil.utils.paths import CONF_DIR
 
     path = CONF_DIR / "teacher" / f"{base}.yaml"
     if not path.is_file():
@@ -221,7 +211,7 @@ def _write_tiny_random(spec: dict, base_dir: Path, out: Path) -> None:
 
 
 def _bias_towards_eot(model, position: int, strength: float = 3.0) -> None:
-    """Make <|endoftext|> the greedy choice from decoder position `position` on (see TINY_RANDOM_DEFAULTS).
+    """Make <|endoftext|> the greedy choice from decoder position `position` on (`eot_after` in conf/teacher/tiny_random.yaml).
 
     The final layer norm maps a residual stream dominated by a unit vector u to ~sqrt(d_model) * u, so with u
     along a lengthened <|endoftext|> embedding (tied to the output projection) its logit stands well above
