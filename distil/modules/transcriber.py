@@ -1,4 +1,4 @@
-"""A LightningModule that only generates: the teacher for pseudo-labelling, reusable for evaluation.
+"""A LightningModule that only generates: the teacher for pseudo-labelling (token ids, languages, truncation).
 
 `Trainer.predict` drives it, so the same code runs on CPU, one GPU, or many GPUs/nodes. Each batch
 holds log-mel `input_features`; `predict_step` returns, per sample, the full token sequence (the

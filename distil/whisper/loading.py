@@ -159,7 +159,7 @@ def load_model(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     path = model_cfg.get("path")
-    if path and str(path).endswith(".ckpt"):
+    if model_cfg.get("source") == "checkpoint" or (path and str(path).endswith(".ckpt")):  # model=checkpoint
         ckpt = Path(str(path)).expanduser()
         if not ckpt.is_file():
             raise ModelLoadError(f"checkpoint {ckpt} does not exist")
