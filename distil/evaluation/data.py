@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from distil.data.audio import SAMPLING_RATE, AudioDecodeError, decode_audio
+from distil.data.entries import DatasetEntry
 from distil.utils.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -18,16 +19,19 @@ log = logging.getLogger(__name__)
 FRAME_S = 0.01  # Whisper's log-mel hop (160 samples): shorter audio has no frame at all
 
 
+# The keys an eval set shares with `data.datasets[i]` take DatasetEntry's defaults (one schema); the rest are
+# evaluation's own. Two differ on purpose: durations come from the decoded audio here (no duration column),
+# and a set without a language is scored as English (the normaliser and the prompt need one).
 SET_DEFAULTS = {
-    "config": None,
-    "split": "test",
-    "audio_column": "audio",
-    "text_column": "text",  # null: audio without references (predictions only)
-    "id_column": "id",
-    "speaker_column": None,
+    **{
+        f.name: f.default
+        for f in fields(DatasetEntry)
+        if f.name in ("config", "audio_column", "text_column", "id_column", "speaker_column")
+    },
     "duration_column": None,
-    "max_samples": None,  # cap on the number of samples (null = the whole split)
     "language": "en",
+    "split": "test",
+    "max_samples": None,  # cap on the number of samples (null = the whole split)
     "task": "transcribe",
     "metric": "wer",  # "cer" for languages written without spaces
     "section": "sets",  # where the set lives in the eval config (for error messages)
