@@ -199,3 +199,10 @@ def test_unfrozen_encoder_trains_and_dropout_override(student_dir, tiny_dir, bat
     loss.backward()
     assert module.student.model.encoder.layers[0].fc1.weight.grad.abs().sum() > 0
     assert parts["mse"] > 0
+
+
+def test_a_new_module_trains_its_student_in_train_mode(student_dir, tiny_dir):
+    module = WhisperDistiller(student_dir, tiny_dir, dropout=0.1)
+    assert module.student.model.decoder.training  # dropout active in training steps
+    assert not module.student.model.encoder.training and not module.teacher.training  # frozen: deterministic
+    assert module.student.config.dropout == 0.1

@@ -145,6 +145,10 @@ class WhisperDistiller(L.LightningModule):
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._val_outputs: dict[int, dict[str, tuple[str, str]]] = {}
+        # from_pretrained returns eval-mode models and Lightning (2.4+) keeps the mode it finds, so without this
+        # the student would train without dropout (`model.dropout` would do nothing); train() keeps the frozen
+        # parts in eval mode.
+        self.train()
 
     # ------------------------------------------------------------------ set-up helpers
 
