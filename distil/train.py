@@ -81,18 +81,16 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
 
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     student_dir = resolve_student(cfg, teacher_dir)
-    needs_teacher = float(cfg.loss.kl_weight) != 0 or float(cfg.loss.get("mse_weight") or 0) != 0
-    kd_teacher = teacher_dir if needs_teacher else None
 
     # Validation sets are named from the config alone; their data is loaded (and checked) in setup.
     datamodule = instantiate(cfg.data, processor_dir=student_dir)
-    val_sets = datamodule.validation_entries()
-    module = instantiate(  # student/teacher compatibility errors come here
+    val_names, val_languages = datamodule.validation_set_names()
+    module = instantiate(  # loads the teacher only if a loss term needs it; compatibility errors come here
         cfg.module,
         student_dir=student_dir,
-        teacher_dir=kd_teacher,
-        val_set_names=[f"{entry.name}/{split}" for entry, split in val_sets],
-        val_languages=[entry.language for entry, _ in val_sets],
+        teacher_dir=teacher_dir,
+        val_set_names=val_names,
+        val_languages=val_languages,
     )
     if cfg.encoder_cache.enabled:
         from transformers import WhisperFeatureExtractor
@@ -101,7 +99,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         cache = EncoderCache(cfg.encoder_cache.dir, cache_fingerprint(module.encoder_fingerprint(), fe))
         module.set_encoder_cache(cache)
         datamodule.encoder_cache = cache
-    if kd_teacher is not None and cfg.loss.labels == "pseudo":
+    if module.teacher is not None and cfg.loss.labels == "pseudo":
         check_labeller(cfg.data.pseudo_labels_dir, cfg.data.datasets, teacher_dir, cfg.teacher.name)
 
     out_dir.mkdir(parents=True, exist_ok=True)

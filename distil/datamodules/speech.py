@@ -166,7 +166,6 @@ class SpeechDataModule(L.LightningDataModule):
         self.max_epochs = max_epochs
         self.filter_stats: dict[str, FilterStats] = {}
         self.val_names: list[str] = []
-        self.val_languages: list[str | None] = []
         self.val_sets: list[torch.utils.data.Dataset] = []
         self.train_stream: TrainStream | None = None
         self._prepared = False
@@ -325,8 +324,13 @@ class SpeechDataModule(L.LightningDataModule):
         wanted += [(e, s) for e in self.val_entries for s in e.splits]
         return wanted
 
+    def validation_set_names(self) -> tuple[list[str], list[str | None]]:
+        """(name, language) of every validation set, from the config alone (no data is read)."""
+        entries = self.validation_entries()
+        return [f"{entry.name}/{split}" for entry, split in entries], [entry.language for entry, _ in entries]
+
     def load_validation_sets(self) -> tuple[list[str], list[torch.utils.data.Dataset]]:
-        names, sets, languages = [], [], []
+        names, sets = [], []
         for entry, split in self.validation_entries():
             try:
                 ds = load_split(entry, split, streaming=self.streaming, cache_dir=self.cache_dir)
@@ -339,14 +343,12 @@ class SpeechDataModule(L.LightningDataModule):
             else:
                 it = ds if self.max_val_samples is None else ds.take(int(self.max_val_samples))
                 sets.append(_ListDataset([canonical_row(r, entry, split, i) for i, r in enumerate(it)]))
-            name = f"{entry.name}/{split}"
-            if name in names:
-                raise DataError(
-                    f"two validation sets are named {name!r}; give the extra validation datasets other names"
-                )
-            names.append(name)
-            languages.append(entry.language)
-        self.val_languages = languages
+        names = self.validation_set_names()[0]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise DataError(
+                f"two validation sets are named {duplicates[0]!r}; give the extra validation datasets other names"
+            )
         return names, sets
 
     def setup(self, stage: str | None = None) -> None:

@@ -16,9 +16,6 @@ log = logging.getLogger(__name__)
 CHECKPOINT_DIR = "checkpoints"
 
 
-EXPORTS = ("best", "last")
-
-
 def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     """`last`: resume from `<out_dir>/checkpoints/last.ckpt` when it exists, else start; a path: that file."""
     if ckpt_path in (None, "", "none", "null"):
