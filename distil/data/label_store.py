@@ -30,7 +30,7 @@ from distil.data.entries import (
 from distil.data.label_plan import LabellingSpec, Skip
 from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 from distil.utils.errors import InputError
-from distil.utils.io import read_json, write_json_atomic
+from distil.utils.io import atomic_file, read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -109,9 +109,8 @@ def write_table(table: pa.Table, features: datasets.Features, meta: dict, path: 
     metadata = dict(table.schema.metadata or {})
     metadata[b"huggingface"] = json.dumps({"info": {"features": features.to_dict()}}).encode()
     metadata[b"distil"] = json.dumps(meta, default=str).encode()
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table.replace_schema_metadata(metadata), tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        pq.write_table(table.replace_schema_metadata(metadata), tmp)
 
 
 class ShardWriter(BasePredictionWriter):
@@ -275,9 +274,8 @@ def fill_prompts(out_dir: Path) -> None:
         table = table.set_column(
             table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, pa.string())
         )
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        pq.write_table(table.replace_schema_metadata(metadata), tmp)
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            pq.write_table(table.replace_schema_metadata(metadata), tmp)
 
 
 def summarise(out_dir: Path, entry: DatasetEntry, language: str | None) -> dict:
@@ -325,9 +323,7 @@ def finalise(
     manifests = [read_json(p) for p in sorted((out_dir / PROGRESS).glob("part-*.json"))]
     skipped = extent["planning_skipped"] + [s for m in manifests for s in m["skipped"]]
     skipped.sort(key=lambda s: s["indices"][0])
-    tmp = out_dir / f".skipped.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(json.dumps(s) + "\n" for s in skipped))
-    os.replace(tmp, out_dir / "skipped.jsonl")
+    write_atomic(out_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
     summary = summarise(out_dir, entry, language)
     write_json_atomic(out_dir / LABELS_METADATA, {**labels_meta, "summary": summary})
     write_json_atomic(out_dir / "summary.json", summary)

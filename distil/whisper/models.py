@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 
 from distil.utils.errors import InputError
-from distil.utils.io import build_directory, is_complete
+from distil.utils.io import build_directory, is_complete, write_atomic
 from distil.utils.paths import CONF_DIR, models_dir
 from distil.whisper import ct2_import, ct2_reader
 
@@ -267,9 +266,7 @@ def model_fingerprint(model_dir: str | Path) -> str:
                 h.update(chunk)
     fingerprint = "sha256:" + h.hexdigest()
     try:  # a read-only model directory still gets its fingerprint, just not cached
-        tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"files": key, "fingerprint": fingerprint}) + "\n")
-        os.replace(tmp, cache)
+        write_atomic(cache, json.dumps({"files": key, "fingerprint": fingerprint}) + "\n")
     except OSError:
         pass
     return fingerprint
