@@ -206,3 +206,28 @@ def test_a_new_module_trains_its_student_in_train_mode(student_dir, tiny_dir):
     assert module.student.model.decoder.training  # dropout active in training steps
     assert not module.student.model.encoder.training and not module.teacher.training  # frozen: deterministic
     assert module.student.config.dropout == 0.1
+
+
+def test_freeze_encoder_auto_freezes_only_an_identical_encoder(student_dir, tiny_dir, tmp_path):
+    full = make(student_dir, tiny_dir)  # default auto, whole encoder copied
+    assert full.freeze_encoder and full.share_encoder
+    assert not any(p.requires_grad for p in full.student.model.encoder.parameters())
+    # Without a teacher (CE only), the student's own record of how it was built decides.
+    assert make(student_dir, None, kl_weight=0.0).freeze_encoder
+
+    shrunk = str(init_student(tiny_dir, tmp_path / "enc1", encoder_layers=1, decoder_layers=1))
+    auto = make(shrunk, tiny_dir, mse_weight=1.0)
+    assert not auto.freeze_encoder and not auto.share_encoder
+    assert all(p.requires_grad for p in auto.student.model.encoder.parameters())
+    assert not make(shrunk, None, kl_weight=0.0).freeze_encoder
+    with pytest.warns(UserWarning, match="not identical"):
+        forced = make(shrunk, tiny_dir, freeze_encoder=True)
+    assert forced.freeze_encoder and not forced.share_encoder
+    with pytest.raises(DistillationSetupError, match="auto, true or false"):
+        make(shrunk, tiny_dir, freeze_encoder="yes")
+
+
+def test_mse_supervises_the_last_teacher_layer_of_each_block(student_dir, tiny_dir):
+    module = make(student_dir, tiny_dir, mse_weight=1.0)
+    n_dec = module.teacher.config.decoder_layers
+    assert module.layer_pairs["decoder"] == [(0, 0), (1, n_dec)]  # 1 student layer <-> the last teacher layer

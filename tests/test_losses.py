@@ -14,6 +14,7 @@ from distil.training.losses import (
     hidden_layer_pairs,
     hidden_mse,
     kl_divergence,
+    supervised_teacher_layers,
 )
 
 B, T, V = 2, 4, 7
@@ -145,16 +146,22 @@ def test_shape_and_argument_errors(batch):
         kl_divergence(student, teacher, labels, 0.0)
 
 
-def test_hidden_layer_pairs_include_embeddings():
-    assert hidden_layer_pairs([0, 31]) == [(0, 0), (1, 1), (2, 32)]
-    assert hidden_layer_pairs([0, 1, 2]) == [(0, 0), (1, 1), (2, 2), (3, 3)]
+def test_student_layers_emulate_the_last_teacher_layer_of_their_block():
+    # The reference's get_layers_to_supervise, on its own docstring's examples.
+    assert supervised_teacher_layers(2, 32) == [15, 31]
+    assert supervised_teacher_layers(3, 12) == [3, 7, 11]
+    assert supervised_teacher_layers(4, 4) == [0, 1, 2, 3]  # an identical copy pairs layer i with i
+    assert supervised_teacher_layers(2, 4) == [1, 3]  # not the copied layers [0, 3]
+    assert hidden_layer_pairs(2, 32) == [(0, 0), (1, 16), (2, 32)]  # index 0: the embeddings
+    with pytest.raises(ValueError, match="cannot emulate"):
+        supervised_teacher_layers(5, 4)
 
 
 def test_hidden_mse_matches_hand_computation():
     g = torch.Generator().manual_seed(1)
     student = [torch.randn(2, 3, 5, generator=g) for _ in range(3)]  # embeddings + 2 layers
     teacher = [torch.randn(2, 3, 5, generator=g) for _ in range(7)]  # embeddings + 6 layers
-    pairs = hidden_layer_pairs([0, 5])
+    pairs = hidden_layer_pairs(2, 6)
     mask = torch.tensor([[1, 1, 0], [1, 0, 0]])
 
     def manual(use_mask):
@@ -165,7 +172,7 @@ def test_hidden_mse_matches_hand_computation():
                 keep = mask.numpy().astype(bool)
                 a, b = a[keep], b[keep]
             per_pair.append(((a - b) ** 2).mean())
-        return float(np.mean(per_pair))
+        return float(np.sum(per_pair))  # summed, as the reference
 
     assert hidden_mse(student, teacher, pairs).item() == pytest.approx(manual(False), rel=1e-5)
     assert hidden_mse(student, teacher, pairs, mask).item() == pytest.approx(manual(True), rel=1e-5)
@@ -188,7 +195,7 @@ def test_total_loss_equals_hand_computation(batch):
     t_hidden = [torch.randn(B, T, 3, generator=g) for _ in range(5)]
     enc_s = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
     enc_t = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
-    dec_pairs = hidden_layer_pairs([0, 3])
+    dec_pairs = hidden_layer_pairs(2, 4)
     hidden_terms = [
         (enc_s, enc_t, [(0, 0), (1, 1)], None),
         (s_hidden, t_hidden, dec_pairs, labels != IGNORE_INDEX),
@@ -198,7 +205,9 @@ def test_total_loss_equals_hand_computation(batch):
         student, labels, teacher, kl_weight=1.0, mse_weight=0.3, temperature=2.0, hidden_terms=hidden_terms
     )
     ce, kl = manual_ce(student, labels), manual_kl(student, teacher, labels, 2.0)
-    mse = (hidden_mse(*hidden_terms[0]).item() + hidden_mse(*hidden_terms[1]).item()) / 2
+    # The reference's scale: the per-pair terms summed over both stacks, divided by the label-token count.
+    n_tokens = int((labels != IGNORE_INDEX).sum())
+    mse = (hidden_mse(*hidden_terms[0]).item() + hidden_mse(*hidden_terms[1]).item()) / n_tokens
     assert total.item() == pytest.approx(0.8 * ce + 1.0 * kl + 0.3 * mse, rel=1e-5)
     assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
     assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)

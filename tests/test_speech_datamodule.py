@@ -10,6 +10,7 @@ import torch
 from helpers import SR, WORDS, entry, wave, write_split
 
 from distil.data.audio import encode_flac
+from distil.data.entries import DataConfigError
 from distil.data.targets import IGNORE_INDEX
 from distil.datamodules.collator import SpeechCollator
 from distil.datamodules.filters import DataError, drop_reason, sampling_probabilities
@@ -37,16 +38,25 @@ def test_sampling_probabilities_proportional_and_validated():
         sampling_probabilities([])
 
 
-def test_wer_filter_keeps_exactly_at_or_under_threshold():
-    kept = [
-        w
-        for w in [0.0, 9.99, 10.0, 10.0001, 25.0, 100.0]
-        if drop_reason(w, 1.0, 10, wer_threshold=10.0) is None
-    ]
-    assert kept == [0.0, 9.99, 10.0]
+def test_wer_filter_is_strict_by_default_as_the_reference():
+    wers = [0.0, 9.99, 10.0, 10.0001, 25.0, 100.0]
+    assert [w for w in wers if drop_reason(w, 1.0, 10, wer_threshold=10.0) is None] == [0.0, 9.99]
+    inclusive = [w for w in wers if drop_reason(w, 1.0, 10, wer_threshold=10.0, wer_inclusive=True) is None]
+    assert inclusive == [0.0, 9.99, 10.0]
     assert drop_reason(150.0, 1.0, 10, wer_threshold=None) is None  # no threshold: everything kept
-    with pytest.raises(DataError, match="no pl_wer"):
-        drop_reason(None, 1.0, 10, wer_threshold=10.0)
+    # A reference that normalises to empty ('Mm-hmm.', '(laughs)') has no WER: dropped, never an error.
+    assert drop_reason(None, 1.0, 10, wer_threshold=10.0) == "no_reference"
+    assert drop_reason(float("nan"), 1.0, 10, wer_threshold=10.0) == "no_reference"
+    assert drop_reason(None, 1.0, 10) is None  # without a threshold nothing needs a WER
+
+
+def test_uppercase_and_truncated_labels_are_dropped():
+    assert drop_reason(0.0, 1.0, 10, transcript="THE QUICK BROWN FOX.", drop_uppercase=True) == "uppercase"
+    assert drop_reason(0.0, 1.0, 10, transcript="THE QUICK BROWN FOX.") is None  # the rule is an option
+    for fine in ("The BBC said so.", "123", "", None):  # letters not all upper-case, or no letters at all
+        assert drop_reason(0.0, 1.0, 10, transcript=fine, drop_uppercase=True) is None
+    assert drop_reason(0.0, 1.0, 10, truncated=True, drop_truncated=True) == "truncated"
+    assert drop_reason(0.0, 1.0, 10, truncated=True) is None
 
 
 def test_duration_and_label_length_reasons():
@@ -69,13 +79,15 @@ def test_interleave_frequencies_follow_weights(tmp_path, tiny_dir, tokenizer):
         stopping_strategy="first_exhausted",
     )
     dm.setup("fit")
-    sources = Counter(int(s) for s, _ in dm.mixture.pairs)
+    sources = Counter(int(s) for s, _ in dm.mixture.epoch_pairs(0))
     frac_b = sources[1] / sum(sources.values())
     # first_exhausted stops when `b` (drawn 3x as often) runs out: ~267 draws, ~75% from b.
     assert 0.68 < frac_b < 0.82, sources
     assert sources[1] == 200  # b was exhausted exactly
     dm.max_train_samples = 10  # the dataset-size ablation: the first N samples of the same mixture
-    assert np.array_equal(dm.build_mixture(dm.load_train_sources()).pairs, dm.mixture.pairs[:10])
+    assert np.array_equal(
+        dm.build_mixture(dm.load_train_sources()).epoch_pairs(0), dm.mixture.epoch_pairs(0)[:10]
+    )
 
 
 def test_wer_filter_counts_and_kept_rows(tmp_path, tiny_dir, tokenizer):
@@ -84,16 +96,128 @@ def test_wer_filter_counts_and_kept_rows(tmp_path, tiny_dir, tokenizer):
     dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, wer_threshold=10.0, batch_size=2)
     dm.setup("fit")
     stats = dm.filter_stats["a/train"]
-    assert (stats.total, stats.kept, dict(stats.dropped)) == (8, 5, {"wer": 3})
-    kept_rows = sorted(int(r) for _, r in dm.mixture.pairs)
-    assert kept_rows == [i for i, w in enumerate(wers) if w <= 10.0]
+    assert (stats.total, stats.kept, dict(stats.dropped)) == (8, 3, {"wer": 5})
+    kept_rows = sorted(int(r) for _, r in dm.mixture.epoch_pairs(0))
+    assert kept_rows == [i for i, w in enumerate(wers) if w < 10.0]
 
 
-def test_wer_threshold_without_references_is_a_clear_error(tmp_path, tiny_dir, tokenizer):
+def test_empty_references_are_dropped_and_counted_not_fatal(tmp_path, tiny_dir, tokenizer):
+    wers = [0.0, None, 5.0, None, 50.0, 1.0]  # None: the reference normalised to empty
+    write_split(tmp_path, "a", "train", len(wers), tokenizer, pl_wer=wers)
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, wer_threshold=10.0, batch_size=2)
+    dm.setup("fit")
+    assert dict(dm.filter_stats["a/train"].dropped) == {"no_reference": 2, "wer": 1}
+    assert sorted(int(r) for _, r in dm.mixture.epoch_pairs(0)) == [0, 2, 5]
+
+
+def test_wer_threshold_on_a_dataset_without_references_is_a_clear_error(tmp_path, tiny_dir, tokenizer):
     write_split(tmp_path, "a", "train", 4, tokenizer, pl_wer=None)
-    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, wer_threshold=10.0)
-    with pytest.raises(DataError, match="wer_threshold.*no pl_wer"):
+    audio_only = {**entry("a", tmp_path), "text_column": None}
+    dm = make_dm(tiny_dir, [audio_only], tmp_path, wer_threshold=10.0)
+    with pytest.raises(DataError, match="wer_threshold is set but dataset 'a'.*no reference"):
         dm.setup("fit")
+    make_dm(tiny_dir, [audio_only], tmp_path).setup("fit")  # without the threshold it trains
+
+
+def test_wer_threshold_is_ignored_with_a_warning_on_reference_text(tmp_path, tiny_dir, caplog):
+    write_split(tmp_path, "a", "train", 4, labelled=False)
+    dm = SpeechDataModule(
+        [entry("a", tmp_path)],
+        tiny_dir,
+        label_source="text",
+        wer_threshold=10.0,
+        batch_size=2,
+        validation_splits=[],
+        cache_dir=str(tmp_path / "hf"),
+    )
+    dm.setup("fit")
+    assert dm.filter_stats["a/train"].kept == 4
+    assert "wer_threshold=10.0 is ignored" in caplog.text
+
+
+def test_uppercase_and_truncated_pseudo_labels_are_filtered(tmp_path, tiny_dir, tokenizer):
+    eot = tokenizer.eos_token_id
+    labels = [list(tokenizer(" " + t).input_ids) for t in ("one two", "three four", "five six", "seven")]
+    labels[1] = labels[1][:-1]  # generation stopped at max_new_tokens: no <|endoftext|>
+    write_split(
+        tmp_path,
+        "a",
+        "train",
+        4,
+        tokenizer,
+        extra_columns={"token_ids": labels, "pseudo_label": ["one two", "three four", "FIVE SIX", "seven"]},
+    )
+    assert labels[0][-1] == eot
+    dm = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, batch_size=2)
+    dm.setup("fit")
+    assert dict(dm.filter_stats["a/train"].dropped) == {"truncated": 1, "uppercase": 1}
+    off = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, drop_uppercase=False, drop_truncated=False)
+    off.setup("fit")
+    assert off.filter_stats["a/train"].kept == 4
+
+
+def test_first_exhausted_draws_a_new_subset_every_epoch(tmp_path, tiny_dir, tokenizer):
+    write_split(tmp_path, "small", "train", 10, tokenizer)
+    write_split(tmp_path, "big", "train", 100, tokenizer, id_offset=1000)
+    dm = make_dm(
+        tiny_dir,
+        [entry("small", tmp_path), entry("big", tmp_path)],
+        tmp_path,
+        stopping_strategy="first_exhausted",
+    )
+    dm.setup("fit")
+    epochs = [dm.mixture.epoch_pairs(e) for e in range(4)]
+    big_rows = [{int(r) for s, r in pairs if s == 1} for pairs in epochs]
+    assert all(len(rows) < 30 for rows in big_rows)  # each epoch stops when `small` runs out
+    assert len(set().union(*big_rows)) > 1.8 * max(len(rows) for rows in big_rows)  # other rows each epoch
+    assert np.array_equal(dm.mixture.epoch_pairs(2), epochs[2])  # seeded: the same again
+    # the batches follow the per-epoch draw
+    steps = len(epochs[0]) // 4
+    seen = {k for ids in _ids(dm.train_dataloader(), steps) for k in ids}
+    assert {k for k in seen if k.startswith("big/")} <= {f"big/train/big-{1000 + r}" for r in big_rows[0]}
+
+
+def test_splits_of_one_entry_take_their_own_weights(tmp_path, tiny_dir, tokenizer):
+    for split in ("clean", "other"):
+        write_split(tmp_path, "libri", split, 200, tokenizer)
+    weighted = {**entry("libri", tmp_path, splits=["clean", "other"]), "samples": [1, 3]}
+    dm = make_dm(tiny_dir, [weighted], tmp_path, stopping_strategy="first_exhausted")
+    dm.setup("fit")
+    sources = Counter(int(s) for s, _ in dm.mixture.epoch_pairs(0))
+    assert 0.68 < sources[1] / sum(sources.values()) < 0.82, sources
+    named = {**weighted, "samples": {"clean": 1, "othr": 3}}
+    with pytest.raises(DataConfigError, match=r"samples names splits \['clean', 'othr'\]"):
+        make_dm(tiny_dir, [named], tmp_path)
+    with pytest.raises(DataConfigError, match="2 splits"):
+        make_dm(tiny_dir, [{**weighted, "samples": [1, 2, 3]}], tmp_path)
+
+
+def test_finetuning_multilingual_uses_each_datasets_language(tmp_path, base_dir):
+    from transformers import WhisperTokenizerFast
+
+    tok = WhisperTokenizerFast.from_pretrained(base_dir)
+    for name in ("en_set", "de_set"):
+        write_split(tmp_path, name, "train", 4, labelled=False)
+    entries = [
+        {**entry("en_set", tmp_path), "language": "en"},
+        {**entry("de_set", tmp_path), "language": "de"},
+    ]
+    dm = SpeechDataModule(
+        entries,
+        str(base_dir),
+        label_source="text",
+        batch_size=8,
+        shuffle=False,
+        validation_splits=[],
+        cache_dir=str(tmp_path / "hf"),
+    )
+    dm.setup("fit")  # data.language is not set: each dataset's own language is used
+    batch = next(iter(dm.train_dataloader()))
+    languages = {
+        sid.split("/")[0]: tok.convert_ids_to_tokens(int(ids[1]))
+        for sid, ids in zip(batch["sample_ids"], batch["decoder_input_ids"], strict=True)
+    }
+    assert languages == {"en_set": "<|en|>", "de_set": "<|de|>"}
 
 
 def test_missing_pseudo_labels_and_unknown_column_are_clear_errors(tmp_path, tiny_dir, tokenizer):

@@ -13,7 +13,8 @@ A stage's `data` config holds a list of entries::
         speaker_column: speaker          # optional (packing needs it)
         duration_column: duration        # optional; read from the audio headers when null or absent
         language: null                   # per-dataset language (WER normaliser, multilingual generation)
-        samples: 1.0                     # mixing weight (training)
+        samples: 1.0                     # mixing weight (training): a number shared evenly by the splits,
+                                         # or one per split: [100, 360, 500] / {train.clean.100: 100, ...}
 
 Local directories are read in this order: a `save_to_disk` dataset (or DatasetDict), a directory per split
 (`<path>/<split>/*.parquet` - the corpus layout and the pseudo-label layout), then `data_dir=<path>` with the
@@ -54,12 +55,35 @@ class DatasetEntry:
     speaker_column: str | None = None
     duration_column: str | None = "duration"
     language: str | None = None
-    samples: float = 1.0
+    samples: float | list[float] | dict[str, float] = 1.0
     index: int = 0  # position in `data.datasets`, for error messages naming the config key
 
     @property
     def key(self) -> str:
         return f"data.datasets[{self.index}]"
+
+    def split_weight(self, split: str) -> float:
+        """The mixing weight of one training split (hours or samples, as the reference's
+        `train_dataset_samples`): a list gives one per split in `splits` order, a mapping names the splits,
+        a number is the entry's total, shared evenly by its splits."""
+        if isinstance(self.samples, Mapping):
+            return float(self.samples[split])
+        if isinstance(self.samples, list | tuple):
+            return float(self.samples[self.splits.index(split)])
+        return float(self.samples) / len(self.splits)
+
+    def check_samples(self) -> None:
+        """Per-split weights must name exactly the entry's splits (a typo would silently drop a split)."""
+        if isinstance(self.samples, Mapping) and set(self.samples) != set(self.splits):
+            raise DataConfigError(
+                f"{self.key}.samples names splits {sorted(self.samples)} but {self.key}.splits is "
+                f"{self.splits}; give one weight per split"
+            )
+        if isinstance(self.samples, list | tuple) and len(self.samples) != len(self.splits):
+            raise DataConfigError(
+                f"{self.key}.samples has {len(self.samples)} weights for {len(self.splits)} splits "
+                f"{self.splits}; give one weight per split (or one number for the whole entry)"
+            )
 
 
 def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEntry]:
@@ -79,7 +103,13 @@ def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEn
         if isinstance(raw.get("splits"), str):
             raw["splits"] = [raw["splits"]]
         raw["splits"] = list(raw.get("splits") or ["train"])
-        entries.append(DatasetEntry(index=i, **raw))
+        if isinstance(raw.get("samples"), Mapping):
+            raw["samples"] = dict(raw["samples"])
+        elif isinstance(raw.get("samples"), Iterable) and not isinstance(raw.get("samples"), str):
+            raw["samples"] = list(raw["samples"])
+        entry = DatasetEntry(index=i, **raw)
+        entry.check_samples()
+        entries.append(entry)
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

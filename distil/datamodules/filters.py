@@ -8,12 +8,8 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from distil.data.entries import (
-    DataConfigError,
-)
-from distil.data.targets import (
-    WHISPER_MAX_LABEL_LENGTH,
-)
+from distil.data.entries import DataConfigError
+from distil.data.targets import WHISPER_MAX_LABEL_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -33,36 +29,56 @@ def sampling_probabilities(weights: Sequence[float]) -> list[float]:
     return [x / total for x in w]
 
 
+# Why a sample is dropped, in the order the rules are tried (the keys of data_filter.json's `dropped`).
+DROP_REASONS = ("uppercase", "no_reference", "wer", "too_short", "too_long", "truncated", "label_too_long")
+
+
+def is_uppercase_hallucination(transcript: str | None) -> bool:
+    """A transcript whose letters are all upper-case: a known failure of Whisper large-v3 (the reference drops it).
+
+    Unlike the reference (`t.upper() == t`), a transcript with no letters at all ("123", "") is not caught here."""
+    return bool(transcript) and transcript.isupper()
+
+
 def drop_reason(
     pl_wer: float | None,
     duration: float | None,
     n_label_tokens: int | None,
     *,
+    transcript: str | None = None,
+    truncated: bool = False,
     wer_threshold: float | None = None,
+    wer_inclusive: bool = False,
+    drop_uppercase: bool = False,
+    drop_truncated: bool = False,
     min_duration_s: float | None = None,
     max_duration_s: float | None = None,
     max_label_length: int | None = WHISPER_MAX_LABEL_LENGTH,
 ) -> str | None:
-    """Why a training sample is dropped (`"wer"`, `"too_short"`, `"too_long"`, `"label_too_long"`), or None to keep it.
+    """Why a training sample is dropped (one of `DROP_REASONS`), or None to keep it.
 
-    WER filter: keep iff `pl_wer <= wer_threshold` (percent; exactly at the threshold is kept). A sample
-    without a `pl_wer` (no reference text) cannot be judged: that is an error, not a silent drop.
+    WER filter (the reference's rule): keep iff `pl_wer < wer_threshold` (percent), or `<=` with
+    `wer_inclusive`. A sample without a `pl_wer` (its reference normalises to empty: "Mm-hmm.", "(laughs)")
+    cannot be judged and is dropped as `no_reference`; a dataset with no reference column at all is refused
+    before this (SpeechDataModule). `transcript` is the pseudo-label's plain text (`drop_uppercase`);
+    `truncated` means the label ends without `<|endoftext|>` (`drop_truncated`).
     Label length counts the label ids (prefix included, prompt excluded); Whisper's decoder has
     `max_label_length` positions and `decoder_input_ids = ids[:-1]`, so up to `max_label_length + 1` ids fit.
     """
+    if drop_uppercase and is_uppercase_hallucination(transcript):
+        return "uppercase"
     if wer_threshold is not None:
         if pl_wer is None or (isinstance(pl_wer, float) and math.isnan(pl_wer)):
-            raise DataError(
-                "data.wer_threshold is set but a sample has no pl_wer (its dataset has no reference text, "
-                "so pseudo-label WER is undefined); set data.wer_threshold=null or label data with references"
-            )
-        if pl_wer > wer_threshold:
+            return "no_reference"
+        if pl_wer > wer_threshold or (pl_wer == wer_threshold and not wer_inclusive):
             return "wer"
     if duration is not None:
         if min_duration_s is not None and duration < min_duration_s:
             return "too_short"
         if max_duration_s is not None and duration > max_duration_s:
             return "too_long"
+    if drop_truncated and truncated:
+        return "truncated"
     if max_label_length is not None and n_label_tokens is not None and n_label_tokens > max_label_length + 1:
         return "label_too_long"
     return None

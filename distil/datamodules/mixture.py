@@ -14,10 +14,7 @@ import numpy as np
 import torch
 from datasets import Audio, Features, List, Value
 
-from distil.data.entries import (
-    DatasetEntry,
-    stable_id,
-)
+from distil.data.entries import DatasetEntry, stable_id
 from distil.datamodules.collator import SpeechCollator
 from distil.datamodules.filters import DataError, FilterStats
 
@@ -34,6 +31,7 @@ CANONICAL_FEATURES = Features(
         "token_ids": List(Value("int64")),
         "prompt": Value("string"),
         "pl_wer": Value("float64"),
+        "pseudo_label": Value("string"),  # the pseudo-label's plain text (the upper-case filter)
         "duration": Value("float64"),
         "language": Value("string"),
     }
@@ -53,6 +51,7 @@ def canonical_row(row: Mapping[str, Any], entry: DatasetEntry, split: str, index
         "token_ids": [int(i) for i in token_ids] if token_ids is not None else None,
         "prompt": row.get("prompt"),
         "pl_wer": float(row["pl_wer"]) if row.get("pl_wer") is not None else None,
+        "pseudo_label": row.get("pseudo_label"),
         "duration": float(duration) if duration is not None else None,
         "language": row.get("language") or entry.language,  # multilingual pseudo-labels carry one per sample
     }
@@ -68,23 +67,62 @@ class TrainSource:
 
 
 class _MapMixture:
-    """Map-style mixture: the interleaved `(source, row)` pairs, permuted per epoch."""
+    """Map-style mixture, drawn anew every epoch (seeded by seed and epoch), as the streamed one is.
 
-    def __init__(self, sources: list[TrainSource], pairs: np.ndarray):
-        self.sources = sources
-        self.pairs = pairs  # [n, 2] int64: source index, row index
+    Each epoch: every source's kept rows in a fresh order, interleaved by `datasets.interleave_datasets`
+    (the same probabilities and stopping strategy as streaming), then permuted. Drawing per epoch matters
+    for `first_exhausted`: a large source contributes another subset of its rows every epoch instead of
+    the same subset forever. Only `(source, row)` integer pairs are interleaved, never the audio.
+    """
 
-    def __len__(self) -> int:
-        return len(self.pairs)
+    def __init__(
+        self,
+        sources: list[TrainSource],
+        probabilities: list[float],
+        seed: int,
+        stopping_strategy: str,
+        shuffle: bool = True,
+        max_samples: int | None = None,
+    ):
+        self.sources, self.probabilities = sources, probabilities
+        self.seed, self.stopping_strategy, self.shuffle = int(seed), stopping_strategy, shuffle
+        self.max_samples = max_samples
+        self._drawn: tuple[int, np.ndarray] | None = None
+
+    def epoch_pairs(self, epoch: int) -> np.ndarray:
+        """[n, 2] int64 (source index, row index) of one epoch, before the epoch's permutation."""
+        epoch = epoch if self.shuffle else 0  # without shuffling every epoch is the same
+        if self._drawn is not None and self._drawn[0] == epoch:
+            return self._drawn[1]
+        index_sets = []
+        for i, s in enumerate(self.sources):
+            rows = s.kept_rows
+            if self.shuffle:
+                rows = np.random.default_rng([self.seed, epoch, i]).permutation(rows)
+            index_sets.append(
+                datasets.Dataset.from_dict({"src": np.full(len(rows), i, dtype=np.int64), "row": rows})
+            )
+        draw_seed = int(np.random.default_rng([self.seed, epoch]).integers(2**31))
+        mixed = datasets.interleave_datasets(
+            index_sets,
+            probabilities=self.probabilities,
+            seed=draw_seed,
+            stopping_strategy=self.stopping_strategy,
+        )
+        table = mixed.with_format("numpy")[:]
+        pairs = np.stack([table["src"], table["row"]], axis=1).astype(np.int64)
+        if self.max_samples is not None:
+            pairs = pairs[: int(self.max_samples)]
+        self._drawn = (epoch, pairs)
+        return pairs
 
     def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[np.ndarray]:
+        pairs = self.epoch_pairs(epoch)
         order = (
-            np.random.default_rng([seed, epoch]).permutation(len(self.pairs))
-            if shuffle
-            else np.arange(len(self.pairs))
+            np.random.default_rng([seed, epoch]).permutation(len(pairs)) if shuffle else np.arange(len(pairs))
         )
         for start in range(0, len(order) - batch_size + 1, batch_size):  # the last partial batch is dropped
-            yield self.pairs[order[start : start + batch_size]]
+            yield pairs[order[start : start + batch_size]]
 
     def fetch(self, handles: np.ndarray) -> list[dict]:
         rows = []

@@ -35,58 +35,45 @@ def filter_source(
     Counts are exact for map-style data and come from one pass over the metadata columns for streams
     (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column)."""
     name = f"{entry.name}/{split}"
-    if isinstance(ds, datasets.Dataset):
-        stats = FilterStats(name)
-        keep = []
-        # Metadata columns only: the audio column is read only when a duration must come from headers.
-        need_audio = needs_duration and entry.duration_column not in ds.column_names
-        cols = [
-            c
-            for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
-            if c and c in ds.column_names
-        ]
-        meta = ds.select_columns(cols + ([entry.audio_column] if need_audio else []))
-        for i, raw in enumerate(meta):
-            row = {
-                "text": raw.get(entry.text_column) if entry.text_column else None,
-                "token_ids": raw.get("token_ids"),
-                "pl_wer": raw.get("pl_wer"),
-                "duration": raw.get(entry.duration_column) if entry.duration_column else None,
-                "audio": raw.get(entry.audio_column),
-            }
+    names = column_names(ds)
+    # Metadata columns only: the audio column is read only when a duration must come from headers.
+    meta_cols = [
+        c
+        for c in (entry.text_column, "token_ids", "pl_wer", "pseudo_label", "language", entry.duration_column)
+        if c and c in names
+    ]
+    if needs_duration and entry.duration_column not in meta_cols:
+        meta_cols.append(entry.audio_column)
+    blank = dict.fromkeys(names)
+
+    def count(stats: FilterStats, keep: list[int] | None = None) -> None:
+        for i, raw in enumerate(ds.select_columns(meta_cols)):
+            row = canonical_row({**blank, **raw}, entry, split, i)  # the rows training sees, without audio
             try:
                 why = reason(row)
             except DataError as err:
                 raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
             stats.add(why)
-            if why is None:
+            if why is None and keep is not None:
                 keep.append(i)
+
+    if isinstance(ds, datasets.Dataset):
+        stats, keep = FilterStats(name), []
+        count(stats, keep)
         return TrainSource(entry, split, ds, np.asarray(keep, dtype=np.int64), stats)
 
     # Streamed: canonical rows, filtered lazily; counts from one pass over the metadata (no decoding).
     canon = ds.map(
         lambda row, idx: canonical_row(row, entry, split, idx),
         with_indices=True,
-        remove_columns=column_names(ds),
+        remove_columns=names,
         features=CANONICAL_FEATURES,
     )
     canon = canon.filter(lambda row: reason(row) is None)
     stats = None
     if count_streamed:
         stats = FilterStats(name)
-        meta_cols = [
-            c
-            for c in (entry.text_column, "token_ids", "pl_wer", entry.duration_column)
-            if c and c in column_names(ds)
-        ]
-        if entry.duration_column not in meta_cols:
-            meta_cols.append(entry.audio_column)
-        for i, raw in enumerate(ds.select_columns(meta_cols)):
-            row = canonical_row({**{c: None for c in column_names(ds)}, **raw}, entry, split, i)
-            try:
-                stats.add(reason(row))
-            except DataError as err:
-                raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
+        count(stats)
     return TrainSource(entry, split, canon, None, stats)
 
 

@@ -29,7 +29,6 @@ from typing import Any
 
 import datasets
 import lightning as L
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -64,21 +63,6 @@ log = logging.getLogger(__name__)
 STOPPING_STRATEGIES = ("first_exhausted", "all_exhausted", "all_exhausted_without_replacement")
 
 
-# =========================================================================== pure helpers
-
-
-# =========================================================================== per-source preparation
-
-
-# =========================================================================== the collator
-
-
-# =========================================================================== the training stream
-
-
-# =========================================================================== the DataModule
-
-
 class SpeechDataModule(L.LightningDataModule):
     """Weighted multi-dataset training stream + named validation sets for `WhisperDistiller`.
 
@@ -111,6 +95,9 @@ class SpeechDataModule(L.LightningDataModule):
         shuffle: bool = True,
         shuffle_buffer_size: int = 1000,
         wer_threshold: float | None = None,
+        wer_inclusive: bool = False,
+        drop_uppercase: bool = True,
+        drop_truncated: bool = True,
         min_duration_s: float | None = None,
         max_duration_s: float | None = 30.0,
         max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
@@ -149,8 +136,19 @@ class SpeechDataModule(L.LightningDataModule):
         self.stopping_strategy = stopping_strategy
         self.shuffle = shuffle
         self.shuffle_buffer_size = shuffle_buffer_size
+        if wer_threshold is not None and label_source == "text":
+            log.warning(
+                "data.wer_threshold=%s is ignored: this loss trains on the reference text, which has no "
+                "pseudo-label WER",
+                wer_threshold,
+            )
+            wer_threshold = None
+        pseudo = label_source == "pseudo"  # the pseudo-label rules do not apply to reference text
         self.filters = {
             "wer_threshold": wer_threshold,
+            "wer_inclusive": wer_inclusive,
+            "drop_uppercase": drop_uppercase and pseudo,
+            "drop_truncated": drop_truncated and pseudo,
             "min_duration_s": min_duration_s,
             "max_duration_s": max_duration_s,
             "max_label_length": max_label_length,
@@ -233,6 +231,14 @@ class SpeechDataModule(L.LightningDataModule):
                     # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
                     src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
                 check_columns(src_entry, split, names, self.label_source, path)
+                if self.filters["wer_threshold"] is not None and (
+                    entry.text_column is None or entry.text_column not in names
+                ):
+                    raise DataError(
+                        f"data.wer_threshold is set but dataset {entry.name!r} split {split!r} has no reference "
+                        f"text ({entry.key}.text_column={entry.text_column!r}), so its pseudo-label WER is "
+                        "undefined; set data.wer_threshold=null, or train on datasets with references"
+                    )
                 needs_duration = any(
                     self.filters[k] is not None for k in ("min_duration_s", "max_duration_s")
                 )
@@ -261,7 +267,16 @@ class SpeechDataModule(L.LightningDataModule):
             self.filters["min_duration_s"] is not None or self.filters["max_duration_s"] is not None
         ):
             duration = audio_duration(row["audio"])
-        return drop_reason(row.get("pl_wer"), duration, self._label_length(row, collator), **self.filters)
+        ids = row.get("token_ids")
+        truncated = bool(ids) and int(ids[-1]) != collator.special.eot  # generation hit max_new_tokens
+        return drop_reason(
+            row.get("pl_wer"),
+            duration,
+            self._label_length(row, collator),
+            transcript=row.get("pseudo_label"),
+            truncated=truncated,
+            **self.filters,
+        )
 
     def _log_stats(self, stats: FilterStats) -> None:
         self.filter_stats[stats.source] = stats
@@ -277,12 +292,7 @@ class SpeechDataModule(L.LightningDataModule):
                 f"every training sample was filtered out ({summary}); relax data.wer_threshold, "
                 "data.min_duration_s/max_duration_s or data.max_label_length"
             )
-        # Each split of an entry shares its entry's weight evenly.
-        weights = []
-        for s in sources:
-            n_splits = len(s.entry.splits)
-            weights.append(float(s.entry.samples) / n_splits)
-        probs = sampling_probabilities(weights)
+        probs = sampling_probabilities([s.entry.split_weight(s.split) for s in sources])
         if self.streaming:
             mixed = datasets.interleave_datasets(
                 [s.dataset for s in sources],
@@ -293,20 +303,9 @@ class SpeechDataModule(L.LightningDataModule):
             if self.max_train_samples is not None:
                 mixed = mixed.take(int(self.max_train_samples))
             return _StreamMixture(mixed, self.shuffle_buffer_size)
-        index_sets = [
-            datasets.Dataset.from_dict(
-                {"src": np.full(len(s.kept_rows), i, dtype=np.int64), "row": s.kept_rows}
-            )
-            for i, s in enumerate(sources)
-        ]
-        mixed = datasets.interleave_datasets(
-            index_sets, probabilities=probs, seed=self.seed, stopping_strategy=self.stopping_strategy
+        return _MapMixture(
+            sources, probs, self.seed, self.stopping_strategy, self.shuffle, self.max_train_samples
         )
-        table = mixed.with_format("numpy")[:]
-        pairs = np.stack([table["src"], table["row"]], axis=1).astype(np.int64)
-        if self.max_train_samples is not None:
-            pairs = pairs[: int(self.max_train_samples)]
-        return _MapMixture(sources, pairs)
 
     def validation_entries(self) -> list[tuple[DatasetEntry, str]]:
         """(entry, split) of every validation set: `validation_splits` of the training entries that have

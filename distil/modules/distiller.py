@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +34,7 @@ from distil.training.optim import param_groups
 from distil.utils.errors import InputError
 from distil.whisper.generation import generate_texts, generation_kwargs
 from distil.whisper.models import load_whisper, same_weights, weights_fingerprint
-from distil.whisper.student import STUDENT_INFO_FILE, student_layer_maps
+from distil.whisper.student import encoder_is_full_copy
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,24 @@ def _teacher_not_missing(module, incompatible_keys) -> None:
     ]
 
 
+def _resolve_freeze_encoder(setting: bool | str, identical: bool | None) -> bool:
+    """`auto` freezes the student encoder iff it is the teacher's own (the paper's setting); a shrunk or changed
+    encoder frozen on purpose (`true`) is allowed, loudly: it can then never learn to work with fewer layers."""
+    if setting == "auto":
+        return bool(identical)
+    if not isinstance(setting, bool):
+        raise DistillationSetupError(f"model.freeze_encoder must be auto, true or false, got {setting!r}")
+    if setting and not identical:
+        message = (
+            "model.freeze_encoder=true freezes a student encoder that is not identical to the teacher's (a "
+            "shrunk or already changed encoder): it stays as initialised for the whole run. Use "
+            "model.freeze_encoder=auto (freeze only an identical copy) unless this is what you want"
+        )
+        log.warning(message)
+        warnings.warn(message, stacklevel=3)
+    return setting
+
+
 class WhisperDistiller(L.LightningModule):
     def __init__(
         self,
@@ -67,7 +86,7 @@ class WhisperDistiller(L.LightningModule):
         kl_weight: float = 1.0,
         mse_weight: float = 0.0,
         temperature: float = 2.0,
-        freeze_encoder: bool = True,
+        freeze_encoder: bool | str = "auto",
         share_encoder: bool | None = None,
         dropout: float | None = None,
         gradient_checkpointing: bool = False,
@@ -94,7 +113,6 @@ class WhisperDistiller(L.LightningModule):
         self.mse_weight = float(mse_weight)
         self.ce_weight = effective_ce_weight(ce_weight, self.kl_weight)
         self.temperature = float(temperature)
-        self.freeze_encoder = bool(freeze_encoder)
         self.full_logits = full_logits
         self.encoder_cache: EncoderCache | None = None
         self.student = load_whisper(student_dir, dropout)
@@ -117,9 +135,13 @@ class WhisperDistiller(L.LightningModule):
         if teacher is not None:
             self._ddp_params_and_buffers_to_ignore = [f"teacher.{k}" for k in teacher.state_dict()]
 
+        if teacher is not None:
+            identical = same_weights(self.student.model.encoder, teacher.model.encoder)
+        else:  # no teacher loaded (CE-only losses): the student's own record of how it was built
+            identical = encoder_is_full_copy(student_dir)
+        self.freeze_encoder = _resolve_freeze_encoder(freeze_encoder, identical)
         if self.freeze_encoder:
             self.student.model.encoder.requires_grad_(False)
-        identical = teacher is not None and same_weights(self.student.model.encoder, teacher.model.encoder)
         if share_encoder is None:
             share_encoder = self.freeze_encoder and identical
         elif share_encoder and not (self.freeze_encoder and identical):
@@ -130,16 +152,11 @@ class WhisperDistiller(L.LightningModule):
         self.encoder_identical = identical
 
         self.layer_pairs: dict[str, list[tuple[int, int]]] = {}
-        if self.mse_weight != 0:
-            maps = student_layer_maps(student_dir)
-            if maps is None:
-                raise DistillationSetupError(
-                    f"mse_weight > 0 needs the student's layer maps ({STUDENT_INFO_FILE} in {student_dir}); "
-                    "build the student with `python -m distil.init_student`"
-                )
+        if teacher is not None:
+            s_cfg, t_cfg = self.student.config, teacher.config
             self.layer_pairs = {
-                "encoder": hidden_layer_pairs(maps[0]),
-                "decoder": hidden_layer_pairs(maps[1]),
+                "encoder": hidden_layer_pairs(s_cfg.encoder_layers, t_cfg.encoder_layers),
+                "decoder": hidden_layer_pairs(s_cfg.decoder_layers, t_cfg.decoder_layers),
             }
 
         if gradient_checkpointing:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,13 +88,27 @@ def kl_divergence(
     return kl * (temperature**2) / n_tokens
 
 
-def hidden_layer_pairs(layer_map: Sequence[int]) -> list[tuple[int, int]]:
-    """(student, teacher) indices into `output_hidden_states` tuples for a student built with `layer_map`.
+def supervised_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
+    """The teacher layer whose output student layer `i` learns to emulate, for the hidden-state MSE.
 
-    Those tuples start with the embedding output (index 0) followed by one entry per layer, so the
-    embeddings are paired with each other and student layer `i` with teacher layer `layer_map[i]`.
+    The reference's `get_layers_to_supervise`: the *last* teacher layer of each equal block,
+    `linspace(T//S - 1, T - 1, S)` with the last forced to `T - 1` (12 -> 3: [3, 7, 11]; 32 -> 2: [15, 31]),
+    so student layer `i` behaves like the first blocks of the teacher. This is not the layer the student
+    was copied from (that pairing would only pull each layer to stay a copy).
     """
-    return [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(layer_map)]
+    if not 1 <= n_student <= n_teacher:
+        raise ValueError(f"a student with {n_student} layers cannot emulate a {n_teacher}-layer teacher")
+    layers = np.linspace(n_teacher // n_student - 1, n_teacher - 1, n_student, dtype=int)
+    layers[-1] = n_teacher - 1
+    return [int(t) for t in layers]
+
+
+def hidden_layer_pairs(n_student: int, n_teacher: int) -> list[tuple[int, int]]:
+    """(student, teacher) indices into `output_hidden_states` tuples (index 0 = the embedding output).
+
+    The embeddings are paired with each other and student layer `i` with `supervised_teacher_layers[i]`.
+    """
+    return [(0, 0)] + [(i + 1, t + 1) for i, t in enumerate(supervised_teacher_layers(n_student, n_teacher))]
 
 
 def hidden_mse(
@@ -102,10 +117,11 @@ def hidden_mse(
     layer_pairs: Sequence[tuple[int, int]],
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean over `layer_pairs` of the MSE between student and teacher hidden states `[B, T, D]`.
+    """Sum over `layer_pairs` of the MSE between student and teacher hidden states `[B, T, D]`.
 
-    `mask` `[B, T]` (bool or 0/1) restricts the positions (e.g. the decoder's non-padding tokens);
-    each pair's MSE is the mean over the selected positions and the hidden dimension.
+    As the reference: each pair's term is the mean over positions and the hidden dimension, and the
+    terms are summed (`distillation_loss` then divides by the label-token count). `mask` `[B, T]`
+    (bool or 0/1) restricts the positions: the decoder's padding is left out (the reference includes it).
     """
     if not layer_pairs:
         raise ValueError("hidden_mse needs at least one (student, teacher) layer pair")
@@ -129,7 +145,7 @@ def hidden_mse(
             s, t = s[keep], t[keep]
         term = _zero(s).float() if s.numel() == 0 else F.mse_loss(s.float(), t.float(), reduction="mean")
         total = term if total is None else total + term
-    return total / len(layer_pairs)
+    return total
 
 
 HiddenTerm = tuple[
@@ -151,9 +167,10 @@ def distillation_loss(
     """`ce_weight * CE + kl_weight * KL + mse_weight * MSE` and its parts (detached, for logging).
 
     `ce_weight=None` means the reference default (`effective_ce_weight`). `hidden_terms` is one
-    `(student_hidden, teacher_hidden, layer_pairs, mask)` tuple per stack (encoder, decoder); MSE is
-    the mean of their `hidden_mse`, so each stack counts equally whatever its depth. Terms with a
-    zero weight are not computed (no teacher logits/hidden states needed for them).
+    `(student_hidden, teacher_hidden, layer_pairs, mask)` tuple per stack (encoder, decoder); MSE is the
+    sum of their `hidden_mse` divided by the number of label tokens, the reference's scale (its loss is
+    summed over tokens and the whole gradient divided by that count), so `mse_weight` {0.3, 1, 3} means
+    what it means in the paper. Terms with a zero weight are not computed.
     """
     ce_w = effective_ce_weight(ce_weight, kl_weight)
     total = _zero(student_logits).float()
@@ -171,7 +188,8 @@ def distillation_loss(
     if mse_weight != 0:
         if not hidden_terms:
             raise ValueError("mse_weight > 0 needs hidden_terms (student and teacher hidden states)")
-        mse = sum(hidden_mse(*term) for term in hidden_terms) / len(hidden_terms)
+        n_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
+        mse = sum(hidden_mse(*term) for term in hidden_terms) / n_tokens
         total = total + mse_weight * mse
         parts["mse"] = mse.detach()
     parts["loss"] = total.detach()

@@ -299,10 +299,10 @@ def init_student(
     return out_dir
 
 
-def student_layer_maps(student_dir: str) -> tuple[list[int], list[int]] | None:
-    """(encoder, decoder) teacher layer indices the student was copied from (distil_student.json)."""
+def encoder_is_full_copy(student_dir: str) -> bool | None:
+    """Whether an initialised student kept every teacher encoder layer (None: not a distil student)."""
     p = Path(student_dir) / STUDENT_INFO_FILE
     if not p.is_file():
         return None
     info = json.loads(p.read_text())
-    return list(info["encoder_layer_map"]), list(info["decoder_layer_map"])
+    return list(info["encoder_layer_map"]) == list(range(int(info["teacher_encoder_layers"])))
