@@ -62,6 +62,7 @@ from distil.data.label_store import (
     check_plan,
     complete_shards,
     id_output_column,
+    input_fingerprint,
     output_features,
     plan_record,
     record_extent,
@@ -186,7 +187,7 @@ def label_split(
     out_dir = split_dir(cfg.output_dir, entry.name, split)
     language = entry.language or cfg.generation.language
     packing = bool(cfg.packing.enabled)
-    plan = plan_record(cfg, entry, split, teacher_meta)
+    plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry))
     labels_meta = {**plan, "columns_added": list(LABEL_COLUMNS)}
     if (out_dir / SUCCESS).exists():
         check_plan(out_dir, plan)

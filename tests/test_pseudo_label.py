@@ -7,10 +7,12 @@ clips with the tiny random teacher; one check uses the real tiny.en teacher.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import datasets
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -248,6 +250,34 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_random_dir, corpus
         run(tmp_path, tiny_random_dir, corpus, callbacks=[KillAfterShards(1)])
     with pytest.raises(LabellingStateError, match="different settings.*generation"):
         run(tmp_path, tiny_random_dir, corpus, "generation.num_beams=2")
+
+
+def test_resume_on_changed_input_is_refused(tmp_path, tiny_random_dir, corpus):
+    """The same rows in another order under the same path: resuming would label some clips twice and
+    others never, so the resume is refused, naming the input."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus, data)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, tiny_random_dir, data, callbacks=[KillAfterShards(2)])
+    files = sorted((data / "train").glob("*.parquet"))
+    rows = datasets.concatenate_datasets([datasets.Dataset.from_parquet(str(f)) for f in files])
+    for f in files:
+        f.unlink()
+    rows.shuffle(seed=1).to_parquet(str(data / "train" / "a.parquet"))  # same rows, another order
+    with pytest.raises(LabellingStateError, match=rf"input of .* changed.*{data}.*another order"):
+        run(tmp_path, tiny_random_dir, data)
+
+
+def test_a_split_with_duplicate_ids_is_never_marked_complete(tmp_path):
+    from distil.data.label_store import check_unique_ids
+
+    for k, ids in enumerate((["a", "b"], ["c", "a"])):
+        pq.write_table(pa.table({"id": ids}), tmp_path / f"part-{k:05d}.parquet")
+    entry = DatasetEntry(name="x", path=str(tmp_path))
+    with pytest.raises(LabellingStateError, match=r"1 ids are labelled twice \(e.g. \['a'\]\)"):
+        check_unique_ids(tmp_path, entry)
+    pq.write_table(pa.table({"id": ["c", "d"]}), tmp_path / "part-00001.parquet")
+    check_unique_ids(tmp_path, entry)
 
 
 def test_two_jobs_merge_to_the_full_run(tmp_path, tiny_random_dir, corpus, reference):

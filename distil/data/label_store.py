@@ -9,6 +9,7 @@ and `_SUCCESS`. Readers must require `_SUCCESS`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -24,9 +25,7 @@ import pyarrow.parquet as pq
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
-from distil.data.entries import (
-    DatasetEntry,
-)
+from distil.data.entries import DatasetEntry, column_names
 from distil.data.label_plan import LabellingSpec, Skip
 from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 from distil.utils.errors import InputError
@@ -192,10 +191,34 @@ class ShardWriter(BasePredictionWriter):
         self.shards_written += 1
 
 
-def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict) -> dict:
+def input_fingerprint(ds, entry: DatasetEntry) -> str:
+    """`sha256:` of the split's row identities in order (its id column, else its text column, else the row
+    count): a resume on data that was rewritten, reordered, grown or shrunk since the plan is refused. Reads
+    one small column, never the audio."""
+    names = column_names(ds)
+    cols = [c for c in (entry.id_column, entry.text_column) if c and c in names][:1]
+    digest = hashlib.sha256()
+    n = 0
+    if cols:
+        for batch in ds.select_columns(cols).iter(batch_size=10_000):
+            values = batch[cols[0]]
+            n += len(values)
+            digest.update(json.dumps(values, default=str).encode())
+    else:
+        n = (
+            len(ds)
+            if isinstance(ds, datasets.Dataset)
+            else sum(1 for _ in ds.select_columns([entry.audio_column]))
+        )
+    digest.update(f"rows={n}".encode())
+    return f"sha256:{digest.hexdigest()}"
+
+
+def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict, input_hash: str) -> dict:
     """Everything that decides the labels and the shard layout; a resumed run must match it."""
     return {
         "teacher": teacher,
+        "input": input_hash,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "dtype": cfg.dtype,
         "packing": OmegaConf.to_container(cfg.packing, resolve=True) if cfg.packing.enabled else None,
@@ -221,6 +244,13 @@ def check_plan(out_dir: Path, plan: dict) -> None:
             changed = sorted(
                 k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k)))
             )
+            if "input" in changed:
+                raise LabellingStateError(
+                    f"the input of {out_dir} changed since it was labelled: {plan['dataset']['path']} split "
+                    f"{plan['dataset']['split']!r} now holds other rows, or the same rows in another order "
+                    "(its id/text column differs). The labels there belong to the old data: delete the "
+                    "directory (or set output_dir) to relabel, or restore the data to resume."
+                )
             raise LabellingStateError(
                 f"{out_dir} holds labels made with different settings ({', '.join(changed)} differ). "
                 "Rerun with the same settings to resume, or delete the directory (or set output_dir) to relabel."
@@ -313,10 +343,29 @@ def summarise(out_dir: Path, entry: DatasetEntry, language: str | None) -> dict:
     }
 
 
+def check_unique_ids(out_dir: Path, entry: DatasetEntry) -> None:
+    """Every clip labelled once: a split with a duplicated id is never marked complete."""
+    seen: set = set()
+    duplicates: list = []
+    for path in shard_files(out_dir):
+        names = pq.read_schema(path).names
+        column = entry.id_column or ("pl_id" if "pl_id" in names else "id")  # see id_output_column
+        for value in pq.read_table(path, columns=[column]).column(0).to_pylist():
+            if value in seen:
+                duplicates.append(value)
+            seen.add(value)
+    if duplicates:
+        raise LabellingStateError(
+            f"{out_dir}: {len(duplicates)} ids are labelled twice (e.g. {duplicates[:3]}), so the shards do not "
+            "come from one version of the input; it is not marked complete. Delete the directory to relabel."
+        )
+
+
 def finalise(
     out_dir: Path, entry: DatasetEntry, language: str | None, packing: bool, labels_meta: dict
 ) -> dict:
     """Turn complete shards into the finished dataset; `_SUCCESS` is written last."""
+    check_unique_ids(out_dir, entry)
     if packing:
         fill_prompts(out_dir)
     extent = read_json(out_dir / PROGRESS / "extent.json")

@@ -101,6 +101,11 @@ class FilterStats:
         if reason is not None:
             self.dropped[reason] += 1
 
+    def merge(self, other: FilterStats) -> None:
+        """Add another process's counts of the same source (streamed counting is split across ranks)."""
+        self.total += other.total
+        self.dropped.update(other.dropped)
+
     def summary(self) -> str:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
         return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts})"

@@ -13,6 +13,7 @@ import datasets
 import numpy as np
 import torch
 from datasets import Audio, Features, List, Value
+from datasets.distributed import split_dataset_by_node
 
 from distil.data.entries import DatasetEntry, stable_id
 from distil.datamodules.collator import SpeechCollator
@@ -133,34 +134,51 @@ class _MapMixture:
 
 
 class _StreamMixture:
-    """Streamed mixture: canonical rows from `interleave_datasets`, shuffled with a buffer per epoch."""
+    """Streamed mixture: canonical rows from `interleave_datasets`, shuffled with a buffer per epoch.
+
+    Each process (DDP rank x DataLoader worker) reads only its own part of the stream, through the
+    library's `split_dataset_by_node`: whole shards when their number divides the parts, else every
+    n-th row. So with 8 GPUs x 16 workers no process reads the 128 parts that are not its own.
+    """
 
     def __init__(self, dataset: datasets.IterableDataset, shuffle_buffer_size: int):
         self.dataset = dataset
         self.shuffle_buffer_size = int(shuffle_buffer_size)
 
-    def epoch_batches(self, epoch: int, seed: int, batch_size: int, shuffle: bool) -> Iterator[list[dict]]:
+    def part_batches(
+        self, epoch: int, seed: int, batch_size: int, shuffle: bool, part: int, n_parts: int
+    ) -> Iterator[list[dict]]:
+        """The batches of part `part` of `n_parts` in one epoch (partial last batch dropped)."""
         ds = self.dataset
         if shuffle and self.shuffle_buffer_size > 1:
             ds = ds.shuffle(seed=seed, buffer_size=self.shuffle_buffer_size)
+        if n_parts > 1:
+            ds = split_dataset_by_node(ds, rank=part, world_size=n_parts)
         ds.set_epoch(epoch)
-        # `.iter` (not `__iter__`) so datasets does not split the stream by DataLoader worker: every worker
-        # sees the same global batch order and keeps its own batches (see TrainStream).
+        # `.iter` (not `__iter__`): the split is ours; datasets must not split it again by DataLoader worker.
         for cols in ds.iter(batch_size=batch_size, drop_last_batch=True):
             yield [dict(zip(cols, values, strict=True)) for values in zip(*cols.values(), strict=True)]
 
-    def fetch(self, handles: list[dict]) -> list[dict]:
-        return handles
+
+def batches_to_skip(consumed: int, world_size: int, n_workers: int, worker: int) -> int:
+    """Batches worker `worker` of a rank already produced when `consumed` global batches were trained on.
+
+    Each rank trained on `consumed / world_size` of them, taken round-robin from its workers (the
+    DataLoader's order for iterable datasets), so worker `w` made `ceil((per_rank - w) / n_workers)`."""
+    per_rank = consumed // world_size
+    return max(0, -(-(per_rank - worker) // n_workers))
 
 
 class TrainStream(torch.utils.data.IterableDataset):
     """Endless, deterministic stream of collated training batches (epoch after epoch).
 
-    Global batch `j` (counted from the start of training, across epochs) is produced by rank
-    `(j - start_batch) % world_size` and, on that rank, by worker `((j - start_batch) // world_size) %
-    num_workers`; PyTorch's DataLoader returns worker outputs round-robin, so each rank sees its
-    batches in global order whatever `num_workers` is. `start_batch` skips batches already trained on
-    (resume): skipped batches are never decoded.
+    Map-style mixtures: global batch `j` (counted from the start of training, across epochs) is produced
+    by rank `(j - start_batch) % world_size` and, on that rank, by worker `((j - start_batch) //
+    world_size) % num_workers`; PyTorch's DataLoader returns worker outputs round-robin, so each rank sees
+    its batches in global order whatever `num_workers` is, and a process only fetches its own rows.
+    Streamed mixtures: each (rank, worker) reads its own part of the stream (`_StreamMixture`); the order
+    is deterministic for a given number of ranks x workers. `start_batch` (global batches already trained
+    on) skips batches on resume: skipped batches are never decoded.
     """
 
     def __init__(
@@ -187,6 +205,9 @@ class TrainStream(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = torch.utils.data.get_worker_info()
         worker, n_workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if isinstance(self.mixture, _StreamMixture):
+            yield from self._iter_stream(worker, n_workers)
+            return
         j, epoch, start = 0, 0, self.start_batch
         while self.max_epochs is None or epoch < self.max_epochs:
             produced = 0
@@ -202,12 +223,33 @@ class TrainStream(torch.utils.data.IterableDataset):
                     batch["batch_index"] = j
                     yield batch
                 j += 1
-            if produced == 0:
-                raise DataError(
-                    f"the training data has fewer samples than one batch (data.batch_size={self.batch_size}) "
-                    "after filtering; lower the batch size or relax the filters"
-                )
+            self._check_produced(produced)
             epoch += 1
+
+    def _iter_stream(self, worker: int, n_workers: int) -> Iterator[dict]:
+        part, n_parts = self.rank * n_workers + worker, self.world_size * n_workers
+        skip = batches_to_skip(self.start_batch, self.world_size, n_workers, worker)
+        k, epoch = 0, 0  # k: this part's batches so far
+        while self.max_epochs is None or epoch < self.max_epochs:
+            produced = 0
+            for rows in self.mixture.part_batches(
+                epoch, self.seed, self.batch_size, self.shuffle, part, n_parts
+            ):
+                produced += 1
+                if k >= skip:
+                    batch = self.collator(rows, epoch)
+                    batch["batch_index"] = k * n_parts + part
+                    yield batch
+                k += 1
+            self._check_produced(produced)
+            epoch += 1
+
+    def _check_produced(self, produced: int) -> None:
+        if produced == 0:
+            raise DataError(
+                f"the training data has fewer samples than one batch (data.batch_size={self.batch_size}) "
+                "per process after filtering; lower the batch size or relax the filters"
+            )
 
 
 class _ListDataset(torch.utils.data.Dataset):

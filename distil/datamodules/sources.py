@@ -9,6 +9,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 from datasets import Audio
+from datasets.distributed import split_dataset_by_node
 
 from distil.data.entries import DataConfigError, DatasetEntry, column_names, validate_columns
 from distil.data.label_store import PSEUDO_LABEL_COLUMNS
@@ -29,11 +30,14 @@ def filter_source(
     reason: Callable[[dict], str | None],
     needs_duration: bool = False,
     count_streamed: bool = True,
+    part: tuple[int, int] = (0, 1),
 ) -> TrainSource:
     """Apply the filters to one training split: kept row indices (map-style) or a lazily filtered stream.
 
     Counts are exact for map-style data and come from one pass over the metadata columns for streams
-    (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column)."""
+    (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column).
+    `part` (rank, world size): a streamed split's counting pass reads only that rank's part of it (the caller
+    adds the ranks' counts up)."""
     name = f"{entry.name}/{split}"
     names = column_names(ds)
     # Metadata columns only: the audio column is read only when a duration must come from headers.
@@ -47,7 +51,10 @@ def filter_source(
     blank = dict.fromkeys(names)
 
     def count(stats: FilterStats, keep: list[int] | None = None) -> None:
-        for i, raw in enumerate(ds.select_columns(meta_cols)):
+        meta = ds.select_columns(meta_cols)
+        if part[1] > 1:
+            meta = split_dataset_by_node(meta, rank=part[0], world_size=part[1])
+        for i, raw in enumerate(meta):
             row = canonical_row({**blank, **raw}, entry, split, i)  # the rows training sees, without audio
             try:
                 why = reason(row)

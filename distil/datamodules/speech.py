@@ -249,11 +249,25 @@ class SpeechDataModule(L.LightningDataModule):
                     lambda row: self._reason(row, collator),
                     needs_duration=needs_duration,
                     count_streamed=self.count_streamed_filters,
+                    part=self._rank_world() if self.streaming else (0, 1),
                 )
+                if source.stats is not None and self.streaming:
+                    source.stats = self._sum_over_ranks(source.stats)
                 if source.stats is not None:
                     self._log_stats(source.stats)
                 sources.append(source)
         return sources
+
+    def _sum_over_ranks(self, stats: FilterStats) -> FilterStats:
+        """Each rank counted its own part of a stream; every rank needs the totals (the same sources kept)."""
+        if self._rank_world()[1] == 1 or not torch.distributed.is_initialized():
+            return stats
+        gathered: list[FilterStats | None] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, stats)
+        total = FilterStats(stats.source)
+        for part in gathered:
+            total.merge(part)
+        return total
 
     def _label_length(self, row: Mapping[str, Any], collator: SpeechCollator) -> int | None:
         if self.label_source == "text":

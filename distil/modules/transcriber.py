@@ -13,11 +13,12 @@ from typing import Any
 
 import lightning as L
 import torch
-from transformers import AutoTokenizer, GenerationConfig, WhisperForConditionalGeneration
+from transformers import AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
 from distil.utils.errors import InputError
 from distil.whisper.generation import is_multilingual
+from distil.whisper.models import load_whisper
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -100,7 +101,7 @@ class WhisperTranscriber(L.LightningModule):
         generation_config = GenerationConfig.from_pretrained(model_dir)
         check_generation(self.settings, generation_config, model_dir)
         hf_logging.set_verbosity_error()  # generate() warns per call about settings we pass on purpose
-        self.model = WhisperForConditionalGeneration.from_pretrained(
+        self.model = load_whisper(
             model_dir, dtype=DTYPES[dtype], attn_implementation=attn_implementation
         ).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.utils.errors import InputError
 from distil.whisper.generation import is_multilingual
+from distil.whisper.models import load_whisper
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,6 @@ def load_model(
     A checkpoint (`model.path=...ckpt`) needs `model.base`: the HF directory with the matching config and
     processor (the student directory the run started from).
     """
-    from transformers import WhisperForConditionalGeneration
 
     model_cfg = (
         OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
@@ -176,7 +176,7 @@ def load_model(
         where = _hf_path(model_cfg, models_root)
         processor = load_processor(where)
         try:
-            model = WhisperForConditionalGeneration.from_pretrained(where)
+            model = load_whisper(where)
         except (OSError, ValueError) as err:
             raise ModelLoadError(f"cannot load a Whisper model from {where}: {err}") from err
         name, kind = model_cfg.get("name") or Path(where).name, "hf"

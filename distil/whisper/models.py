@@ -118,12 +118,68 @@ def check_model_path(path: str) -> str:
                 "(preprocessor_config.json / tokenizer.json): save the WhisperProcessor into it too "
                 "(`processor.save_pretrained(dir)`)"
             )
+        check_whisper_directory(local)
         return str(local)
     if path.startswith(("/", ".", "~")) or "\\" in path or not _HUB_ID.match(path):
         raise ModelConfigError(
             f"model path {path!r} does not exist (and is not a Hub id like openai/whisper-tiny.en)"
         )
     return path  # a Hub id; transformers downloads (or finds it in its cache) when loading
+
+
+def check_whisper_directory(local: Path) -> None:
+    """Refuse, before any work, a directory that is not a whole Whisper model: another architecture, no
+    weights, no generation config, or a tokenizer that is not this model's (a foreign vocabulary)."""
+    from transformers import AutoTokenizer
+
+    config = json.loads((local / "config.json").read_text())
+    if config.get("model_type") != "whisper":
+        raise ModelConfigError(
+            f"model directory {local} is not a Whisper model (config.json model_type="
+            f"{config.get('model_type')!r}); distil distils Whisper: point `path` at a Whisper directory"
+        )
+    try:
+        _weight_files(local)
+    except FileNotFoundError as err:
+        raise ModelConfigError(str(err)) from err
+    if not (local / "generation_config.json").is_file():
+        raise ModelConfigError(
+            f"model directory {local} has no generation_config.json (Whisper's timestamp and language "
+            "tokens live there): copy it from the model this one was made from "
+            "(`GenerationConfig.from_pretrained(src).save_pretrained(dir)`)"
+        )
+    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    sot = tokenizer.convert_tokens_to_ids("<|startoftranscript|>")
+    if sot != config.get("decoder_start_token_id") or len(tokenizer) > int(config.get("vocab_size", 0)):
+        raise ModelConfigError(
+            f"the tokenizer in {local} does not belong to its model (<|startoftranscript|> = {sot}, "
+            f"{len(tokenizer)} tokens; config.json: decoder_start_token_id="
+            f"{config.get('decoder_start_token_id')}, vocab_size={config.get('vocab_size')}): save the "
+            "model's own WhisperProcessor into the directory"
+        )
+
+
+def load_whisper(path: str, dropout: float | None = None, **kwargs):
+    """`WhisperForConditionalGeneration.from_pretrained` that fails on any missing or unexpected weight:
+    transformers would otherwise initialise the missing ones at random and go on."""
+    from transformers import WhisperForConditionalGeneration
+
+    if dropout is not None:
+        kwargs |= {
+            "dropout": float(dropout),
+            "attention_dropout": float(dropout),
+            "activation_dropout": float(dropout),
+        }
+    kwargs.setdefault("dtype", torch.float32)
+    model, info = WhisperForConditionalGeneration.from_pretrained(path, output_loading_info=True, **kwargs)
+    problems = {k: v for k in ("missing_keys", "unexpected_keys", "mismatched_keys") if (v := info.get(k))}
+    if problems:
+        detail = "; ".join(f"{k.replace('_', ' ')}: {sorted(map(str, v))[:5]}" for k, v in problems.items())
+        raise ModelConfigError(
+            f"the weights in {path} do not fit its Whisper config ({detail}): the directory is damaged or "
+            "holds another model; re-export or re-download it"
+        )
+    return model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -270,19 +326,6 @@ def model_fingerprint(model_dir: str | Path) -> str:
     except OSError:
         pass
     return fingerprint
-
-
-def load_whisper(path: str, dropout: float | None = None):
-    from transformers import WhisperForConditionalGeneration
-
-    kwargs = {}
-    if dropout is not None:
-        kwargs = {
-            "dropout": float(dropout),
-            "attention_dropout": float(dropout),
-            "activation_dropout": float(dropout),
-        }
-    return WhisperForConditionalGeneration.from_pretrained(path, dtype=torch.float32, **kwargs)
 
 
 def same_weights(a: nn.Module, b: nn.Module) -> bool:
