@@ -61,6 +61,7 @@ from distil.data.label_store import (
     ShardWriter,
     check_plan,
     complete_shards,
+    finalise_owner,
     id_output_column,
     input_fingerprint,
     output_features,
@@ -243,12 +244,19 @@ def label_split(
     if summary is None:
         n = total_shards(out_dir)
         missing = None if n is None else sorted(set(range(n)) - complete_shards(out_dir))
-        (log.warning if trainer.is_global_zero else log.debug)(
-            "%s/%s: %s shards still missing (other jobs' shards?); rerun any job to finish and merge",
-            entry.name,
-            split,
-            "some" if missing is None else len(missing),
-        )
+        owner = finalise_owner(out_dir)
+        if owner is not None:
+            message = (
+                f"another process (pid {owner.get('pid')} on {owner.get('host')}) has been finalising "
+                f"{out_dir} for {owner['age_s']:.0f} s (lock {owner['lock']}); it writes {SUCCESS} when done"
+            )
+        else:
+            message = (
+                f"{'some' if missing is None else len(missing)} shards still missing {missing or ''}: other "
+                f"jobs (shard.index/shard.count) own them; run those jobs, or this command without "
+                "shard.* overrides, to label them and merge"
+            )
+        (log.warning if trainer.is_global_zero else log.debug)("%s/%s: %s", entry.name, split, message)
         return {
             "status": "incomplete",
             "missing_shards": missing,

@@ -268,6 +268,30 @@ def test_resume_on_changed_input_is_refused(tmp_path, tiny_random_dir, corpus):
         run(tmp_path, tiny_random_dir, data)
 
 
+def test_a_run_killed_while_finalising_does_not_block_completion(tmp_path, tiny_random_dir, corpus, caplog):
+    import os
+    import socket
+    import subprocess
+
+    _, summary = run(tmp_path, tiny_random_dir, corpus)
+    out = Path(summary["splits"]["custom/train"]["output_dir"])
+    (out / SUCCESS).unlink()  # killed during finalise: every shard is there, the lock is left behind
+    lock = out / "_progress" / "finalise.lock"
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": 0}))
+    _, again = run(tmp_path, tiny_random_dir, corpus)
+    assert again["splits"]["custom/train"]["status"] == "complete" and (out / SUCCESS).exists()
+    assert not lock.exists()
+    # A live process finalising: the run says so (who, how long, which lock) instead of "shards missing".
+    (out / SUCCESS).unlink()
+    lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": 0}))
+    _, busy = run(tmp_path, tiny_random_dir, corpus)
+    assert busy["splits"]["custom/train"]["status"] == "incomplete"
+    assert f"(pid {os.getpid()} on {socket.gethostname()}) has been finalising" in caplog.text
+    assert str(lock) in caplog.text
+
+
 def test_a_split_with_duplicate_ids_is_never_marked_complete(tmp_path):
     from distil.data.label_store import check_unique_ids
 

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -380,20 +381,49 @@ def finalise(
     return summary
 
 
+FINALISE_LOCK = "finalise.lock"
+
+
+def finalise_owner(out_dir: Path) -> dict | None:
+    """The live process finalising `out_dir` ({pid, host, started, lock}), or None. A lock whose owner is gone
+    (a killed run on this host, or older than 10 minutes from another host) does not count."""
+    lock = out_dir / PROGRESS / FINALISE_LOCK
+    try:
+        owner = json.loads(lock.read_text() or "{}")
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being written this instant
+        owner, age = {}, 0.0
+    if owner.get("host") == socket.gethostname():
+        try:
+            os.kill(int(owner["pid"]), 0)
+        except ProcessLookupError:
+            return None
+        except PermissionError:
+            pass  # alive, another user's
+    elif age > 600:
+        return None
+    return {**owner, "age_s": age, "lock": str(lock)}
+
+
 def try_finalise(out_dir: Path, entry, language, packing, labels_meta) -> dict | None:
-    """Finalise if every shard is complete and nobody else is doing it; None when shards are missing."""
+    """Finalise if every shard is complete and no live process is doing it; None otherwise.
+
+    The lock records its owner (pid, host); a lock left by a killed run is taken over at once."""
     n = total_shards(out_dir)
     if n is None or complete_shards(out_dir) < set(range(n)):
         return None
-    lock = out_dir / PROGRESS / "finalise.lock"
+    lock = out_dir / PROGRESS / FINALISE_LOCK
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:  # another job is finalising; a stale lock (killed job) is taken after 10 min
-        if time.time() - lock.stat().st_mtime < 600:
+    except FileExistsError:
+        if finalise_owner(out_dir) is not None:
             return None
-        lock.unlink(missing_ok=True)
+        lock.unlink(missing_ok=True)  # its owner is gone
         return try_finalise(out_dir, entry, language, packing, labels_meta)
-    os.close(fd)
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
     try:
         return finalise(out_dir, entry, language, packing, labels_meta)
     finally:
