@@ -75,7 +75,7 @@ from distil.data.label_store import (
 from distil.datamodules.labelling import LabellingDataModule, LabellingSource
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
 from distil.utils.errors import one_line_errors
-from distil.utils.io import read_json, write_json_atomic
+from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
@@ -278,6 +278,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     inputs = _load_inputs(cfg)  # missing columns are reported here, before the teacher is loaded
+    ensure_writable_directory(cfg.output_dir, "output_dir")  # a read-only output: before the teacher loads
     if not 0 <= int(cfg.shard.index) < int(cfg.shard.count):
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"

@@ -29,6 +29,7 @@ from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, export_student, resolve_ckpt_path
 from distil.utils.errors import instantiate, one_line_errors
+from distil.utils.io import ensure_writable_directory
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.models import resolve_model
@@ -72,7 +73,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     started = time.time()
     if cfg.get("out_dir") in (None, "", "???"):
         raise ValueError("out_dir must be set (distil-train derives it from the overrides)")
-    out_dir = Path(cfg.out_dir).expanduser()
+    out_dir = ensure_writable_directory(cfg.out_dir, "out_dir")  # before any model loads
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))

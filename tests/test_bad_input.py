@@ -8,8 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import write_split
+from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
+from distil.utils.io import OutputNotWritableError
+from distil.utils.paths import CONF_DIR
 from distil.whisper.models import ModelConfigError, check_model_path, load_whisper
 
 
@@ -54,3 +58,50 @@ def test_no_generation_config_is_refused(model_copy):
     (model_copy / "model.safetensors").unlink()
     with pytest.raises(ModelConfigError, match="no weights"):
         check_model_path(str(model_copy))
+
+
+def test_an_unwritable_output_is_found_before_the_teacher_loads(tmp_path, monkeypatch):
+    import distil.pseudo_label as stage
+
+    write_split(tmp_path / "corpus", "c", "train", 2, labelled=False)
+    (tmp_path / "blocker").write_text("a file where the output directory should go")
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(
+            "pseudo_label",
+            [
+                f"paths.root={tmp_path}",
+                "teacher=tiny_random",
+                "data=custom",
+                f"data.datasets.0.path={tmp_path / 'corpus' / 'c'}",
+                f"output_dir={tmp_path / 'blocker' / 'labels'}",
+            ],
+        )
+
+    def no_teacher(*args):
+        raise AssertionError("the teacher was resolved before the output was checked")
+
+    monkeypatch.setattr(stage, "_teacher_record", no_teacher)
+    with pytest.raises(OutputNotWritableError, match=rf"cannot create output_dir={tmp_path / 'blocker'}"):
+        stage.pseudo_label(cfg, run_dir=tmp_path / "run")
+
+
+def test_a_local_hub_teacher_is_named_after_its_directory(tmp_path):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        local = compose("pseudo_label", ["teacher=hub", f"teacher.path={tmp_path / 'my-whisper'}"])
+        hub = compose("pseudo_label", ["teacher=hub", "teacher.path=openai/whisper-large-v3"])
+    assert local.teacher.name == "my-whisper"  # not the absolute path, which would label into the model dir
+    assert (
+        Path(local.output_dir).name == "my-whisper" and Path(local.output_dir).parent.name == "pseudo_labels"
+    )
+    assert hub.teacher.name == "openai/whisper-large-v3"
+
+
+def test_auto_threads_respect_omp_num_threads(monkeypatch):
+    from distil.utils.parallel import usable_cores
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    free = usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert usable_cores() == 1  # a job limited to one thread does not get one process per core
+    monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
+    assert usable_cores() == free

@@ -264,6 +264,7 @@ def no_synthesis(monkeypatch):
         ),
         ("corpora.espeak.sizes.train=100000", r"corpora\.espeak\.sizes\.train: 100000 utterances requested"),
         ("noise.type=babble", r"noise\.type: unknown noise type 'babble'"),
+        ("corpora.longform.sizes.test=0", r"corpora\.longform\.sizes: every split is empty"),
         ("+corpora.espeak.speed=2", r"corpora\.espeak: unknown key\(s\) \['speed'\]"),
     ],
 )

@@ -191,6 +191,8 @@ def build_corpus(
         counts = {}
         with ThreadPoolExecutor(max_workers=max(1, num_workers)) as pool:
             for split, items in plan.splits.items():
+                if not items:  # a split sized 0 is left out of the corpus
+                    continue
                 rows = list(
                     tqdm(
                         pool.map(lambda item: render_item(item, render), items),
@@ -240,7 +242,13 @@ def plan_all(cfg: Mapping[str, Any]) -> dict[str, Plan]:
                 f"corpora.{spec.name}.voices.test: {leaked} are train voices of another corpus; "
                 f"test voices must be held out"
             )
-    return {spec.name: plan_corpus(spec, pools, seed) for spec in specs}
+    plans = {spec.name: plan_corpus(spec, pools, seed) for spec in specs}
+    for name, plan in plans.items():
+        if not any(plan.splits.values()):
+            raise CorpusConfigError(
+                f"corpora.{name}.sizes: every split is empty; give a split a size > 0 or leave the corpus out"
+            )
+    return plans
 
 
 def noise_variants(cfg: Mapping[str, Any], names: Sequence[str]) -> list[tuple[str, Noise]]:

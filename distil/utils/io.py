@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from distil.utils.errors import InputError
+
 COMPLETE_MARKER = ".distil_complete.json"  # written last into a directory built by `build_directory`
 
 
@@ -113,3 +115,23 @@ def build_directory(
         build(tmp)
         (tmp / COMPLETE_MARKER).write_text(json.dumps({"spec": spec}, indent=2, sort_keys=True) + "\n")
     return final_dir
+
+
+class OutputNotWritableError(InputError):
+    """An output directory that cannot be created or written."""
+
+
+def ensure_writable_directory(path: str | Path, key: str) -> Path:
+    """Create `path` (config key `key`) if needed and check it is writable: found before any model loads."""
+    directory = Path(path).expanduser()
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputNotWritableError(
+            f"cannot create {key}={directory} ({err.strerror}); choose a writable location ({key}=...)"
+        ) from err
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(
+            f"{key}={directory} is not writable by this user; choose a writable location ({key}=...)"
+        )
+    return directory

@@ -12,10 +12,16 @@ log = logging.getLogger(__name__)
 
 
 def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by `OMP_NUM_THREADS` when that is set (the
+    usual way a shared node or a SLURM job limits a process), so `auto` never oversubscribes them."""
     try:
-        return len(os.sched_getaffinity(0))
+        cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+    limit = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if limit.isdigit() and int(limit) > 0:
+        cores = min(cores, int(limit))
+    return cores
 
 
 def on_cpu(accelerator: str) -> bool:

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from distil.utils.errors import InputError
@@ -125,6 +126,20 @@ def check_model_path(path: str) -> str:
             f"model path {path!r} does not exist (and is not a Hub id like openai/whisper-tiny.en)"
         )
     return path  # a Hub id; transformers downloads (or finds it in its cache) when loading
+
+
+def model_dir_name(path: str | None, default: str = "hub") -> str:
+    """A model's name for output paths (`pseudo_labels/<name>`): a local directory's own name (never its
+    absolute path, which would put the labels inside the model's directory), a Hub id as it is."""
+    if not path:
+        return default
+    text = str(path).rstrip("/")
+    if text.startswith(("/", ".", "~")) or Path(text).expanduser().exists():
+        return Path(text).expanduser().name
+    return text
+
+
+OmegaConf.register_new_resolver("model_dir_name", model_dir_name, replace=True)
 
 
 def check_whisper_directory(local: Path) -> None:
