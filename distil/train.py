@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
-from distil.training.checkpoints import CHECKPOINT_DIR, export_student, resolve_ckpt_path
+from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.utils.errors import instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory
 from distil.utils.paths import CONF_DIR, safe_dirname
@@ -112,7 +112,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         default_root_dir=str(out_dir),
         logger=[instantiate(c) for c in cfg.logger.values()],
         callbacks=[instantiate(c) for c in cfg.callbacks.values()] + list(callbacks or []),
-        plugins=slurm_plugins(),
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     if ckpt_path:
@@ -151,7 +151,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     return summary
 
 
-def slurm_plugins() -> list | None:
+def slurm_plugins() -> list:
     """Inside a SLURM batch job, submitit (hydra/launcher=slurm) owns requeueing; Lightning's would fight it."""
     import os
 
@@ -159,7 +159,7 @@ def slurm_plugins() -> list | None:
         from lightning.pytorch.plugins.environments import SLURMEnvironment
 
         return [SLURMEnvironment(auto_requeue=False)]
-    return None
+    return []
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")

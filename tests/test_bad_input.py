@@ -105,3 +105,48 @@ def test_auto_threads_respect_omp_num_threads(monkeypatch):
     assert usable_cores() == 1  # a job limited to one thread does not get one process per core
     monkeypatch.setenv("OMP_NUM_THREADS", "not-a-number")
     assert usable_cores() == free
+
+
+def test_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    import os
+    import subprocess
+
+    from distil.utils.io import STALE_AFTER_S, atomic_directory, write_atomic
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    old = os.path.getmtime(tmp_path) - 2 * STALE_AFTER_S
+    shard_leftover = tmp_path / f".part-00003.parquet.tmp-{gone.pid}"  # a killed shard write
+    export_leftover = tmp_path / f".last.tmp-{gone.pid}-abcd"  # a killed export
+    export_leftover.mkdir()
+    (export_leftover / "model.safetensors").write_bytes(b"x" * 100)
+    live = tmp_path / f".part-00003.parquet.tmp-{os.getppid()}"  # another writer still at work: kept
+    young = tmp_path / f".part-00003.parquet.tmp-{gone.pid + 100000}"  # just written: kept for now
+    for f in (shard_leftover, live, young):
+        f.write_bytes(b"partial")
+    for f in (shard_leftover, export_leftover, live):
+        os.utime(f, (old, old))
+    write_atomic(tmp_path / "part-00003.parquet", "done")
+    with atomic_directory(tmp_path / "last") as tmp:
+        (tmp / "config.json").write_text("{}")
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert left == sorted(["last", "part-00003.parquet", live.name, young.name])
+
+
+def test_checkpoints_are_written_beside_their_destination(tmp_path, monkeypatch):
+    import tempfile
+
+    import torch
+
+    from distil.training.checkpoints import AtomicCheckpointIO
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    seen = []
+    real_save = torch.save
+    monkeypatch.setattr(torch, "save", lambda obj, f: (seen.append(Path(f)), real_save(obj, f)))
+    AtomicCheckpointIO().save_checkpoint({"step": 3}, tmp_path / "ckpt" / "last.ckpt")
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt")["step"] == 3
+    assert seen[0].parent == tmp_path / "ckpt" and seen[0].name.startswith(".last.ckpt.tmp-")
+    assert not any(system_tmp.iterdir())

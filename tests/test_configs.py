@@ -1,5 +1,7 @@
 """Every config file composes: each stage's main config, and each option of each group under it."""
 
+from pathlib import Path
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -133,3 +135,28 @@ def test_train_config_runs_one_fast_dev_run_step(tiny_dir, tiny_student, tokeniz
     trainer.fit(module, datamodule=datamodule)
     assert trainer.global_step == 1
     assert datamodule.filter_stats["a/train"].kept == 4
+
+
+RUN_DIR_SCRIPT = """
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from distil.utils.paths import CONF_DIR
+with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+    cfg = compose("pseudo_label", return_hydra_config=True, overrides=["hydra.job.name=pseudo_label"])
+print(OmegaConf.select(cfg, "hydra.run.dir"), OmegaConf.select(cfg, "hydra.run.dir"))
+"""
+
+
+def test_runs_started_in_the_same_second_get_their_own_run_directories():
+    import subprocess
+    import sys
+
+    procs = [
+        subprocess.Popen([sys.executable, "-c", RUN_DIR_SCRIPT], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    outputs = [p.communicate(timeout=120)[0].split() for p in procs]
+    for first, again in outputs:
+        assert first == again  # stable within a process
+    assert outputs[0][0] != outputs[1][0]
+    assert {Path(o[0]).parent.name for o in outputs} == {"pseudo_label"}

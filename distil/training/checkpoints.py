@@ -6,7 +6,10 @@ import logging
 import shutil
 from pathlib import Path
 
-from distil.utils.io import atomic_directory
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from distil.utils.io import atomic_directory, atomic_file
 from distil.whisper.loading import model_from_checkpoint
 from distil.whisper.student import STUDENT_INFO_FILE
 
@@ -42,3 +45,18 @@ def export_student(checkpoint: str | Path, base_dir: str, out: Path) -> Path:
         if info.is_file():
             shutil.copy(info, tmp / info.name)
     return out
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Checkpoints written to a temporary sibling and renamed into place (`utils.io.atomic_file`).
+
+    Lightning's own save goes through an fsspec transaction that writes the whole file into the system temp
+    directory first (a killed save leaves it there, and the move may cross file systems); here a killed save
+    leaves at most a hidden `.<name>.tmp-<pid>` beside the checkpoint, removed by the next save of that file.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
+        with atomic_file(path) as tmp:
+            torch.save(checkpoint, tmp)

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,11 +21,44 @@ from distil.utils.errors import InputError
 COMPLETE_MARKER = ".distil_complete.json"  # written last into a directory built by `build_directory`
 
 
+STALE_AFTER_S = 60  # a temporary untouched this long whose writer is gone is a leftover of a killed run
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # another user's live process
+    return True
+
+
+def remove_leftovers(path: Path) -> list[Path]:
+    """Remove the temporaries (`.<name>.tmp-<pid>...`) that killed writers of `path` left beside it: their
+    process is gone (on this host) and they were not touched for `STALE_AFTER_S`. Returns what was removed."""
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name[len(f".{path.name}.tmp-") :].split("-")[0]
+        try:
+            stale = not _pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+        except (ValueError, FileNotFoundError):
+            continue
+        if stale:
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed
+
+
 @contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
     """Yield a temporary sibling of `path` to write; on success it replaces `path` (os.replace is atomic)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
@@ -72,7 +106,8 @@ def atomic_directory(
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    remove_leftovers(out_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
     try:
         yield tmp
         _follow_umask(tmp)

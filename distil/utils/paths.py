@@ -8,8 +8,12 @@ wheel, or run from a checkout. Artifacts live under one root, `paths.root` in `c
 from __future__ import annotations
 
 import hashlib
+import os
 import re
+import secrets
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 CONF_DIR = PACKAGE_DIR / "conf"
@@ -17,6 +21,14 @@ CONF_DIR = PACKAGE_DIR / "conf"
 REPO_ROOT: Path | None = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / ".git").exists() else None
 
 MAX_DIRNAME = 120
+
+# One id per process, so two runs started in the same second (a SLURM array, `shard.index` jobs) never share a
+# run directory: `${now:...}-${run_id:}` in conf/hydra/default.yaml. Constant within a process, so every read
+# of the run directory agrees.
+RUN_ID = f"{os.getpid():x}{secrets.token_hex(2)}"
+# use_cache: Hydra copies resolver caches into sweep jobs (as for `now`), so a job in another process (submitit)
+# resolves the sweep directory its launcher created.
+OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True, use_cache=True)
 
 
 def safe_dirname(text: str) -> str:
