@@ -28,14 +28,16 @@ from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
-from distil.utils.errors import instantiate, one_line_errors
-from distil.utils.io import ensure_writable_directory
+from distil.utils.errors import InputError, instantiate, one_line_errors
+from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.models import resolve_model
 from distil.whisper.student import init_student
 
 log = logging.getLogger(__name__)
+
+DATA_FINGERPRINT = "data_fingerprint.json"  # what the run trains on, checked on resume
 
 
 def default_out_dir(students_root_dir: str | Path, override_dirname: str) -> Path:
@@ -115,6 +117,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+    check_training_data(out_dir, datamodule.data_fingerprint(), resuming=bool(ckpt_path), cfg=cfg)
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)  # data errors come before any step
@@ -149,6 +152,32 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         }
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+class TrainingDataChangedError(InputError):
+    """A resumed run whose training data is not what it started on."""
+
+
+def check_training_data(out_dir: Path, fingerprint: dict, resuming: bool, cfg: DictConfig) -> None:
+    """Record the training data at the start; on resume, refuse (or, with `resume_data_changed=warn`, warn)
+    when it changed: the saved batch position would then point into other data."""
+    path = out_dir / DATA_FINGERPRINT
+    if not resuming or not path.is_file():
+        write_json_atomic(path, fingerprint)
+        return
+    recorded = read_json(path)
+    changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
+    if not changed:
+        return
+    message = (
+        f"the training data of {out_dir} changed since the run started ({', '.join(changed)}): resuming would "
+        "continue the old run's batch order on other data. Start a new run (another out_dir), restore the data, "
+        "or pass resume_data_changed=warn to resume anyway"
+    )
+    if cfg.get("resume_data_changed", "error") != "warn":
+        raise TrainingDataChangedError(message)
+    log.warning(message)
+    write_json_atomic(path, fingerprint)
 
 
 def slurm_plugins() -> list:

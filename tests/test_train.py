@@ -178,6 +178,21 @@ def test_resume_continues_and_matches_uninterrupted_run(home, tmp_path):
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+def test_resume_on_changed_training_data_is_refused(home, tmp_path):
+    from transformers import WhisperTokenizerFast
+
+    from distil.train import TrainingDataChangedError
+
+    run_dir = ["out_dir=" + str(tmp_path / "run"), "export=false"]
+    train(compose_train(home, run_dir, steps=2))
+    tok = WhisperTokenizerFast.from_pretrained(home / "models" / TEACHER)
+    write_split(home / "pseudo_labels" / TEACHER, "a", "train", 10, tok, pl_wer=[0.0] * 10, id_offset=50)
+    with pytest.raises(TrainingDataChangedError, match=r"training data of .* changed .*\(a/train\)"):
+        train(compose_train(home, run_dir, steps=4))
+    summary = train(compose_train(home, [*run_dir, "resume_data_changed=warn"], steps=4))
+    assert summary["global_step"] == 4 and summary["resumed_from"]
+
+
 def test_bad_inputs_fail_at_start_up(home, tmp_path):
     from distil.datamodules.filters import DataError
     from distil.modules.distiller import DistillationSetupError

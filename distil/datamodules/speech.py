@@ -269,6 +269,26 @@ class SpeechDataModule(L.LightningDataModule):
             total.merge(part)
         return total
 
+    def data_fingerprint(self) -> dict[str, Any]:
+        """What the training data is, per source, without reading it: the data files of a local split (names,
+        sizes, modification times), or the Hub id/config/split. A resumed run compares it with its start."""
+        sources = {}
+        for entry in self.entries:
+            path = Path(self.source_path(entry)).expanduser()
+            for split in entry.splits:
+                key = f"{entry.name}/{split}"
+                directory = path / split if (path / split).is_dir() else path
+                if directory.is_dir():
+                    files = sorted(
+                        f for f in directory.rglob("*") if f.is_file() and not f.name.startswith(".")
+                    )
+                    sources[key] = [
+                        [str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns] for f in files
+                    ]
+                else:
+                    sources[key] = {"hub": str(entry.path), "config": entry.config, "split": split}
+        return sources
+
     def _label_length(self, row: Mapping[str, Any], collator: SpeechCollator) -> int | None:
         if self.label_source == "text":
             return len(collator.text_labeler(row.get("text") or "", row.get("language")))
