@@ -57,6 +57,7 @@ from distil.data.entries import (
 from distil.data.label_plan import LabellingSpec
 from distil.data.label_store import (
     LABEL_COLUMNS,
+    PROGRESS,
     SUCCESS,
     ShardWriter,
     check_plan,
@@ -64,6 +65,7 @@ from distil.data.label_store import (
     finalise_owner,
     id_output_column,
     input_fingerprint,
+    live_claims,
     output_features,
     plan_record,
     record_extent,
@@ -208,6 +210,7 @@ def label_split(
         job_index=int(cfg.shard.index),
         job_count=int(cfg.shard.count),
         done=done,
+        claims_dir=str(out_dir / PROGRESS),
     )
     source = LabellingSource(ds, spec, streaming=bool(cfg.streaming))
     if source.num_units is not None:
@@ -249,6 +252,11 @@ def label_split(
             message = (
                 f"another process (pid {owner.get('pid')} on {owner.get('host')}) has been finalising "
                 f"{out_dir} for {owner['age_s']:.0f} s (lock {owner['lock']}); it writes {SUCCESS} when done"
+            )
+        elif claimed := live_claims(out_dir):
+            message = (
+                f"shards {claimed} are being labelled by another live run on this output; it (or the last "
+                "run to finish) merges them"
             )
         else:
             message = (

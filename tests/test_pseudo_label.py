@@ -292,6 +292,34 @@ def test_a_run_killed_while_finalising_does_not_block_completion(tmp_path, tiny_
     assert str(lock) in caplog.text
 
 
+def test_concurrent_runs_split_the_pending_shards(tmp_path, tiny_random_dir, corpus, caplog):
+    """Shards another live run has claimed are left to it; claims of a run that is gone are taken over."""
+    import os
+    import socket
+    import subprocess
+
+    out = tmp_path / "pseudo_labels" / "whisper-tiny-random" / "custom" / "train"
+    (out / "_progress").mkdir(parents=True)
+    other = json.dumps({"pid": os.getppid(), "host": socket.gethostname(), "started": 0})  # a live process
+    for k in (1, 3):
+        (out / "_progress" / f"part-{k:05d}.claim").write_text(other)
+    _, first = run(tmp_path, tiny_random_dir, corpus)
+    split = first["splits"]["custom/train"]
+    assert split["status"] == "incomplete" and split["missing_shards"] == [1, 3]
+    assert split["this_run"]["shards_written"] == 2  # shards 0 and 2 only: nothing labelled twice
+    assert "shards [1, 3] are being labelled by another live run" in caplog.text
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    for k in (1, 3):  # that run was killed: its claims no longer hold
+        (out / "_progress" / f"part-{k:05d}.claim").write_text(
+            json.dumps({"pid": gone.pid, "host": socket.gethostname()})
+        )
+    _, second = run(tmp_path, tiny_random_dir, corpus)
+    assert second["splits"]["custom/train"]["status"] == "complete"
+    assert second["splits"]["custom/train"]["this_run"]["shards_written"] == 2
+    assert not list((out / "_progress").glob("*.claim"))
+
+
 def test_a_split_with_duplicate_ids_is_never_marked_complete(tmp_path):
     from distil.data.label_store import check_unique_ids
 

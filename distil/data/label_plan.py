@@ -145,6 +145,7 @@ class LabellingSpec:
     job_index: int = 0
     job_count: int = 1
     done: set[int] = field(default_factory=set)  # shards already complete on disk
+    claims_dir: str | None = None  # where shards are claimed (label_store.claim_shard); None: no claiming
 
     def wanted(self, shard: int) -> bool:
         return job_owns(shard, self.job_index, self.job_count) and shard not in self.done

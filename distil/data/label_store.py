@@ -189,6 +189,9 @@ class ShardWriter(BasePredictionWriter):
             "file": path.name if rows else None,
         }
         write_json_atomic(self.out_dir / PROGRESS / f"{shard_name(k)}.json", manifest)
+        (self.out_dir / PROGRESS / f"{shard_name(k)}.claim").unlink(
+            missing_ok=True
+        )  # complete: no longer claimed
         self.shards_written += 1
 
 
@@ -384,10 +387,13 @@ def finalise(
 FINALISE_LOCK = "finalise.lock"
 
 
-def finalise_owner(out_dir: Path) -> dict | None:
-    """The live process finalising `out_dir` ({pid, host, started, lock}), or None. A lock whose owner is gone
-    (a killed run on this host, or older than 10 minutes from another host) does not count."""
-    lock = out_dir / PROGRESS / FINALISE_LOCK
+def _owner() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+
+
+def live_owner(lock: Path) -> dict | None:
+    """The live process holding `lock` (an owner file: pid, host), with its age, or None. A lock whose owner is
+    gone (a killed run on this host, or untouched for 10 minutes from another host) does not count."""
     try:
         owner = json.loads(lock.read_text() or "{}")
         age = time.time() - lock.stat().st_mtime
@@ -407,6 +413,50 @@ def finalise_owner(out_dir: Path) -> dict | None:
     return {**owner, "age_s": age, "lock": str(lock)}
 
 
+def take_lock(lock: Path) -> bool:
+    """Create the owner file `lock` atomically; a lock whose owner is gone is taken over. False: held."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if live_owner(lock) is not None:
+                return False
+            lock.unlink(missing_ok=True)  # its owner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_owner())
+        return True
+
+
+def finalise_owner(out_dir: Path) -> dict | None:
+    """The live process finalising `out_dir`, or None."""
+    return live_owner(out_dir / PROGRESS / FINALISE_LOCK)
+
+
+def claim_shard(progress_dir: Path, k: int) -> bool:
+    """Claim shard `k` for this process, so concurrent runs on one output split the pending shards instead of
+    labelling each one twice. False when it is complete or a live process holds it."""
+    manifest = progress_dir / f"{shard_name(k)}.json"
+    if manifest.exists():
+        return False
+    claim = progress_dir / f"{shard_name(k)}.claim"
+    if not take_lock(claim):
+        return False
+    if manifest.exists():  # finished by another run between the two checks
+        claim.unlink(missing_ok=True)
+        return False
+    return True
+
+
+def live_claims(out_dir: Path) -> list[int]:
+    """Shards a live process (another run) is labelling now."""
+    return sorted(
+        int(c.stem.split("-")[1])
+        for c in (out_dir / PROGRESS).glob("part-*.claim")
+        if live_owner(c) is not None
+    )
+
+
 def try_finalise(out_dir: Path, entry, language, packing, labels_meta) -> dict | None:
     """Finalise if every shard is complete and no live process is doing it; None otherwise.
 
@@ -415,15 +465,8 @@ def try_finalise(out_dir: Path, entry, language, packing, labels_meta) -> dict |
     if n is None or complete_shards(out_dir) < set(range(n)):
         return None
     lock = out_dir / PROGRESS / FINALISE_LOCK
-    try:
-        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-    except FileExistsError:
-        if finalise_owner(out_dir) is not None:
-            return None
-        lock.unlink(missing_ok=True)  # its owner is gone
-        return try_finalise(out_dir, entry, language, packing, labels_meta)
-    with os.fdopen(fd, "w") as f:
-        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}, f)
+    if not take_lock(lock):
+        return None
     try:
         return finalise(out_dir, entry, language, packing, labels_meta)
     finally:

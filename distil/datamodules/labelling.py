@@ -15,9 +15,11 @@ otherwise truncate it silently. Split such recordings first (or label them with 
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -35,10 +37,13 @@ from distil.data.label_plan import (
     duration_batches,
     pack_units,
 )
+from distil.data.label_store import claim_shard
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure planning functions
 # ----------------------------------------------------------------------------------------------------------
+
+log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -283,6 +288,9 @@ class ShardBatches(IterableDataset):
             return position % slots == slot
 
         for k, units in self.source.iter_shards(select):
+            if spec.claims_dir is not None and not claim_shard(Path(spec.claims_dir), k):
+                log.info("shard %d is complete or being labelled by another run: skipped", k)
+                continue
             for batch in duration_batches(units, self.batch_size):
                 yield make_batch(k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing)
 
