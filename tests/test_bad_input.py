@@ -150,3 +150,55 @@ def test_checkpoints_are_written_beside_their_destination(tmp_path, monkeypatch)
     assert torch.load(tmp_path / "ckpt" / "last.ckpt")["step"] == 3
     assert seen[0].parent == tmp_path / "ckpt" and seen[0].name.startswith(".last.ckpt.tmp-")
     assert not any(system_tmp.iterdir())
+
+
+@pytest.fixture
+def cli_home(tmp_path, tiny_random_dir) -> Path:
+    """A DISTIL_HOME with the tiny random teacher (and the tiny.en processor it borrows) already built."""
+    (tmp_path / "home" / "models").mkdir(parents=True)
+    for name in ("whisper-tiny-random", "whisper-tiny.en"):
+        (tmp_path / "home" / "models" / name).symlink_to(Path(tiny_random_dir).parent / name)
+    write_split(tmp_path / "home" / "corpus", "c", "train", 3, labelled=False)
+    return tmp_path / "home"
+
+
+def _cli(home: Path, module: str, *overrides: str):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "DISTIL_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+LABEL = ["teacher=tiny_random", "data=custom", "progress_bar=false", "trainer.devices=1"]
+
+
+@pytest.mark.parametrize(
+    ("module", "overrides", "names"),
+    [
+        (
+            "distil.pseudo_label",
+            [*LABEL, "data.datasets.0.text_column=sentence"],
+            ["'sentence'", "text_column"],
+        ),
+        ("distil.pseudo_label", [*LABEL, "data.datasets.0.splits=[tran]"], ["'tran'", "splits"]),
+        ("distil.pseudo_label", [*LABEL, "teacher=hub", "teacher.path=/no/such/model"], ["/no/such/model"]),
+        (
+            "distil.train",
+            ["teacher=tiny_random", "student=1dec", "trainer=debug", "data=custom"],
+            ["pseudo-labels", "distil.pseudo_label"],
+        ),
+    ],
+    ids=["renamed column", "unknown split", "missing teacher", "training before labelling"],
+)
+def test_commands_fail_with_one_line_that_names_the_problem(cli_home, module, overrides, names):
+    result = _cli(cli_home, module, *overrides, f"data.datasets.0.path={cli_home / 'corpus' / 'c'}")
+    assert result.returncode == 1, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: ") and "Traceback" not in result.stderr, result.stderr[-2000:]
+    for name in names:
+        assert name in last, last
+    assert not list(cli_home.rglob("_SUCCESS"))  # nothing on disk looks complete

@@ -168,7 +168,9 @@ def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, ca
             str(root), data_dir=None, split=split, streaming=streaming, cache_dir=cache_dir
         )
     except ValueError as err:  # datasets says "Unknown split" with the available ones
-        raise DataConfigError(f"dataset {entry.name!r} ({root}): cannot load split {split!r}: {err}") from err
+        raise DataConfigError(
+            f"dataset {entry.name!r} ({root}): cannot load split {split!r}: {err} (set {entry.key}.splits)"
+        ) from err
 
 
 def load_split(
