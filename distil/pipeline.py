@@ -17,6 +17,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.evaluation.report import write_report
 from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
@@ -63,14 +64,24 @@ def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictCo
 
 
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
-    """Run the configured stages in order; returns (and writes) the teacher/student comparison."""
-    from distil.whisper.models import resolve_model
-
+    """Run the configured stages in order; returns (and writes) the teacher/student comparison and report.md."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
+    try:
+        _run_stages(cfg, out, results)
+    finally:  # a failed stage still gets its summary and report, which say what is missing
+        (out / "pipeline_summary.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
+        report = write_report(out, results, wer_threshold=cfg.train.get("wer_threshold"))
+        log.info("report: %s", report)
+    return results
+
+
+def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
+    from distil.whisper.models import resolve_model
 
     def run(stage: str, extra: list[str] | None = None, tag: str | None = None):
         overrides = stage_overrides(cfg, stage) + list(extra or [])
@@ -131,8 +142,6 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
             (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
-    (out / "pipeline_summary.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return results
 
 
 def _quoted(path: str | Path) -> str:

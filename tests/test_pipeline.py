@@ -78,3 +78,7 @@ def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
     assert metrics["model"]["name"] == "student"
     for stage in ("corpus", "pseudo_label", "init_student", "train", "evaluate_teacher", "evaluate_student"):
         assert (run_dir / stage / "config.yaml").is_file(), stage
+    report = (run_dir / "report.md").read_text()  # the run ends in its report, with the run's own plots
+    assert "| teacher |" in report and "| student |" in report
+    for plot in ("wer_per_set", "training_curves", "latency", "pseudo_label_wer"):
+        assert f"(plots/{plot}.png)" in report and (run_dir / "plots" / f"{plot}.png").is_file(), plot
