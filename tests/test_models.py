@@ -38,7 +38,7 @@ def test_teacher_configs_resolve_to_their_cached_directories(tiny_en_dir, tiny_r
 
 def test_path_wins_and_is_validated(tiny_random_dir, tmp_path):
     cfg = OmegaConf.merge(teacher_cfg("hub"), {"path": str(tiny_random_dir)})
-    assert cfg.name == str(tiny_random_dir)
+    assert cfg.name == tiny_random_dir.name  # the directory's name, not its absolute path (issue 12)
     assert resolve_model(cfg) == str(tiny_random_dir)
     # `path` overrides an import source too.
     assert resolve_model(OmegaConf.merge(teacher_cfg("base"), {"path": str(tiny_random_dir)})) == str(
