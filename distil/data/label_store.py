@@ -30,7 +30,7 @@ from distil.data.entries import DatasetEntry, column_names
 from distil.data.label_plan import LabellingSpec, Skip
 from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
 from distil.utils.errors import InputError
-from distil.utils.io import atomic_file, read_json, write_atomic, write_json_atomic
+from distil.utils.io import atomic_file, pid_alive, read_json, write_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -402,12 +402,8 @@ def live_owner(lock: Path) -> dict | None:
     except ValueError:  # being written this instant
         owner, age = {}, 0.0
     if owner.get("host") == socket.gethostname():
-        try:
-            os.kill(int(owner["pid"]), 0)
-        except ProcessLookupError:
+        if not pid_alive(int(owner["pid"])):
             return None
-        except PermissionError:
-            pass  # alive, another user's
     elif age > 600:
         return None
     return {**owner, "age_s": age, "lock": str(lock)}

@@ -24,7 +24,8 @@ COMPLETE_MARKER = ".distil_complete.json"  # written last into a directory built
 STALE_AFTER_S = 60  # a temporary untouched this long whose writer is gone is a leftover of a killed run
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this host (another user's counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -41,7 +42,7 @@ def remove_leftovers(path: Path) -> list[Path]:
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name[len(f".{path.name}.tmp-") :].split("-")[0]
         try:
-            stale = not _pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+            stale = not pid_alive(int(pid)) and time.time() - tmp.stat().st_mtime > STALE_AFTER_S
         except (ValueError, FileNotFoundError):
             continue
         if stale:
