@@ -86,3 +86,12 @@ def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dic
         "language": "en",
         "samples": samples,
     }
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited (what a killed run leaves in its lock and claim files)."""
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid

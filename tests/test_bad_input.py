@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import write_split
+from helpers import dead_pid, write_split
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file, save_file
 
@@ -109,19 +109,17 @@ def test_auto_threads_respect_omp_num_threads(monkeypatch):
 
 def test_leftovers_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     import os
-    import subprocess
 
     from distil.utils.io import STALE_AFTER_S, atomic_directory, write_atomic
 
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone_pid = dead_pid()
     old = os.path.getmtime(tmp_path) - 2 * STALE_AFTER_S
-    shard_leftover = tmp_path / f".part-00003.parquet.tmp-{gone.pid}"  # a killed shard write
-    export_leftover = tmp_path / f".last.tmp-{gone.pid}-abcd"  # a killed export
+    shard_leftover = tmp_path / f".part-00003.parquet.tmp-{gone_pid}"  # a killed shard write
+    export_leftover = tmp_path / f".last.tmp-{gone_pid}-abcd"  # a killed export
     export_leftover.mkdir()
     (export_leftover / "model.safetensors").write_bytes(b"x" * 100)
     live = tmp_path / f".part-00003.parquet.tmp-{os.getppid()}"  # another writer still at work: kept
-    young = tmp_path / f".part-00003.parquet.tmp-{gone.pid + 100000}"  # just written: kept for now
+    young = tmp_path / f".part-00003.parquet.tmp-{gone_pid + 100000}"  # just written: kept for now
     for f in (shard_leftover, live, young):
         f.write_bytes(b"partial")
     for f in (shard_leftover, export_leftover, live):

@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import dead_pid
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -271,15 +272,13 @@ def test_resume_on_changed_input_is_refused(tmp_path, tiny_random_dir, corpus):
 def test_a_run_killed_while_finalising_does_not_block_completion(tmp_path, tiny_random_dir, corpus, caplog):
     import os
     import socket
-    import subprocess
 
     _, summary = run(tmp_path, tiny_random_dir, corpus)
     out = Path(summary["splits"]["custom/train"]["output_dir"])
     (out / SUCCESS).unlink()  # killed during finalise: every shard is there, the lock is left behind
     lock = out / "_progress" / "finalise.lock"
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    lock.write_text(json.dumps({"pid": gone.pid, "host": socket.gethostname(), "started": 0}))
+    gone_pid = dead_pid()
+    lock.write_text(json.dumps({"pid": gone_pid, "host": socket.gethostname(), "started": 0}))
     _, again = run(tmp_path, tiny_random_dir, corpus)
     assert again["splits"]["custom/train"]["status"] == "complete" and (out / SUCCESS).exists()
     assert not lock.exists()
@@ -296,7 +295,6 @@ def test_concurrent_runs_split_the_pending_shards(tmp_path, tiny_random_dir, cor
     """Shards another live run has claimed are left to it; claims of a run that is gone are taken over."""
     import os
     import socket
-    import subprocess
 
     out = tmp_path / "pseudo_labels" / "whisper-tiny-random" / "custom" / "train"
     (out / "_progress").mkdir(parents=True)
@@ -308,11 +306,10 @@ def test_concurrent_runs_split_the_pending_shards(tmp_path, tiny_random_dir, cor
     assert split["status"] == "incomplete" and split["missing_shards"] == [1, 3]
     assert split["this_run"]["shards_written"] == 2  # shards 0 and 2 only: nothing labelled twice
     assert "shards [1, 3] are being labelled by another live run" in caplog.text
-    gone = subprocess.Popen(["true"])
-    gone.wait()
+    gone_pid = dead_pid()
     for k in (1, 3):  # that run was killed: its claims no longer hold
         (out / "_progress" / f"part-{k:05d}.claim").write_text(
-            json.dumps({"pid": gone.pid, "host": socket.gethostname()})
+            json.dumps({"pid": gone_pid, "host": socket.gethostname()})
         )
     _, second = run(tmp_path, tiny_random_dir, corpus)
     assert second["splits"]["custom/train"]["status"] == "complete"
