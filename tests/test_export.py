@@ -31,6 +31,13 @@ EN_PROMPT = ["<|startoftranscript|>", "<|notimestamps|>"]
 INT8_WER_MARGIN = 5.0
 
 
+@pytest.fixture(autouse=True)
+def float_mode():
+    """CTranslate2 (and faster-whisper) turn flush-to-zero on; later tests' PyTorch floats must not see it."""
+    yield
+    ct2_export.restore_float_mode()
+
+
 def features(model_dir, clips) -> np.ndarray:
     """Log-mel features clip by clip (batched STFTs round differently in the last bits), float32 [n, 80, 3000]."""
     from transformers import WhisperFeatureExtractor

@@ -18,7 +18,7 @@ import numpy as np
 
 from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import feature_batches, time_batches
-from distil.whisper.ct2_export import export_ct2
+from distil.whisper.ct2_export import export_ct2, restore_float_mode
 from distil.whisper.generation import check_prompt, transcribe_by_duration
 from distil.whisper.loading import LoadedModel
 
@@ -81,6 +81,7 @@ class CT2Model:
         results = self.model.generate(
             feats, [prompt] * len(features), beam_size=int(num_beams), max_length=2 * int(max_new_tokens)
         )
+        restore_float_mode()
         return [r.sequences_ids[0] for r in results]
 
     def transcribe(
@@ -148,5 +149,6 @@ def load_ct2(lm: LoadedModel, out_dir: str | Path, compute_type: str, threads: i
     model = ctranslate2.models.Whisper(
         str(out_dir), device="cpu", compute_type=compute_type, intra_threads=threads
     )
+    restore_float_mode()
     name = f"{lm.name} (ctranslate2 {compute_type})"
     return CT2Model(model, lm.processor, name, str(out_dir), compute_type, threads, lm.info())

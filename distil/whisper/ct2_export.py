@@ -37,6 +37,14 @@ def quantizations() -> tuple[str, ...]:
     return tuple(ACCEPTED_MODEL_TYPES)
 
 
+def restore_float_mode() -> None:
+    """Turn flush-to-zero off again: CTranslate2 enables it on the calling thread, which changes later PyTorch
+    float results (a tiny random teacher built afterwards had other weights). Call after any CTranslate2 work."""
+    import torch
+
+    torch.set_flush_denormal(False)
+
+
 def check_quantization(quantization: str, device: str = "cpu") -> str:
     """`quantization` must be one the converter writes and `device` on this machine runs."""
     import ctranslate2
@@ -195,6 +203,7 @@ def _convert(source: Path, tmp: Path, quantization: str, device: str, info: dict
     ct2_config = read_json(tmp / "config.json")
     # Load it once where it will run, so an export that does not load never appears complete.
     ctranslate2.models.Whisper(str(tmp), device=device, compute_type=quantization)
+    restore_float_mode()
     write_json_atomic(
         tmp / EXPORT_INFO,
         {
