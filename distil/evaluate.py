@@ -20,6 +20,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distil.evaluation.ct2_backend import BACKENDS, load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
 from distil.evaluation.scoring import averages
 from distil.evaluation.sections import (
@@ -34,6 +35,7 @@ from distil.utils.errors import one_line_errors
 from distil.utils.io import write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
+from distil.whisper.ct2_export import check_quantization
 from distil.whisper.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
     metrics.json: {"model": {...}, "device": {...}, "short_form": {"sets": {name: {...}}, "average": {...}},
     "long_form": {"sets": {name: {"chunked": {...}, "sequential": {...}}}}, "speculative": {...},
-    "latency": {...}, "noise": {...}}. Each set entry has "status": "ok" | "no references" | "error".
+    "latency": {...}, "noise": {...}, "backend": "pytorch" | "ctranslate2"}. Each set entry has "status": "ok" |
+    "no references" | "error". With backend=ctranslate2 (compute_type: its quantisation) the model is exported
+    into `out_dir/ctranslate2-<compute_type>` and the short-form sets and latency run there; the other sections
+    are "skipped".
     """
     from distil.evaluation.latency import device_info
     from distil.utils.runinfo import hydra_output_dir
@@ -56,9 +61,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if ecfg.get("seed") is not None:
         torch.manual_seed(int(ecfg.seed))
     models_root = OmegaConf.select(cfg, "paths.models")
+    backend, compute_type = cfg.get("backend", "pytorch"), str(cfg.get("compute_type", "int8"))
+    if backend not in BACKENDS:
+        raise EvalInputError(f"backend={backend!r}: use one of {list(BACKENDS)}")
+    if backend == "ctranslate2":
+        check_quantization(compute_type)  # before any work
     lm = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
+    if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
+        lm = load_ct2(lm, out / f"ctranslate2-{compute_type}", compute_type)
     log.info("evaluating %s (%s)", lm.name, lm.path)
-    metrics: dict[str, Any] = {"model": lm.info(), "device": device_info(lm.model.device)}
+    metrics: dict[str, Any] = {
+        "model": lm.info(),
+        "device": lm.device_info() if backend == "ctranslate2" else device_info(lm.model.device),
+        "backend": backend,
+    }
 
     short_sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
     if short_sets:
@@ -75,6 +91,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
             )
         return short_sets[name]
 
+    if backend == "ctranslate2":  # the short-form sets and latency only
+        skipped = {"status": "skipped", "reason": "backend=ctranslate2 runs the short-form sets and latency"}
+        ecfg = OmegaConf.merge(ecfg, {k: None for k in ("long_form", "speculative", "noise") if ecfg.get(k)})
+        metrics.update({k: skipped for k in ("long_form", "speculative", "noise") if cfg.eval.get(k)})
     if ecfg.get("long_form"):
         lcfg = ecfg.long_form
         long_sets = {

@@ -129,6 +129,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
                 [f"++eval.speculative.assistant={_quoted(student_dir)}"] if student_dir else [],
             ),
             ("student", student_dir, ["++eval.speculative=null"]),  # a model is not its own assistant
+            *deployment_role(cfg, student_dir),
         ]:
             if model_dir is None:
                 continue
@@ -142,6 +143,14 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
             (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
+
+
+def deployment_role(cfg: DictConfig, student_dir: str | None) -> list[tuple[str, str, list[str]]]:
+    """The student as deployed: evaluated through CTranslate2 at `deploy_compute_type` (none if null)."""
+    q = cfg.get("deploy_compute_type")
+    if not q or not student_dir:
+        return []
+    return [(f"student-ct2-{q}", student_dir, ["backend=ctranslate2", f"compute_type={q}"])]
 
 
 def _quoted(path: str | Path) -> str:

@@ -2,7 +2,8 @@
 
 Reads top to bottom: resolve the teacher, build (or reuse) the initialised student, instantiate the
 LightningModule (`module:`), the DataModule (`data:`), the callbacks, the logger and the Trainer from the
-config, train, then export the best and the last student as complete Hugging Face directories.
+config, train, then export the best and the last student as complete Hugging Face directories (and as
+CTranslate2 directories for faster-whisper with `export_ctranslate2=[int8]`).
 
 The run directory is `out_dir`, by default `${students_root_dir}/<overrides>` (Hydra's `job.override_dirname`,
 without the keys that do not change what is trained), so the same command run twice resumes from
@@ -32,6 +33,7 @@ from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
+from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.models import resolve_model
 from distil.whisper.student import init_student
 
@@ -75,6 +77,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     started = time.time()
     if cfg.get("out_dir") in (None, "", "???"):
         raise ValueError("out_dir must be set (distil-train derives it from the overrides)")
+    ct2_quantizations = [check_quantization(str(q)) for q in cfg.get("export_ctranslate2") or []]
     out_dir = ensure_writable_directory(cfg.out_dir, "out_dir")  # before any model loads
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
@@ -150,6 +153,11 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             for name, ckpt in exports.items()
             if ckpt
         }
+        for name, hf_dir in list(summary["exports"].items()):
+            for q in ct2_quantizations:  # the run owns these directories: replace an export of older weights
+                summary["exports"][f"{name}-ct2-{q}"] = str(
+                    export_ct2(hf_dir, out_dir / f"{name}-ct2-{q}", q, force=True)
+                )
         (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 

@@ -78,3 +78,18 @@ def test_pseudo_label_benchmark_compares_stage_and_pipeline(tmp_path):
         assert float(cells[5]) >= 0  # WER %
         done, total = cells[6].split("/")
         assert total == "4" and 0 <= int(done) <= 4
+
+
+def test_deploy_benchmark_compares_pytorch_and_ctranslate2(tmp_path, tiny_random_dir):
+    stdout = run_script(
+        "deploy.py",
+        *("--teacher", "tiny_random", "--decoder-layers", "1", "--clips", "2", "--batch-sizes", "1", "2"),
+        *("--repeats", "1", "--threads", "1", "--max-new-tokens", "8"),
+        cwd=tmp_path,
+    )
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in stdout.splitlines()[2:] if line]
+    assert len(rows) == 2 * 3 * 2  # teacher/student x PyTorch/float32/int8 x batch 1/2
+    for model, backend, batch, rtfx, tokens_per_s, _, wer, identical in rows:
+        assert float(rtfx) > 0 and float(tokens_per_s) > 0 and float(wer) >= 0
+        if backend in ("PyTorch fp32", "CTranslate2 float32"):  # float32 CTranslate2 = PyTorch, clip for clip
+            assert identical == "2/2", (model, backend, batch)

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 
 from distil.data.audio import encode_flac
 from distil.evaluate import evaluate, primary_metric
+from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
 from distil.evaluation.scoring import averages
 from distil.whisper.loading import ModelLoadError, load_model
@@ -276,3 +277,36 @@ def test_macro_and_sample_weighted_averages_differ_as_labelled():
     assert avg["wer_macro"] == pytest.approx(30.0)
     assert avg["wer_sample_weighted"] == pytest.approx(14.0)
     assert avg["wer_sets"] == 2
+
+
+def test_ctranslate2_backend_matches_pytorch_at_float32_and_skips_other_sections(
+    tiny_random_dir, corpora, tmp_path
+):
+    from distil.whisper.ct2_export import ExportInputError
+
+    latency = {"set": "flite", "batch_sizes": [1, 2], "samples": 2, "warmup": 1}
+    noise = {"set": "flite", "types": ["white"], "snr_db": [0], "samples": 2, "seed": 0}
+    cfg = eval_cfg(tiny_random_dir, corpora, latency=latency, noise=noise)
+    torch_metrics = evaluate(cfg, tmp_path / "pytorch")
+    cfg.backend, cfg.compute_type = "ctranslate2", "float32"
+    metrics = evaluate(cfg, tmp_path / "ct2")
+
+    assert metrics["backend"] == "ctranslate2" and torch_metrics["backend"] == "pytorch"
+    assert metrics["model"]["kind"] == "ctranslate2" and metrics["model"]["dtype"] == "float32"
+    assert (tmp_path / "ct2" / "ctranslate2-float32" / "model.bin").is_file()
+    for name in ("espeak", "flite"):  # same features, same greedy decoding: the same transcripts
+        ours = read_jsonl(tmp_path / "ct2" / metrics["short_form"]["sets"][name]["predictions"])
+        theirs = read_jsonl(tmp_path / "pytorch" / torch_metrics["short_form"]["sets"][name]["predictions"])
+        assert ours == theirs and all(r["prediction"] for r in ours)
+    assert metrics["short_form"]["average"] == torch_metrics["short_form"]["average"]
+    for b, entry in metrics["latency"]["batch_sizes"].items():  # same schema, same token count
+        assert set(entry) == set(torch_metrics["latency"]["batch_sizes"][b])
+        assert entry["rtfx"] > 0 and entry["tokens"] == torch_metrics["latency"]["batch_sizes"][b]["tokens"]
+    assert metrics["noise"]["status"] == "skipped" and "noise" not in metrics["latency"]
+
+    cfg.compute_type = "int3"
+    with pytest.raises(ExportInputError, match="int3"):
+        evaluate(cfg, tmp_path / "bad")
+    cfg.backend = "onnx"
+    with pytest.raises(EvalInputError, match="backend='onnx'"):
+        evaluate(cfg, tmp_path / "bad")

@@ -16,6 +16,7 @@ COMMANDS = {
     "train",
     "evaluate",
     "pipeline",
+    "export",
     "collect",
 }
 # Lower levels never import higher ones (equal levels may import each other).

@@ -70,13 +70,17 @@ def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
     assert (tmp_path / "pseudo_labels" / "whisper-tiny-random" / "espeak" / "train" / "_SUCCESS").is_file()
     assert results["train"]["global_step"] == 4
     comparison = results["comparison"]
-    assert set(comparison) == {"teacher", "student"}
+    assert set(comparison) == {"teacher", "student", "student-ct2-int8"}
     assert comparison["teacher"]["short_form_wer"] is not None
+    deployed = comparison["student-ct2-int8"]  # the student through CTranslate2 int8 (faster-whisper)
+    assert deployed["short_form_wer"] is not None and deployed["rtfx"] > 0
+    assert deployed["long_form_wer_chunked"] is None  # that backend runs short-form and latency only
     # The distilled student is the teacher's assistant: greedy outputs must be unchanged.
     assert comparison["teacher"]["speculative_identical"] == 1.0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["model"]["name"] == "student"
-    for stage in ("corpus", "pseudo_label", "init_student", "train", "evaluate_teacher", "evaluate_student"):
+    stages = ("corpus", "pseudo_label", "init_student", "train", "evaluate_teacher", "evaluate_student")
+    for stage in (*stages, "evaluate_student-ct2-int8"):
         assert (run_dir / stage / "config.yaml").is_file(), stage
     report = (run_dir / "report.md").read_text()  # the run ends in its report, with the run's own plots
     assert "| teacher |" in report and "| student |" in report

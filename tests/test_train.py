@@ -108,11 +108,20 @@ def test_end_to_end_train_exports_pipeline_loadable_students(home):
     from transformers import pipeline
 
     from distil.data.label_store import LabellerMismatchWarning
+    from distil.whisper.ct2_export import ExportInputError
 
-    cfg = compose_train(home, ["data.wer_threshold=4"])  # drops all of b (pl_wer 5)
+    with pytest.raises(ExportInputError, match="int3"):  # before any work
+        train(compose_train(home, ["data.wer_threshold=4", "export_ctranslate2=[int3]"]))
+    cfg = compose_train(
+        home, ["data.wer_threshold=4", "export_ctranslate2=[int8]"]
+    )  # drops all of b (pl_wer 5)
+    assert not Path(cfg.out_dir).exists()
     with pytest.warns(LabellerMismatchWarning, match="another-teacher"):
         summary = train(cfg)
     out = Path(cfg.out_dir)
+    for name in ("best", "last"):  # faster-whisper directories of both exports
+        assert summary["exports"][f"{name}-ct2-int8"] == str(out / f"{name}-ct2-int8")
+        assert (out / f"{name}-ct2-int8" / "model.bin").is_file()
     assert summary["global_step"] == 4
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
     assert summary["best_val_wer_weighted"] is not None

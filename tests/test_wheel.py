@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 from helpers import PROJECT_ROOT
 
-CONSOLE_SCRIPTS = ["corpus", "import-model", "pseudo-label", "init-student", "train", "evaluate", "pipeline"]
+CONSOLE_SCRIPTS = [
+    "corpus",
+    "import-model",
+    "pseudo-label",
+    "init-student",
+    "train",
+    "evaluate",
+    "pipeline",
+    "export",
+]
 
 
 def _run(cmd, **kw) -> subprocess.CompletedProcess:

@@ -93,36 +93,56 @@ def measure_latency(
     sampling_rate: int = SAMPLING_RATE,
 ) -> dict:
     """RTFx and tokens/s of `model.generate` over `waves` for each batch size (greedy unless told)."""
-    if not waves:
-        raise ValueError("latency needs at least one audio sample")
     generate_kwargs = dict(generate_kwargs or {})
     eos = model.generation_config.eos_token_id
     eos = eos[0] if isinstance(eos, (list, tuple)) else eos
     prompt = decoder_prompt_ids(model)
+
+    def run(feats: torch.Tensor) -> tuple[int, float]:
+        ids, seconds = timed_generate(model, feats.to(model.device, model.dtype), generate_kwargs)
+        return count_real_tokens(ids, eos, prompt), seconds
+
     fe = processor.feature_extractor
-    results = {}
-    for batch_size in batch_sizes:
-        batches = []
-        for start in range(0, len(waves), batch_size):
-            chunk = [np.asarray(w, dtype=np.float32) for w in waves[start : start + batch_size]]
-            feats = fe(chunk, sampling_rate=sampling_rate, return_tensors="pt").input_features
-            batches.append((feats.to(model.device, model.dtype), sum(len(w) for w in chunk) / sampling_rate))
-        for _ in range(warmup):  # compile kernels, fill caches, let clocks settle
-            timed_generate(model, batches[0][0], generate_kwargs)
-        seconds = tokens = audio = 0.0
-        for _ in range(repeats):
-            for feats, audio_s in batches:
-                ids, elapsed = timed_generate(model, feats, generate_kwargs)
-                seconds += elapsed
-                audio += audio_s
-                tokens += count_real_tokens(ids, eos, prompt)
-        results[str(batch_size)] = {
-            "batch_size": int(batch_size),
-            "samples": len(waves) * repeats,
-            "audio_seconds": audio,
-            "generation_seconds": seconds,
-            "rtfx": audio / seconds if seconds else None,
-            "tokens": int(tokens),
-            "tokens_per_second": tokens / seconds if seconds else None,
+    results = {
+        str(b): {
+            "batch_size": int(b),
+            **time_batches(feature_batches(fe, waves, b, sampling_rate), run, warmup, repeats),
         }
+        for b in batch_sizes
+    }
     return {"batch_sizes": results, "warmup_runs": warmup, "repeats": repeats, **device_info(model.device)}
+
+
+def feature_batches(
+    feature_extractor, waves: Sequence[np.ndarray], batch_size: int, sampling_rate: int = SAMPLING_RATE
+) -> list[tuple[torch.Tensor, float]]:
+    """(log-mel features, audio seconds) of consecutive batches of `waves`, computed before any timing."""
+    if not waves:
+        raise ValueError("latency needs at least one audio sample")
+    batches = []
+    for start in range(0, len(waves), batch_size):
+        chunk = [np.asarray(w, dtype=np.float32) for w in waves[start : start + batch_size]]
+        feats = feature_extractor(chunk, sampling_rate=sampling_rate, return_tensors="pt").input_features
+        batches.append((feats, sum(len(w) for w in chunk) / sampling_rate))
+    return batches
+
+
+def time_batches(batches: list[tuple[torch.Tensor, float]], run, warmup: int = 1, repeats: int = 1) -> dict:
+    """RTFx and tokens/s of `run(features) -> (generated tokens, seconds)` over `batches` (one batch size)."""
+    for _ in range(warmup):  # compile kernels, fill caches, let clocks settle
+        run(batches[0][0])
+    seconds = tokens = audio = 0.0
+    for _ in range(repeats):
+        for feats, audio_s in batches:
+            n, elapsed = run(feats)
+            seconds += elapsed
+            audio += audio_s
+            tokens += n
+    return {
+        "samples": sum(len(f) for f, _ in batches) * repeats,
+        "audio_seconds": audio,
+        "generation_seconds": seconds,
+        "rtfx": audio / seconds if seconds else None,
+        "tokens": int(tokens),
+        "tokens_per_second": tokens / seconds if seconds else None,
+    }

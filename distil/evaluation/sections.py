@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.data.audio import AudioDecodeError, add_noise
 from distil.data.text import corpus_wer, get_normalizer
+from distil.evaluation.ct2_backend import CT2Model
 from distil.evaluation.data import EvalInputError, has_references, load_samples
 from distil.evaluation.scoring import prediction_rows, score
 from distil.utils.io import write_jsonl
@@ -39,12 +40,16 @@ def _run_guarded(what: str, fail_fast: bool, fn, *args, **kwargs) -> dict:
         return _error_entry(err)
 
 
-def evaluate_short_set(lm: LoadedModel, entry: dict, ecfg, out_dir: Path) -> dict:
+def evaluate_short_set(lm: LoadedModel | CT2Model, entry: dict, ecfg, out_dir: Path) -> dict:
     samples, problems = load_samples(entry, ecfg.get("max_samples"), ecfg.get("skip_bad_audio", False))
-    gen = generation_kwargs(
-        lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, ecfg.get("num_beams", 1)
+    predictions = lm.transcribe(  # a PyTorch LoadedModel or a CTranslate2 CT2Model
+        [s.audio for s in samples],
+        int(ecfg.batch_size),
+        entry["language"],
+        entry["task"],
+        int(ecfg.max_new_tokens),
+        int(ecfg.get("num_beams", 1)),
     )
-    predictions = transcribe(lm.model, lm.processor, [s.audio for s in samples], int(ecfg.batch_size), gen)
     rel = Path("predictions") / "short_form" / f"{entry['name']}.jsonl"
     write_jsonl(out_dir / rel, prediction_rows(samples, predictions, entry["language"]))
     base = {
@@ -150,10 +155,21 @@ def evaluate_noise(lm: LoadedModel, entry: dict, ncfg, ecfg, out_dir: Path) -> d
     return out
 
 
-def evaluate_latency(lm: LoadedModel, entry: dict, lat, ecfg) -> dict:
+def evaluate_latency(lm: LoadedModel | CT2Model, entry: dict, lat, ecfg) -> dict:
     from distil.evaluation.latency import measure_latency
 
     samples, _ = load_samples(entry, lat.get("samples"), ecfg.get("skip_bad_audio", False))
+    if isinstance(lm, CT2Model):
+        result = lm.measure_latency(
+            [s.audio for s in samples],
+            list(lat.batch_sizes),
+            int(lat.warmup),
+            int(lat.get("repeats", 1)),
+            entry["language"],
+            entry["task"],
+            int(ecfg.max_new_tokens),
+        )
+        return {"status": "ok", "set": entry["name"], **result}
     gen = generation_kwargs(lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, 1)
     result = measure_latency(
         lm.model,

@@ -33,17 +33,23 @@ def generation_kwargs(
     model, language: str | None, task: str | None, max_new_tokens: int, num_beams: int = 1
 ) -> dict:
     kwargs: dict[str, Any] = {"max_new_tokens": int(max_new_tokens), "num_beams": int(num_beams)}
-    if is_multilingual(model):
+    if check_prompt(is_multilingual(model), language, task):
         if language:
             kwargs["language"] = language
         if task:
             kwargs["task"] = task
-    elif language not in ENGLISH or task not in (None, "transcribe"):
+    return kwargs
+
+
+def check_prompt(multilingual: bool, language: str | None, task: str | None) -> bool:
+    """Whether the prompt takes language/task tokens; an English-only model asked for another language or
+    task is an error."""
+    if not multilingual and (language not in ENGLISH or task not in (None, "transcribe")):
         raise InputError(
             f"the model is English-only but the set asks for language={language!r}, task={task!r}: "
             "evaluate it on English sets (language: en) or use a multilingual model"
         )
-    return kwargs
+    return multilingual
 
 
 @torch.inference_mode()
@@ -51,13 +57,28 @@ def transcribe(
     model, processor, waves: Sequence[np.ndarray], batch_size: int, generate_kwargs: dict
 ) -> list[str]:
     """Short-form transcription, batched by duration (similar lengths decode to similar token counts)."""
+    return transcribe_by_duration(
+        processor.feature_extractor,
+        waves,
+        batch_size,
+        lambda feats: generate_texts(model, processor, feats, generate_kwargs),
+    )
+
+
+def transcribe_by_duration(
+    feature_extractor, waves: Sequence[np.ndarray], batch_size: int, texts_of
+) -> list[str]:
+    """`texts_of(features)` over batches of similar durations (longest first); the texts in input order.
+
+    Every backend batches the same way, so they see the same features (batched STFTs round differently)."""
     order = sorted(range(len(waves)), key=lambda i: len(waves[i]), reverse=True)
     texts: list[str] = [""] * len(waves)
-    fe = processor.feature_extractor
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        feats = fe([waves[i] for i in idx], sampling_rate=SAMPLING_RATE, return_tensors="pt").input_features
-        for i, text in zip(idx, generate_texts(model, processor, feats, generate_kwargs), strict=True):
+        feats = feature_extractor(
+            [waves[i] for i in idx], sampling_rate=SAMPLING_RATE, return_tensors="pt"
+        ).input_features
+        for i, text in zip(idx, texts_of(feats), strict=True):
             texts[i] = text
     return texts
 

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.utils.errors import InputError
-from distil.whisper.generation import is_multilingual
+from distil.whisper.generation import generation_kwargs, is_multilingual, transcribe
 from distil.whisper.models import load_whisper
 
 log = logging.getLogger(__name__)
@@ -43,6 +43,13 @@ class LoadedModel:
             "multilingual": is_multilingual(self.model),
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
+
+    def transcribe(
+        self, waves, batch_size: int, language: str | None, task: str | None, max_new_tokens: int, num_beams=1
+    ) -> list[str]:
+        """Short-form transcripts in input order (the interface every evaluation backend has)."""
+        gen = generation_kwargs(self.model, language, task, max_new_tokens, num_beams)
+        return transcribe(self.model, self.processor, waves, int(batch_size), gen)
 
 
 def pick_device(device: str | None = "auto") -> torch.device:

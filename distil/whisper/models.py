@@ -37,7 +37,7 @@ def tiny_random_defaults() -> dict:
     return dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "teacher" / "tiny_random.yaml").random))
 
 
-TINY_RANDOM_VERSION = 3
+TINY_RANDOM_VERSION = 4
 _PROCESSOR_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -293,7 +293,10 @@ def _bias_towards_eot(model, position: int, strength: float = 3.0) -> None:
         # <|endoftext|> is also the padding index, whose row nn.Embedding initialises to zeros.
         u = torch.randn(embed.shape[1])
         u /= u.norm()
-        embed[eot] = u * strength * embed.norm(dim=1).mean()
+        # In float64: a float32 mean over 51k rows rounds differently with the number of threads, and the
+        # same seed must give the same bytes in every process.
+        mean_norm = embed.double().norm(dim=1).mean().float()
+        embed[eot] = u * strength * mean_norm
         decoder.embed_positions.weight[position:] += u
 
 

@@ -1,0 +1,154 @@
+"""The CTranslate2 backend of the evaluation (`backend=ctranslate2 compute_type=int8`): the model as it runs
+deployed in faster-whisper, with the short-form transcription and latency interface of the PyTorch model.
+
+The evaluated model is exported once into the run directory (`distil.whisper.ct2_export`, quantised to the
+compute type) and decoded greedily from the same features, batched the same way, as the PyTorch backend.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distil.data.audio import SAMPLING_RATE
+from distil.evaluation.latency import feature_batches, time_batches
+from distil.whisper.ct2_export import export_ct2, restore_float_mode
+from distil.whisper.generation import check_prompt, transcribe_by_duration
+from distil.whisper.loading import LoadedModel
+
+BACKENDS = ("pytorch", "ctranslate2")
+
+
+@dataclass
+class CT2Model:
+    model: Any  # ctranslate2.models.Whisper
+    processor: Any  # the source's WhisperProcessor: features and decoding, as the PyTorch backend
+    name: str
+    path: str  # the CTranslate2 directory
+    compute_type: str
+    threads: int
+    source: dict  # the PyTorch model's info()
+    kind: str = "ctranslate2"
+
+    def info(self) -> dict:
+        import ctranslate2
+
+        return {
+            **self.source,
+            "name": self.name,
+            "path": self.path,
+            "kind": self.kind,
+            "source_path": self.source["path"],
+            "dtype": self.compute_type,
+            "ctranslate2": ctranslate2.__version__,
+        }
+
+    def device_info(self) -> dict:
+        import os
+        import platform
+
+        return {
+            "device": "cpu",
+            "threads": self.threads,
+            "cpu_count": os.cpu_count(),
+            "device_name": platform.processor() or platform.machine(),
+            "platform": platform.platform(),
+        }
+
+    def prompt(self, language: str | None, task: str | None) -> list[int]:
+        from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE
+
+        tokens = ["<|startoftranscript|>"]
+        if check_prompt(self.model.is_multilingual, language, task):
+            code = TO_LANGUAGE_CODE.get(str(language).lower(), language) if language else None
+            tokens += ([f"<|{code}|>"] if code else []) + [f"<|{task or 'transcribe'}|>"]
+        return self.processor.tokenizer.convert_tokens_to_ids([*tokens, "<|notimestamps|>"])
+
+    def generate(
+        self, features, prompt: list[int], max_new_tokens: int, num_beams: int = 1
+    ) -> list[list[int]]:
+        """Token ids after the prompt, without the end-of-text (CTranslate2 generates at most
+        max_length // 2 tokens, OpenAI's sample_len = n_text_ctx // 2)."""
+        import ctranslate2
+
+        feats = ctranslate2.StorageView.from_array(np.ascontiguousarray(np.asarray(features, np.float32)))
+        results = self.model.generate(
+            feats, [prompt] * len(features), beam_size=int(num_beams), max_length=2 * int(max_new_tokens)
+        )
+        restore_float_mode()
+        return [r.sequences_ids[0] for r in results]
+
+    def transcribe(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_size: int,
+        language: str | None,
+        task: str | None,
+        max_new_tokens: int,
+        num_beams: int = 1,
+    ) -> list[str]:
+        prompt = self.prompt(language, task)
+
+        def texts_of(feats) -> list[str]:
+            ids = self.generate(feats.numpy(), prompt, max_new_tokens, num_beams)
+            return [t.strip() for t in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+
+        return transcribe_by_duration(self.processor.feature_extractor, waves, batch_size, texts_of)
+
+    def measure_latency(
+        self,
+        waves: Sequence[np.ndarray],
+        batch_sizes: Sequence[int],
+        warmup: int,
+        repeats: int,
+        language: str | None,
+        task: str | None,
+        max_new_tokens: int,
+    ) -> dict:
+        """The PyTorch latency's schema and rules: features beforehand, only generation timed, tokens counted
+        up to and including the end-of-text (a row shorter than the limit ended with one)."""
+        prompt = self.prompt(language, task)
+
+        def run(feats) -> tuple[int, float]:
+            feats = feats.numpy()
+            start = time.perf_counter()
+            ids = self.generate(feats, prompt, max_new_tokens)
+            seconds = time.perf_counter() - start
+            return sum(len(row) + (len(row) < max_new_tokens) for row in ids), seconds
+
+        fe = self.processor.feature_extractor
+        results = {
+            str(b): {
+                "batch_size": int(b),
+                **time_batches(feature_batches(fe, waves, b, SAMPLING_RATE), run, warmup, repeats),
+            }
+            for b in batch_sizes
+        }
+        return {"batch_sizes": results, "warmup_runs": warmup, "repeats": repeats, **self.device_info()}
+
+
+def load_ct2(lm: LoadedModel, out_dir: str | Path, compute_type: str, threads: int | None = None) -> CT2Model:
+    """Export the loaded model into `out_dir` (reused when it is already its export) and load it on the CPU."""
+    import ctranslate2
+    import torch
+
+    threads = int(threads or torch.get_num_threads())
+    source = Path(lm.path)
+    with tempfile.TemporaryDirectory(prefix="distil-ct2-source-") as tmp:
+        if lm.kind != "hf" or not source.is_dir():  # a training checkpoint: its weights as a directory
+            source = Path(tmp)
+            lm.model.save_pretrained(source)
+            lm.processor.save_pretrained(source)
+        export_ct2(source, out_dir, compute_type, source_name=lm.path, force=True)
+    model = ctranslate2.models.Whisper(
+        str(out_dir), device="cpu", compute_type=compute_type, intra_threads=threads
+    )
+    restore_float_mode()
+    name = f"{lm.name} (ctranslate2 {compute_type})"
+    return CT2Model(model, lm.processor, name, str(out_dir), compute_type, threads, lm.info())

@@ -1,0 +1,69 @@
+"""Export a Whisper model to CTranslate2, the format faster-whisper runs (`distil-export model=... quantization=int8`).
+
+    distil-export model=path model.path=<run dir>/best quantization=int8
+    distil-export model=checkpoint model.path=<run dir>/checkpoints/last.ckpt model.base=<student dir>
+    distil-export model=tiny_en quantization=float32 out=/srv/models/tiny-en-ct2
+
+Reads top to bottom: check the quantisation, the model and the output directory (before any work), turn a
+training checkpoint into a Hugging Face directory, then convert (`distil.whisper.ct2_export`). The output,
+`out` or `<model>-ct2-<quantization>` beside the model, loads with `faster_whisper.WhisperModel(out)`;
+exporting the same model and quantisation again does nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from distil.training.checkpoints import export_student
+from distil.utils.errors import one_line_errors
+from distil.utils.paths import CONF_DIR
+from distil.utils.runinfo import write_run_info
+from distil.whisper.ct2_export import (
+    ExportInputError,
+    check_output,
+    check_quantization,
+    check_whisper_dir,
+    export_ct2,
+)
+from distil.whisper.models import resolve_model
+
+
+def export(cfg: DictConfig) -> Path:
+    """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out`."""
+    quantization, device = str(cfg.quantization), str(cfg.device)
+    check_quantization(quantization, device)
+    model, force = cfg.model, bool(cfg.force)
+    path = model.get("path")
+    if model.get("source") != "checkpoint" and not str(path or "").endswith(".ckpt"):
+        source = Path(resolve_model(model, cfg.paths.models))  # imports a packaged teacher on first use
+        if not source.is_dir():
+            raise ExportInputError(f"model {source} is not a local directory: download it first")
+        out = Path(cfg.out or f"{source}-ct2-{quantization}")
+        return export_ct2(source, out, quantization, device, force)
+
+    ckpt = Path(str(path)).expanduser()
+    if not ckpt.is_file() or not model.get("base"):
+        raise ExportInputError(
+            f"checkpoint {ckpt} must exist and model.base=<the student directory it was trained from> be set"
+        )
+    base = check_whisper_dir(model.base)
+    out = Path(cfg.out or ckpt.with_name(f"{ckpt.stem}-ct2-{quantization}"))
+    check_output(out)
+    with tempfile.TemporaryDirectory(prefix="distil-export-") as tmp:
+        hf_dir = export_student(ckpt, str(base), Path(tmp) / "student")
+        return export_ct2(hf_dir, out, quantization, device, force, source_name=str(ckpt))
+
+
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    write_run_info(cfg)
+    print(export(cfg))
+
+
+if __name__ == "__main__":
+    main()
