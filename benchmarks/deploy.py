@@ -1,7 +1,8 @@
 """Deployment speed: teacher and student, PyTorch fp32 against CTranslate2 (faster-whisper's runtime).
 
 The teacher (tiny.en by default) and a student made from it (its whole encoder, 2 decoder layers,
-`distil.whisper.student.init_student`; untrained is fine for speed) run greedy short-form decoding on the same
+`distil.whisper.student.init_student`; untrained is fine for speed, or `--student <dir>`: a distilled one, e.g.
+a `make demo` run's `<run dir>/best`) run greedy short-form decoding on the same
 clips through PyTorch fp32 and through their CTranslate2 exports (`distil.whisper.ct2_export`) at each
 `--compute-types`. Latency is the evaluation's (`distil.evaluation`: features beforehand, only generation
 timed, tokens up to and including end-of-text); every configuration runs `--repeats` times, interleaved
@@ -59,6 +60,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default="tiny_en", help="a conf/teacher/<name> config")
     ap.add_argument("--decoder-layers", type=int, default=2)
+    ap.add_argument(
+        "--student", type=Path, default=None, help="a trained student directory (default: untrained)"
+    )
     ap.add_argument("--clips", type=int, default=32)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--compute-types", nargs="+", default=["float32", "int8"])
@@ -72,7 +76,9 @@ def main() -> None:
     waves, refs = [w for w, _ in data], [t for _, t in data]
     work = Path(tempfile.mkdtemp(prefix="distil-deploy-"))
     teacher_dir = resolve_model(OmegaConf.load(CONF_DIR / "teacher" / f"{args.teacher}.yaml"))
-    student_dir = init_student(teacher_dir, work / "student", decoder_layers=args.decoder_layers)
+    student_dir = args.student or init_student(
+        teacher_dir, work / "student", decoder_layers=args.decoder_layers
+    )
     systems = {}  # (model, backend) -> (transcribe(batch) -> texts, latency(batch sizes) -> dict)
     for role, model_dir in (("teacher", teacher_dir), ("student", student_dir)):
         lm = load_model({"path": str(model_dir), "name": role}, device="cpu", dtype="float32")

@@ -48,8 +48,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     "long_form": {"sets": {name: {"chunked": {...}, "sequential": {...}}}}, "speculative": {...},
     "latency": {...}, "noise": {...}, "backend": "pytorch" | "ctranslate2"}. Each set entry has "status": "ok" |
     "no references" | "error". With backend=ctranslate2 (compute_type: its quantisation) the model is exported
-    into `out_dir/ctranslate2-<compute_type>` and the short-form sets and latency run there; the other sections
-    are "skipped".
+    into `out_dir/ctranslate2-<compute_type>` and the short-form sets, latency and long-form (faster-whisper's own
+    algorithms) run there; speculative decoding and noise are "skipped".
     """
     from distil.evaluation.latency import device_info
     from distil.utils.runinfo import hydra_output_dir
@@ -91,10 +91,15 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
             )
         return short_sets[name]
 
-    if backend == "ctranslate2":  # the short-form sets and latency only
-        skipped = {"status": "skipped", "reason": "backend=ctranslate2 runs the short-form sets and latency"}
-        ecfg = OmegaConf.merge(ecfg, {k: None for k in ("long_form", "speculative", "noise") if ecfg.get(k)})
-        metrics.update({k: skipped for k in ("long_form", "speculative", "noise") if cfg.eval.get(k)})
+    if (
+        backend == "ctranslate2"
+    ):  # faster-whisper has no assistant model, and noise is a PyTorch robustness probe
+        skipped = {
+            "status": "skipped",
+            "reason": "backend=ctranslate2 runs the short-form, long-form and latency",
+        }
+        ecfg = OmegaConf.merge(ecfg, {k: None for k in ("speculative", "noise") if ecfg.get(k)})
+        metrics.update({k: skipped for k in ("speculative", "noise") if cfg.eval.get(k)})
     if ecfg.get("long_form"):
         lcfg = ecfg.long_form
         long_sets = {

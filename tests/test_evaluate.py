@@ -310,3 +310,41 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_and_skips_other_sections
     cfg.backend = "onnx"
     with pytest.raises(EvalInputError, match="backend='onnx'"):
         evaluate(cfg, tmp_path / "bad")
+
+
+def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, corpora, tmp_path):
+    """Deployed long-form: faster-whisper's own sequential (no VAD) and batched (VAD-cut) algorithms on a
+    45-s recording, next to the PyTorch backend's chunked and sequential on the same recording."""
+    long_form = {
+        "sets": {"longform": {"path": str(corpora / "longform"), "split": "test"}},
+        "algorithms": ["chunked", "sequential"],
+        "chunk_length_s": 30,
+        "stride_length_s": None,
+        "batch_size": 4,
+        "max_new_tokens": 444,
+        "sequential": {
+            "batch_size": 1,
+            "temperature": [0.0, 0.4, 0.8],
+            "compression_ratio_threshold": 1.35,
+            "logprob_threshold": -1.0,
+            "no_speech_threshold": 0.6,
+            "condition_on_prev_tokens": False,
+        },
+    }
+    cfg = eval_cfg(tiny_en_dir, corpora, sets=None, long_form=long_form)
+    cfg.backend, cfg.compute_type = "ctranslate2", "int8"
+    metrics = evaluate(cfg, tmp_path / "ct2")
+    cfg.backend = "pytorch"
+    torch_metrics = evaluate(cfg, tmp_path / "pytorch")
+
+    ours, theirs = metrics["long_form"]["sets"]["longform"], torch_metrics["long_form"]["sets"]["longform"]
+    assert ours["status"] == "ok" and ours["audio_seconds"] > 30
+    assert ours["sequential"]["settings"]["vad_filter"] is False
+    assert ours["chunked"]["settings"]["segmentation"] == "silero-vad"
+    for algo in ("chunked", "sequential"):
+        (row,) = read_jsonl(tmp_path / "ct2" / ours[algo]["predictions"])
+        assert len(row["prediction"].split()) > 40  # the whole recording, not its first window
+        assert ours[algo]["settings"]["runtime"] == "faster-whisper"
+        # tiny.en on clean TTS: deployed int8 close to PyTorch float32, and neither loops.
+        assert ours[algo]["wer"] < 25 and ours[algo]["wer"] < theirs[algo]["wer"] + 10
+        assert ours[algo]["repeated_5grams"] == 0

@@ -3,6 +3,10 @@ deployed in faster-whisper, with the short-form transcription and latency interf
 
 The evaluated model is exported once into the run directory (`distil.whisper.ct2_export`, quantised to the
 compute type) and decoded greedily from the same features, batched the same way, as the PyTorch backend.
+Long-form audio goes through faster-whisper itself, the way deployed users run it: `sequential` is
+`WhisperModel.transcribe` without VAD (30-s windows moved by the predicted timestamps, temperature fallback),
+`chunked` is `BatchedInferencePipeline` (segments cut at silences by its bundled Silero VAD, at most
+chunk_length_s long, transcribed in batches).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ class CT2Model:
     threads: int
     source: dict  # the PyTorch model's info()
     kind: str = "ctranslate2"
+    _faster_whisper: Any = None  # faster_whisper.WhisperModel over the same directory, built on first use
 
     def info(self) -> dict:
         import ctranslate2
@@ -131,6 +136,55 @@ class CT2Model:
             for b in batch_sizes
         }
         return {"batch_sizes": results, "warmup_runs": warmup, "repeats": repeats, **self.device_info()}
+
+    def faster_whisper(self):
+        if self._faster_whisper is None:
+            from faster_whisper import WhisperModel
+
+            self._faster_whisper = WhisperModel(
+                self.path, device="cpu", compute_type=self.compute_type, cpu_threads=self.threads
+            )
+            restore_float_mode()
+        return self._faster_whisper
+
+    def transcribe_long(
+        self, waves: Sequence[np.ndarray], algorithm: str, lcfg, language: str | None, task: str | None
+    ) -> tuple[list[str], dict]:
+        """Transcripts of whole recordings through faster-whisper, and the settings it ran with."""
+        from faster_whisper import BatchedInferencePipeline
+
+        model = self.faster_whisper()
+        common = {"language": language, "task": task or "transcribe", "beam_size": 1}
+        if algorithm == "chunked":
+            chunk, batch_size = int(lcfg.chunk_length_s), int(lcfg.batch_size)
+            pipeline = BatchedInferencePipeline(model)
+            settings = {"segmentation": "silero-vad", "chunk_length_s": chunk, "batch_size": batch_size}
+
+            def run(wave):
+                return pipeline.transcribe(wave, chunk_length=chunk, batch_size=batch_size, **common)
+        elif algorithm == "sequential":
+            seq = lcfg.sequential
+            # faster-whisper measures the compression ratio on the text, as OpenAI does (threshold 2.4);
+            # the PyTorch backend's threshold is on token bytes (transformers), so it does not carry over.
+            settings = {
+                "vad_filter": False,
+                "temperature": [float(t) for t in seq.temperature],
+                "compression_ratio_threshold": 2.4,
+                "log_prob_threshold": seq.get("logprob_threshold"),
+                "no_speech_threshold": seq.get("no_speech_threshold"),
+                "condition_on_previous_text": bool(seq.get("condition_on_prev_tokens", False)),
+            }
+
+            def run(wave):
+                return model.transcribe(wave, **common, **settings)
+        else:
+            raise ValueError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
+        texts = []
+        for wave in waves:
+            segments, _ = run(np.asarray(wave, np.float32))
+            texts.append(" ".join(s.text.strip() for s in segments).strip())  # segments decode lazily
+            restore_float_mode()
+        return texts, {"runtime": "faster-whisper", **settings}
 
 
 def load_ct2(lm: LoadedModel, out_dir: str | Path, compute_type: str, threads: int | None = None) -> CT2Model:

@@ -67,17 +67,10 @@ def evaluate_short_set(lm: LoadedModel | CT2Model, entry: dict, ecfg, out_dir: P
     }
 
 
-def evaluate_long_set(lm: LoadedModel, entry: dict, lcfg, ecfg, out_dir: Path) -> dict:
-    from distil.evaluation.longform import (
-        SequentialOptions,
-        default_stride,
-        longform_metrics,
-        transcribe_chunked,
-        transcribe_sequential,
-    )
+def evaluate_long_set(lm: LoadedModel | CT2Model, entry: dict, lcfg, ecfg, out_dir: Path) -> dict:
+    from distil.evaluation.longform import longform_metrics, repeated_ngrams
 
     samples, problems = load_samples(entry, None, ecfg.get("skip_bad_audio", False))
-    gen = generation_kwargs(lm.model, entry["language"], entry["task"], lcfg.get("max_new_tokens", 444), 1)
     waves = [s.audio for s in samples]
     normalizer = get_normalizer(entry["language"])
     result: dict[str, Any] = {
@@ -87,40 +80,52 @@ def evaluate_long_set(lm: LoadedModel, entry: dict, lcfg, ecfg, out_dir: Path) -
         "skipped_bad_audio": problems,
     }
     for algorithm in lcfg.algorithms:
-        if algorithm == "chunked":
-            chunk = float(lcfg.chunk_length_s)
-            stride = lcfg.get("stride_length_s")
-            stride = default_stride(chunk) if stride is None else float(stride)
-            predictions = transcribe_chunked(
-                lm.model, lm.processor, waves, chunk, stride, int(lcfg.batch_size), gen
-            )
-            settings = {
-                "chunk_length_s": chunk,
-                "stride_length_s": stride,
-                "batch_size": int(lcfg.batch_size),
-            }
-        elif algorithm == "sequential":
-            seq = OmegaConf.to_container(lcfg.sequential, resolve=True)
-            batch_size = int(seq.pop("batch_size", 1))
-            gen_seq = {
-                k: v for k, v in gen.items() if k != "max_new_tokens"
-            }  # per-window limit is the model's
-            options = SequentialOptions(temperature=tuple(seq.pop("temperature")), **seq)
-            predictions = transcribe_sequential(lm.model, lm.processor, waves, options, batch_size, gen_seq)
-            settings = {**OmegaConf.to_container(lcfg.sequential, resolve=True)}
-        else:
+        if algorithm not in ("chunked", "sequential"):
             raise EvalInputError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
+        if isinstance(lm, CT2Model):  # deployed: faster-whisper's own long-form algorithms
+            predictions, settings = lm.transcribe_long(
+                waves, algorithm, lcfg, entry["language"], entry["task"]
+            )
+        else:
+            predictions, settings = _pytorch_long_form(lm, waves, algorithm, lcfg, entry)
         rel = Path("predictions") / "long_form" / f"{entry['name']}.{algorithm}.jsonl"
         write_jsonl(out_dir / rel, prediction_rows(samples, predictions, entry["language"]))
         entry_out: dict[str, Any] = {"settings": settings, "predictions": str(rel)}
         if has_references(samples):
             entry_out.update(longform_metrics([s.reference or "" for s in samples], predictions, normalizer))
         else:
-            from distil.evaluation.longform import repeated_ngrams
-
             entry_out["repeated_5grams"] = sum(repeated_ngrams(p, 5, normalizer) for p in predictions)
         result[algorithm] = entry_out
     return result
+
+
+def _pytorch_long_form(lm: LoadedModel, waves, algorithm: str, lcfg, entry: dict) -> tuple[list[str], dict]:
+    from distil.evaluation.longform import (
+        SequentialOptions,
+        default_stride,
+        transcribe_chunked,
+        transcribe_sequential,
+    )
+
+    gen = generation_kwargs(lm.model, entry["language"], entry["task"], lcfg.get("max_new_tokens", 444), 1)
+    if algorithm == "chunked":
+        chunk = float(lcfg.chunk_length_s)
+        stride = lcfg.get("stride_length_s")
+        stride = default_stride(chunk) if stride is None else float(stride)
+        predictions = transcribe_chunked(
+            lm.model, lm.processor, waves, chunk, stride, int(lcfg.batch_size), gen
+        )
+        return predictions, {
+            "chunk_length_s": chunk,
+            "stride_length_s": stride,
+            "batch_size": int(lcfg.batch_size),
+        }
+    seq = OmegaConf.to_container(lcfg.sequential, resolve=True)
+    batch_size = int(seq.pop("batch_size", 1))
+    gen_seq = {k: v for k, v in gen.items() if k != "max_new_tokens"}  # per-window limit is the model's
+    options = SequentialOptions(temperature=tuple(seq.pop("temperature")), **seq)
+    predictions = transcribe_sequential(lm.model, lm.processor, waves, options, batch_size, gen_seq)
+    return predictions, OmegaConf.to_container(lcfg.sequential, resolve=True)
 
 
 def evaluate_noise(lm: LoadedModel, entry: dict, ncfg, ecfg, out_dir: Path) -> dict:
