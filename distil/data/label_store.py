@@ -380,7 +380,7 @@ def finalise(
     summary = summarise(out_dir, entry, language)
     write_json_atomic(out_dir / LABELS_METADATA, {**labels_meta, "summary": summary})
     write_json_atomic(out_dir / "summary.json", summary)
-    (out_dir / SUCCESS).write_text("")
+    write_atomic(out_dir / SUCCESS, "")  # like every other file: a kill leaves it absent or whole
     return summary
 
 
