@@ -231,9 +231,49 @@ def format_comparison(rows: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
+    """The stages `distil-pipeline` would run: each one's command line and where it writes; training's run
+    directory, devices and precision. Composes configs only (no model, no data)."""
+    from distil.train import default_out_dir, override_dirname
+    from distil.utils.launch import train_plan
+
+    unknown = [s for s in cfg.stages if s not in STAGES]
+    if unknown:
+        raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    stages: dict[str, Any] = {}
+    for stage in cfg.stages:
+        overrides = stage_overrides(cfg, stage)
+        entry: dict[str, Any] = {"command": " ".join([f"distil-{stage.replace('_', '-')}", *overrides])}
+        stage_cfg = compose_stage(stage, overrides, cfg.paths)
+        if stage == "pseudo_label":
+            entry["output_dir"] = str(stage_cfg.output_dir)
+        elif stage == "init_student":
+            entry["student_dir"] = str(stage_cfg.student.init_dir)
+        elif stage == "train":
+            if stage_cfg.get("out_dir") is None:
+                stage_cfg.out_dir = str(
+                    default_out_dir(stage_cfg.students_root_dir, override_dirname(overrides))
+                )
+            plan = train_plan(stage_cfg)
+            entry.update({k: plan[k] for k in ("run_directory", "resume", "trainer", "model")})
+        elif stage == "evaluate":
+            roles = ["teacher", "student"] + (
+                [f"student-ct2-{cfg.deploy_compute_type}"] if cfg.get("deploy_compute_type") else []
+            )
+            entry["models"] = roles
+        stages[stage] = entry
+    return {"run_directory": str(out_dir), "stages": stages}
+
+
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("dry_run"):
+        from distil.utils.launch import launcher_plan, print_dry_run
+
+        plan = dry_run_plan(cfg, hydra_output_dir())
+        print_dry_run("distil-pipeline", {**plan, "launcher": launcher_plan(cfg, "distil-pipeline")})
+        return None
     out = write_run_info(cfg)
     results = run_pipeline(cfg, hydra_output_dir() or out)
     return _get(results, "comparison", "student", "short_form_wer")

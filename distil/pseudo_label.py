@@ -76,7 +76,7 @@ from distil.data.label_store import (
 )
 from distil.datamodules.labelling import LabellingDataModule, LabellingSource
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
-from distil.utils.errors import one_line_errors
+from distil.utils.errors import InputError, one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
@@ -312,6 +312,99 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
     return summary
 
 
+class LabellingIncompleteError(InputError):
+    """`merge=true` on splits whose shards are not all labelled yet."""
+
+
+def merge(cfg: DictConfig) -> dict:
+    """`merge=true`: finalise every split whose shards are all written (e.g. by the jobs of a SLURM array whose
+    last job died before merging), without loading the teacher or the audio; the settings are the ones the
+    jobs recorded in `_progress/plan.json`. Splits that are already complete are left as they are. Raises
+    `LabellingIncompleteError` naming the missing shards of every split that is not ready."""
+    results: dict[str, dict] = {}
+    not_ready: list[str] = []
+    for entry in dataset_entries(cfg.data.datasets):
+        for split in entry.splits:
+            name, out_dir = f"{entry.name}/{split}", split_dir(cfg.output_dir, entry.name, split)
+            plan_path = out_dir / PROGRESS / "plan.json"
+            if (out_dir / SUCCESS).exists():
+                results[name] = {**read_json(out_dir / "summary.json"), "status": "complete", "merged": False}
+                continue
+            if not plan_path.exists():
+                not_ready.append(f"{name}: nothing labelled yet in {out_dir}")
+                continue
+            n = total_shards(out_dir)
+            if n is None:
+                not_ready.append(
+                    f"{name}: the number of shards is not known yet (no job reached the end of the stream)"
+                )
+                continue
+            missing = sorted(set(range(n)) - complete_shards(out_dir))
+            if missing:
+                shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
+                claimed = live_claims(out_dir)
+                busy = f"; being labelled now: {claimed}" if claimed else ""
+                not_ready.append(f"{name}: {len(missing)} of {n} shards missing ({shown}){busy}")
+                continue
+            plan = read_json(plan_path)
+            labels_meta = {**plan, "columns_added": list(LABEL_COLUMNS)}
+            language = entry.language or cfg.generation.language
+            summary = try_finalise(out_dir, entry, language, plan.get("packing") is not None, labels_meta)
+            if summary is None:  # another process holds the finalise lock
+                owner = finalise_owner(out_dir) or {}
+                not_ready.append(f"{name}: being merged by pid {owner.get('pid')} on {owner.get('host')}")
+                continue
+            print(f"{name}: merged {n} shards, {summary['samples']} samples into {out_dir}")
+            results[name] = {**summary, "status": "complete", "merged": True}
+    if not_ready:
+        raise LabellingIncompleteError(
+            "cannot merge: "
+            + "; ".join(not_ready)
+            + ". Shard k belongs to the job with shard.index = k mod shard.count: rerun those jobs (or this "
+            "command without shard.* and merge, which labels what is missing and merges)"
+        )
+    return {"splits": results}
+
+
+def dry_run_plan(cfg: DictConfig) -> dict:
+    """What `distil-pseudo-label` would do: the splits, their state on disk and this job's share of the shards."""
+    from distil.data.label_plan import job_owns
+    from distil.utils.launch import trainer_plan
+
+    index, count = int(cfg.shard.index), int(cfg.shard.count)
+    splits = {}
+    for entry in dataset_entries(cfg.data.datasets):
+        for split in entry.splits:
+            out_dir = split_dir(cfg.output_dir, entry.name, split)
+            n, done = total_shards(out_dir), complete_shards(out_dir)
+            if (out_dir / SUCCESS).exists():
+                state = "complete"
+            elif n is None:
+                state = f"{len(done)} shards done, total not known until the data is read"
+            else:
+                mine = [k for k in range(n) if job_owns(k, index, count) and k not in done]
+                state = f"{len(done)} of {n} shards done; this job labels {len(mine)}: {mine[:20]}"
+            splits[f"{entry.name}/{split}"] = {
+                "input": str(entry.path),
+                "output": str(out_dir),
+                "state": state,
+            }
+    return {
+        "mode": "merge finished shards" if cfg.get("merge") else "label",
+        "teacher": {
+            "name": cfg.teacher.name,
+            "source": cfg.teacher.get("source"),
+            "path": cfg.teacher.get("path"),
+        },
+        "dtype": cfg.dtype,
+        "attn_implementation": cfg.attn_implementation,
+        "shard": {"index": index, "count": count, "shard_size": int(cfg.shard_size)},
+        "splits": splits,
+        "trainer": {**trainer_plan(cfg.trainer), "threads_per_process": cfg.get("threads_per_process")},
+        "run_directory": str(hydra_output_dir()),
+    }
+
+
 def _log_tensorboard(run_dir: Path, results: dict) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
@@ -330,8 +423,16 @@ def _log_tensorboard(run_dir: Path, results: dict) -> None:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    if cfg.get("dry_run"):
+        from distil.utils.launch import launcher_plan, print_dry_run
+
+        print_dry_run(
+            "distil-pseudo-label",
+            {**dry_run_plan(cfg), "launcher": launcher_plan(cfg, "distil-pseudo-label")},
+        )
+        return None
     write_run_info(cfg)
-    summary = pseudo_label(cfg)
+    summary = merge(cfg) if cfg.get("merge") else pseudo_label(cfg)
     wers = [s["wer"] for s in summary["splits"].values() if s.get("wer") is not None]
     return sum(wers) / len(wers) if wers else None
 

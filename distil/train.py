@@ -208,8 +208,16 @@ def main(cfg: DictConfig) -> float | None:
         OmegaConf.set_struct(cfg, False)
         cfg.out_dir = str(default_out_dir(cfg.students_root_dir, HydraConfig.get().job.override_dirname))
         OmegaConf.set_struct(cfg, True)
-    write_run_info(cfg)
-    return train(cfg).get("best_val_wer_weighted")
+    if cfg.get("dry_run"):
+        from distil.utils.launch import launcher_plan, print_dry_run, train_plan
+
+        print_dry_run("distil-train", {**train_plan(cfg), "launcher": launcher_plan(cfg, "distil-train")})
+        return None
+    run_dir = write_run_info(cfg)
+    summary = train(cfg)
+    # The job directory's metrics.json is what the sweep collector (distil.collect) tabulates.
+    write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
+    return summary.get("best_val_wer_weighted")
 
 
 if __name__ == "__main__":

@@ -48,3 +48,80 @@ class DataFilterReport(L.Callback):
             trainer.logger.log_metrics(
                 {f"data/{source}/kept": s.kept, f"data/{source}/dropped": s.total - s.kept}, 0
             )
+
+
+class SubmititSignals(L.Callback):
+    """Inside a submitit job (hydra/launcher=slurm or slurm_local), leave SIGTERM to submitit.
+
+    SLURM preempts with SIGTERM followed by submitit's checkpoint signal (USR2): submitit ignores the SIGTERM
+    and, on USR2, resubmits the job, which resumes from `checkpoints/last.ckpt`. Lightning (2.x) answers the
+    SIGTERM itself by stopping `fit` at the end of the current batch, and the process then exits before
+    USR2 arrives, without a result and without a requeue (the sweep fails). So once Lightning has installed
+    its handlers, this puts back the one submitit installed. Outside submitit it does nothing."""
+
+    def __init__(self) -> None:
+        self._submitit_handler = None
+
+    @staticmethod
+    def active() -> bool:
+        import os
+
+        return bool(os.environ.get("SUBMITIT_EXECUTOR"))
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        import signal
+
+        if self.active():  # before Lightning's signal connector replaces it (it does so after `setup`)
+            self._submitit_handler = signal.getsignal(signal.SIGTERM)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        if self._submitit_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._submitit_handler)
+
+
+class ModelOptions(L.Callback):
+    """`model.attn_implementation` and `model.compile` (conf/train.yaml), applied to the loaded models when
+    training starts, in every training process.
+
+    The attention kernel is switched with transformers' `set_attn_implementation` (sdpa, eager,
+    flash_attention_2, ...; an implementation that cannot run here fails at start-up with transformers' own
+    message). `compile` calls `torch.compile` in place (`nn.Module.compile`) on the encoder and decoder of the
+    student and, when loaded, the teacher: the modules the distiller calls. In-place compilation keeps the
+    parameter names, so checkpoints and exports are unchanged."""
+
+    def __init__(
+        self,
+        attn_implementation: str | None = None,
+        compile: bool = False,
+        compile_options: dict | None = None,
+    ):
+        self.attn_implementation = attn_implementation
+        self.compile = bool(compile)
+        self.compile_options = dict(compile_options or {})
+        self.compiled: list[str] = []  # what was compiled, for the log and tests
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        models = {
+            name: model
+            for name in ("student", "teacher")
+            if (model := getattr(pl_module, name, None)) is not None
+        }
+        if self.attn_implementation:
+            for model in models.values():
+                model.set_attn_implementation(str(self.attn_implementation))
+        if self.compile and not self.compiled:
+            for name, model in models.items():
+                for part in ("encoder", "decoder"):
+                    getattr(model.model, part).compile(**self.compile_options)
+                    self.compiled.append(f"{name}.{part}")
+        if self.attn_implementation or self.compiled:
+            import logging
+
+            logging.getLogger(__name__).info(
+                "attention: %s; compiled: %s",
+                self.attn_implementation or "as loaded",
+                ", ".join(self.compiled) or "nothing",
+            )
