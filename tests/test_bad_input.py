@@ -200,3 +200,20 @@ def test_commands_fail_with_one_line_that_names_the_problem(cli_home, module, ov
     for name in names:
         assert name in last, last
     assert not list(cli_home.rglob("_SUCCESS"))  # nothing on disk looks complete
+
+
+@pytest.mark.parametrize(
+    ("module", "typo"),
+    [
+        ("distil.pseudo_label", "batch_sise=4"),
+        ("distil.train", "optim.lr_sheduler=cosine"),
+        ("distil.evaluate", "eval.max_new_token=8"),
+    ],
+)
+def test_a_misspelt_key_is_refused_naming_it(cli_home, module, typo):
+    """Hydra's struct configs refuse a key that does not exist instead of ignoring it: nothing runs."""
+    result = _cli(cli_home, module, typo)
+    key = typo.split("=")[0].split(".")[-1]
+    assert result.returncode == 1 and f"Key '{key}' is not in struct" in result.stderr, result.stderr[-2000:]
+    assert not (cli_home / "runs").exists() or not list((cli_home / "runs").rglob("*.log"))
+    assert not list(cli_home.rglob("_SUCCESS"))
