@@ -8,6 +8,13 @@ CTranslate2 directories for faster-whisper with `export_ctranslate2=[int8]`).
 The run directory is `out_dir`, by default `${students_root_dir}/<overrides>` (Hydra's `job.override_dirname`,
 without the keys that do not change what is trained), so the same command run twice resumes from
 `<out_dir>/checkpoints/last.ckpt` instead of starting over (`ckpt_path: last`), and -m jobs never share one.
+
+Several processes (`trainer.devices=2`, DDP; gloo on CPU, NCCL on GPUs): Lightning's default launcher re-runs
+this same command in each further process (with `hydra.run.dir` pinned to the first one's), so every process
+derives the same out_dir and checkpoint to resume from. Each process trains on its own batches
+(`TrainStream`), one optimiser step consumes `effective_batch_size` samples, validation WER is computed
+over all processes' transcripts, and only rank 0 writes files (run info, checkpoints, TensorBoard, exports,
+train_summary.json).
 """
 
 from __future__ import annotations
@@ -29,8 +36,9 @@ from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
+from distil.training.optim import effective_batch_size
 from distil.utils.errors import InputError, instantiate, one_line_errors
-from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
+from distil.utils.io import ensure_writable_directory, read_json, write_atomic, write_json_atomic
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import check_quantization, export_ct2
@@ -109,9 +117,12 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         check_labeller(cfg.data.pseudo_labels_dir, cfg.data.datasets, teacher_dir, cfg.teacher.name)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_run_info(cfg, out_dir)
     # The frozen encoder and teacher are in eval mode on purpose (no dropout: their outputs must not change).
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+    # Validation metrics are computed from every rank's transcripts (WhisperDistiller.on_validation_epoch_end).
+    warnings.filterwarnings(
+        "ignore", message=r".*sync_dist=True.* when logging on epoch level", category=UserWarning
+    )
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(out_dir),
@@ -119,10 +130,32 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         callbacks=[instantiate(c) for c in cfg.callbacks.values()] + list(callbacks or []),
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
+    # The trainer knows each process's rank from the launcher's environment before fit: only rank 0 writes.
+    if trainer.is_global_zero:
+        write_run_info(cfg, out_dir)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
-    check_training_data(out_dir, datamodule.data_fingerprint(), resuming=bool(ckpt_path), cfg=cfg)
+    check_training_data(
+        out_dir,
+        datamodule.data_fingerprint(),
+        resuming=bool(ckpt_path),
+        cfg=cfg,
+        write=trainer.is_global_zero,
+    )
     if ckpt_path:
         log.info("resuming from %s", ckpt_path)
+    batch = effective_batch_size(
+        cfg.data.batch_size, trainer.num_devices, trainer.num_nodes, trainer.accumulate_grad_batches
+    )
+    log.info(
+        "effective batch %d = data.batch_size %d x %d devices x %d nodes x accumulate_grad_batches %d; "
+        "max_steps %s optimiser steps",
+        batch,
+        cfg.data.batch_size,
+        trainer.num_devices,
+        trainer.num_nodes,
+        trainer.accumulate_grad_batches,
+        trainer.max_steps,
+    )
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)  # data errors come before any step
 
     # Read the outcome from last.ckpt, not from this process's trainer: with ddp_spawn the training ran in
@@ -140,13 +173,17 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         "student_dir": student_dir,
         "teacher_dir": teacher_dir,
         "global_step": int(final["global_step"]),
+        "processes": trainer.num_devices * trainer.num_nodes,
+        "effective_batch_size": batch,  # of this (last) invocation; a resumed run may have changed it
         "resumed_from": ckpt_path,
         "train_seconds": time.time() - started,
         "data_filter": json.loads((out_dir / DATA_FILTER_REPORT).read_text()),
         "best_val_wer_weighted": None if best.best_model_score is None else float(best.best_model_score),
         "best_checkpoint": best_path,
     }
-    if trainer.is_global_zero and cfg.get("export", True):
+    if not trainer.is_global_zero:  # under DDP (script launcher) the other ranks return here
+        return summary
+    if cfg.get("export", True):
         exports = {"last": out_dir / CHECKPOINT_DIR / "last.ckpt", "best": best_path}
         summary["exports"] = {
             name: str(export_student(ckpt, student_dir, out_dir / name))
@@ -158,7 +195,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
                 summary["exports"][f"{name}-ct2-{q}"] = str(
                     export_ct2(hf_dir, out_dir / f"{name}-ct2-{q}", q, force=True)
                 )
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -166,12 +203,16 @@ class TrainingDataChangedError(InputError):
     """A resumed run whose training data is not what it started on."""
 
 
-def check_training_data(out_dir: Path, fingerprint: dict, resuming: bool, cfg: DictConfig) -> None:
+def check_training_data(
+    out_dir: Path, fingerprint: dict, resuming: bool, cfg: DictConfig, write: bool = True
+) -> None:
     """Record the training data at the start; on resume, refuse (or, with `resume_data_changed=warn`, warn)
-    when it changed: the saved batch position would then point into other data."""
+    when it changed: the saved batch position would then point into other data. `write=False` (DDP ranks
+    other than 0) checks without writing."""
     path = out_dir / DATA_FINGERPRINT
     if not resuming or not path.is_file():
-        write_json_atomic(path, fingerprint)
+        if write:
+            write_json_atomic(path, fingerprint)
         return
     recorded = read_json(path)
     changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
@@ -185,7 +226,8 @@ def check_training_data(out_dir: Path, fingerprint: dict, resuming: bool, cfg: D
     if cfg.get("resume_data_changed", "error") != "warn":
         raise TrainingDataChangedError(message)
     log.warning(message)
-    write_json_atomic(path, fingerprint)
+    if write:
+        write_json_atomic(path, fingerprint)
 
 
 def slurm_plugins() -> list:
@@ -203,6 +245,7 @@ def slurm_plugins() -> list:
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
+    from lightning.pytorch.utilities import rank_zero_only
 
     if cfg.get("out_dir") is None:
         OmegaConf.set_struct(cfg, False)
@@ -213,10 +256,12 @@ def main(cfg: DictConfig) -> float | None:
 
         print_dry_run("distil-train", {**train_plan(cfg), "launcher": launcher_plan(cfg, "distil-train")})
         return None
-    run_dir = write_run_info(cfg)
+    # Lightning's DDP launcher re-runs this command in the other processes (LOCAL_RANK/RANK set): they share
+    # the Hydra run directory, which rank 0 alone writes.
+    run_dir = rank_zero_only(write_run_info)(cfg)
     summary = train(cfg)
-    # The job directory's metrics.json is what the sweep collector (distil.collect) tabulates.
-    write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
+    if run_dir is not None:  # rank 0: the job directory's metrics.json is what the sweep collector tabulates
+        write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
     return summary.get("best_val_wer_weighted")
 
 

@@ -167,6 +167,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.val_sets: list[torch.utils.data.Dataset] = []
         self.train_stream: TrainStream | None = None
         self._prepared = False
+        self._resumed_at = (0, 0)  # (global step, consumed global batches) of the checkpoint resumed from
 
     # ------------------------------------------------------------------ set-up
 
@@ -402,11 +403,53 @@ class SpeechDataModule(L.LightningDataModule):
         return int(trainer.global_rank), int(trainer.world_size)
 
     def consumed_batches(self) -> int:
-        """Global batches already trained on (for an exact resume): steps x accumulation x ranks."""
+        """Global batches already trained on (for an exact resume): those recorded in the checkpoint resumed
+        from, plus steps since then x accumulation x ranks. Recorded, not recomputed from the current
+        settings, so a checkpoint of a 2-process run resumed in 1 process (or with another accumulation)
+        skips the batches that run trained on, not `global_step` batches."""
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return 0
-        return int(trainer.global_step) * int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+        step, consumed = self._resumed_at
+        per_step = int(trainer.accumulate_grad_batches) * int(trainer.world_size)
+        return consumed + (int(trainer.global_step) - step) * per_step
+
+    def _stream_parts(self) -> int:
+        return self._rank_world()[1] * max(1, self.num_workers)
+
+    def _accumulation(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.accumulate_grad_batches) if trainer is not None else 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning calls it): where the training stream stands."""
+        trainer = getattr(self, "trainer", None)
+        return {
+            "global_step": int(trainer.global_step) if trainer is not None else 0,
+            "consumed_batches": self.consumed_batches(),
+            "stream_parts": self._stream_parts(),
+            "accumulate_grad_batches": self._accumulation(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resumed_at = (int(state["global_step"]), int(state["consumed_batches"]))
+        saved = state.get("accumulate_grad_batches", self._accumulation())
+        if saved != self._accumulation():
+            log.warning(
+                "resuming with trainer.accumulate_grad_batches=%s instead of %s: the data continues where it "
+                "stopped, but Lightning counts accumulation from its restored batch counter, so the first "
+                "optimiser step may accumulate fewer batches",
+                self._accumulation(),
+                saved,
+            )
+        if self.streaming and state.get("stream_parts") != self._stream_parts():
+            log.warning(
+                "resuming a streamed run with %s reading processes (ranks x data.num_workers) instead of %s: "
+                "each process reads another part of the stream now, so the resumed run skips as many batches as "
+                "were trained on, but not exactly those (map-style data resumes exactly)",
+                self._stream_parts(),
+                state.get("stream_parts"),
+            )
 
     def train_dataloader(self) -> DataLoader:
         rank, world = self._rank_world()

@@ -351,7 +351,10 @@ class WhisperDistiller(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         outputs = self._val_outputs
-        if self.trainer.world_size > 1:  # every rank decoded a shard; DistributedSampler may repeat samples
+        # Under DDP each rank decoded its share (Lightning's DistributedSampler, which pads the last share by
+        # repeating samples): the WER is computed from every rank's transcripts, keyed by sample id so a
+        # repeat counts once, and every rank logs the same values (so ModelCheckpoint agrees on all ranks).
+        if self.trainer.world_size > 1:
             gathered: list = [None] * self.trainer.world_size
             torch.distributed.all_gather_object(gathered, outputs)
             outputs = {}
@@ -370,13 +373,14 @@ class WhisperDistiller(L.LightningModule):
                 continue
             metrics[f"val/{name}/wer"] = result["wer"]
             metrics[f"val/{name}/wer_orthographic"] = result["wer_orthographic"]
+            metrics[f"val/{name}/samples"] = result["scored"]  # under DDP too: the set, not a rank's share
             weighted_num += result["wer"] * result["scored"]
             weighted_den += result["scored"]
             macro.append(result["wer"])
         if weighted_den:
             metrics["val/wer_weighted"] = weighted_num / weighted_den
             metrics["val/wer_macro"] = sum(macro) / len(macro)
-        for key, value in metrics.items():
+        for key, value in metrics.items():  # already over all ranks: nothing left for sync_dist to reduce
             self.log(key, float(value), sync_dist=False, rank_zero_only=False)
         self._val_outputs = {}
 

@@ -125,3 +125,30 @@ class ModelOptions(L.Callback):
                 self.attn_implementation or "as loaded",
                 ", ".join(self.compiled) or "nothing",
             )
+
+
+class SampleRecord(L.Callback):
+    """With `record_samples=true`: `<out_dir>/samples/rank-<r>.jsonl`, one line per training batch of process r:
+    `{"step", "epoch", "batch", "ids"}` (optimiser step, data epoch, global batch index, sample ids).
+
+    What a run (and each DDP rank) trained on, in order: to audit a data mixture or a resume, or to find the
+    samples behind a loss spike. Every process appends to its own file; a resumed run appends too, so a step
+    recorded twice was trained again after the resume (its first record came after the last checkpoint)."""
+
+    def __init__(self, dir: str | Path, enabled: bool = True):
+        self.dir, self.enabled = Path(dir), bool(enabled)
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        if not self.enabled:
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        row = {
+            "step": int(trainer.global_step),
+            "epoch": batch.get("epoch"),
+            "batch": batch.get("batch_index"),
+            "ids": list(batch["sample_ids"]),
+        }
+        with open(self.dir / f"rank-{trainer.global_rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")

@@ -2,6 +2,10 @@
 
 AdamW with no weight decay on biases and LayerNorm weights, and a warm-up followed by either a constant
 or a linearly decaying learning rate (the reference's `constant_with_warmup` / `linear`).
+
+Steps are optimiser steps everywhere (Lightning's `global_step`, `trainer.max_steps`, `optim.warmup_steps`,
+the schedule's `total_steps`): one step consumes `effective_batch_size` samples, whatever the number of
+processes and the gradient accumulation, so the schedule needs no rescaling when either changes.
 """
 
 from __future__ import annotations
@@ -33,6 +37,25 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             decay.append(param)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def effective_batch_size(
+    batch_size: int, devices: int, num_nodes: int = 1, accumulate_grad_batches: int = 1
+) -> int:
+    """Samples per optimiser step: `data.batch_size` per process x devices per node x nodes x accumulation.
+
+    Under DDP each process draws its own batches (distil.datamodules.mixture.TrainStream) and gradients are
+    averaged over processes, and Lightning steps the optimiser once per `accumulate_grad_batches` batches.
+    """
+    for name, value in (
+        ("data.batch_size", batch_size),
+        ("trainer.devices", devices),
+        ("trainer.num_nodes", num_nodes),
+        ("trainer.accumulate_grad_batches", accumulate_grad_batches),
+    ):
+        if int(value) < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(batch_size) * int(devices) * int(num_nodes) * int(accumulate_grad_batches)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
