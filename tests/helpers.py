@@ -95,3 +95,14 @@ def dead_pid() -> int:
     gone = subprocess.Popen(["true"])
     gone.wait()
     return gone.pid
+
+
+# distil-corpus overrides for the smallest pipeline run: a few clips per corpus, one short long-form recording.
+TINY_CORPUS = [
+    "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",
+    "corpora.flite.sizes={train: 6, validation: 2, test: 3}",
+    "corpora.flite.voices.train=[kal]",
+    "corpora.longform.sizes={test: 1}",
+    "corpora.longform.min_duration_s=12",
+    "corpora.longform.max_duration_s=20",
+]

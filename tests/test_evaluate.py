@@ -75,6 +75,29 @@ def eval_cfg(model_path, corpora: Path, **sections) -> OmegaConf:
     return OmegaConf.create(base)
 
 
+def long_form_cfg(
+    corpora: Path, chunk_length_s: float, max_new_tokens: int, temperature: list[float]
+) -> dict:
+    """The long-form section on the one `longform` recording, both algorithms (a temperature of [0.0] turns
+    fallback off: fallback itself is tested on tiny.en in test_longform.py)."""
+    return {
+        "sets": {"longform": {"path": str(corpora / "longform"), "split": "test"}},
+        "algorithms": ["chunked", "sequential"],
+        "chunk_length_s": chunk_length_s,
+        "stride_length_s": None,
+        "batch_size": 4,
+        "max_new_tokens": max_new_tokens,
+        "sequential": {
+            "batch_size": 1,
+            "temperature": temperature,
+            "compression_ratio_threshold": 1.35,
+            "logprob_threshold": -1.0,
+            "no_speech_threshold": 0.6,
+            "condition_on_prev_tokens": False,
+        },
+    }
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
@@ -83,22 +106,7 @@ def test_full_evaluation_writes_metrics_predictions_and_tensorboard(tiny_random_
     cfg = eval_cfg(
         tiny_random_dir,
         corpora,
-        long_form={
-            "sets": {"longform": {"path": str(corpora / "longform"), "split": "test"}},
-            "algorithms": ["chunked", "sequential"],
-            "chunk_length_s": 10,
-            "stride_length_s": None,
-            "batch_size": 4,
-            "max_new_tokens": 8,
-            "sequential": {
-                "batch_size": 1,
-                "temperature": [0.0],  # fallback itself: the tiny.en test in test_longform.py
-                "compression_ratio_threshold": 1.35,
-                "logprob_threshold": -1.0,
-                "no_speech_threshold": 0.6,
-                "condition_on_prev_tokens": False,
-            },
-        },
+        long_form=long_form_cfg(corpora, chunk_length_s=10, max_new_tokens=8, temperature=[0.0]),
         latency={"set": "flite", "batch_sizes": [1, 2], "samples": 2, "warmup": 1},
         noise={"set": "flite", "types": ["white", "pink"], "snr_db": [0], "samples": 2, "seed": 0},
     )
@@ -315,22 +323,7 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_and_skips_other_sections
 def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, corpora, tmp_path):
     """Deployed long-form: faster-whisper's own sequential (no VAD) and batched (VAD-cut) algorithms on a
     45-s recording, next to the PyTorch backend's chunked and sequential on the same recording."""
-    long_form = {
-        "sets": {"longform": {"path": str(corpora / "longform"), "split": "test"}},
-        "algorithms": ["chunked", "sequential"],
-        "chunk_length_s": 30,
-        "stride_length_s": None,
-        "batch_size": 4,
-        "max_new_tokens": 444,
-        "sequential": {
-            "batch_size": 1,
-            "temperature": [0.0, 0.4, 0.8],
-            "compression_ratio_threshold": 1.35,
-            "logprob_threshold": -1.0,
-            "no_speech_threshold": 0.6,
-            "condition_on_prev_tokens": False,
-        },
-    }
+    long_form = long_form_cfg(corpora, chunk_length_s=30, max_new_tokens=444, temperature=[0.0, 0.4, 0.8])
     cfg = eval_cfg(tiny_en_dir, corpora, sets=None, long_form=long_form)
     cfg.backend, cfg.compute_type = "ctranslate2", "int8"
     metrics = evaluate(cfg, tmp_path / "ct2")

@@ -18,7 +18,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import write_split
+from helpers import TINY_CORPUS, write_split
 
 from distil.collect import collect
 
@@ -387,14 +387,7 @@ def test_explicit_merge_names_missing_shards_then_merges(home, tiny_random_dir):
 def test_pipeline_multirun_through_submitit_and_the_collector(home, tiny_random_dir):
     """`distil-pipeline -m hydra/launcher=slurm_local train.wer_threshold=105,200`: one distilled and evaluated
     student per threshold (corpus and labels made once beforehand), collected into one table."""
-    corpus = [  # as tests/test_pipeline.py: a few clips per corpus, one short long-form recording
-        "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",
-        "corpora.flite.sizes={train: 6, validation: 2, test: 3}",
-        "corpora.flite.voices.train=[kal]",
-        "corpora.longform.sizes={test: 1}",
-        "corpora.longform.min_duration_s=12",
-        "corpora.longform.max_duration_s=20",
-    ]
+    corpus = TINY_CORPUS
     tiny = [
         f"paths.models={home / 'models'}",
         "recipe.teacher=tiny_random",

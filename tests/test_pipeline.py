@@ -2,19 +2,12 @@
 
 import json
 
+from helpers import TINY_CORPUS
 from hydra import compose, initialize_config_dir
 
 from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
 from distil.utils.paths import CONF_DIR
 
-TINY_CORPUS = [
-    "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",
-    "corpora.flite.sizes={train: 6, validation: 2, test: 3}",
-    "corpora.flite.voices.train=[kal]",
-    "corpora.longform.sizes={test: 1}",
-    "corpora.longform.min_duration_s=12",
-    "corpora.longform.max_duration_s=20",
-]
 TINY_EVAL = [
     "eval=demo",
     "eval.max_samples=3",
