@@ -67,7 +67,8 @@ def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
     assert comparison["teacher"]["short_form_wer"] is not None
     deployed = comparison["student-ct2-int8"]  # the student through CTranslate2 int8 (faster-whisper)
     assert deployed["short_form_wer"] is not None and deployed["rtfx"] > 0
-    assert deployed["long_form_wer_chunked"] is None  # that backend runs short-form and latency only
+    # Long-form through faster-whisper's own algorithms (the random student's WER is no measure of them).
+    assert all(isinstance(deployed[f"long_form_wer_{a}"], float) for a in ("chunked", "sequential"))
     # The distilled student is the teacher's assistant: greedy outputs must be unchanged.
     assert comparison["teacher"]["speculative_identical"] == 1.0
     metrics = json.loads((run_dir / "metrics.json").read_text())
