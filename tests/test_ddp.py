@@ -215,6 +215,7 @@ def test_validation_wer_is_over_both_ranks(run, home):
         assert single[key] == pytest.approx(logged[key][step], abs=1e-4), key
 
 
+@pytest.mark.slow  # ~45 s: the default run checks map-style DDP; test_speech_datamodule the per-rank stream split
 def test_streaming_ranks_train_on_disjoint_halves_of_every_epoch(home, tmp_path):
     """~45 s: datasets sleeps 5 s whenever a streamed parquet source or an interleaving of them is read to
     its end (`datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN`, an Arrow thread-shutdown workaround): for the

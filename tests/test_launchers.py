@@ -353,6 +353,7 @@ def test_labelling_as_a_job_array_matches_one_job(home, tiny_random_dir):
     assert len(manifests) == 3
 
 
+@pytest.mark.slow  # ~37 s: the default run's array test covers the merge by the last job
 def test_explicit_merge_names_missing_shards_then_merges(home, tiny_random_dir):
     base = label_overrides(home, tiny_random_dir)
     out = f"output_dir={home}/labels"
@@ -384,6 +385,7 @@ def test_explicit_merge_names_missing_shards_then_merges(home, tiny_random_dir):
     )
 
 
+@pytest.mark.slow  # ~34 s: the default run's train multirun covers submitit and the collector
 def test_pipeline_multirun_through_submitit_and_the_collector(home, tiny_random_dir):
     """`distil-pipeline -m hydra/launcher=slurm_local train.wer_threshold=105,200`: one distilled and evaluated
     student per threshold (corpus and labels made once beforehand), collected into one table."""

@@ -77,6 +77,6 @@ def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
     for stage in (*stages, "evaluate_student-ct2-int8"):
         assert (run_dir / stage / "config.yaml").is_file(), stage
     report = (run_dir / "report.md").read_text()  # the run ends in its report, with the run's own plots
-    assert "| teacher |" in report and "| student |" in report
+    assert "| teacher |" in report and "| student |" in report and "| student-ct2-int8 |" in report
     for plot in ("wer_per_set", "training_curves", "latency", "pseudo_label_wer"):
         assert f"(plots/{plot}.png)" in report and (run_dir / "plots" / f"{plot}.png").is_file(), plot
