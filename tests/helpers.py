@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +108,36 @@ TINY_CORPUS = [
     "corpora.longform.min_duration_s=12",
     "corpora.longform.max_duration_s=20",
 ]
+
+
+class SimulatedKill(BaseException):
+    """Not an Exception: nothing in a stage may catch it, as nothing catches a SIGKILL."""
+
+
+def write_kind(path) -> str:
+    """A written file's name with its numbers as N: shard 3 or step 8 is written like shard 0 or step 4."""
+    import re
+
+    return re.sub(r"\d+", "N", Path(path).name)
+
+
+@contextmanager
+def atomic_writes(kill_before=None) -> Iterator[list[Path]]:
+    """Record the destination of every atomic write (each ends in utils.io's os.replace); with `kill_before`
+    (a predicate on the destination) stop with SimulatedKill just before the first write it selects, its
+    temp file left behind as a kill leaves it."""
+    import distil.utils.io as io
+
+    real_replace, calls = io.os.replace, []
+
+    def replace(src, dst):
+        if kill_before is not None and kill_before(Path(dst)):
+            raise SimulatedKill(f"killed before writing {dst}")
+        calls.append(Path(dst))
+        return real_replace(src, dst)
+
+    io.os.replace = replace
+    try:
+        yield calls
+    finally:
+        io.os.replace = real_replace

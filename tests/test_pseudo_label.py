@@ -7,7 +7,6 @@ clips with the tiny random teacher; one check uses the real tiny.en teacher.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import dead_pid
+from helpers import SimulatedKill, atomic_writes, dead_pid, write_kind
 from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -528,10 +527,6 @@ def test_real_teacher_with_timestamps(tmp_path, tiny_en_dir, tts_clips):
         assert row["token_ids"][1:-1] == gen  # generate() drops the start and end tokens
 
 
-class SimulatedKill(BaseException):
-    """Not an Exception: nothing in the stage may catch it, as nothing catches a SIGKILL."""
-
-
 # The default run kills before the writes that decide completeness; `slow` before one write of every kind.
 ESSENTIAL_WRITES = {"plan.json", "part-N.parquet", "part-N.json", SUCCESS}
 
@@ -543,47 +538,20 @@ def test_a_kill_at_each_write_point_resumes_to_identical_output(
     """Every file the stage writes ends in an atomic os.replace: stop the process just before the k-th one
     (its temp file left behind, as a kill leaves it) and rerun. Before the rerun nothing may look complete;
     after it the output equals an uninterrupted run's and no temp file is left."""
-    import distil.utils.io as io
-
-    real_replace, calls = io.os.replace, []
-
-    def counting(src, dst):
-        calls.append(Path(dst).name)
-        return real_replace(src, dst)
-
-    io.os.replace = counting
-    try:
+    with atomic_writes() as written:
         run(tmp_path / "count", tiny_random_dir, corpus)
-    finally:
-        io.os.replace = real_replace
+    calls = [p.name for p in written]
     assert SUCCESS in calls and sum(n.endswith(".parquet") for n in calls) == 4
     # The split's writes up to its _SUCCESS (the run directory's summary comes after), one of each kind:
     # shards 1-3 are written like shard 0.
-    kinds = {
-        re.sub(r"\d+", "N", name): k
-        for k, name in reversed(list(enumerate(calls[: calls.index(SUCCESS) + 1])))
-    }
+    kinds = list(dict.fromkeys(write_kind(name) for name in calls[: calls.index(SUCCESS) + 1]))
     assert ESSENTIAL_WRITES <= set(kinds) and len(kinds) >= 6, kinds
-    write_points = sorted(
-        (k, calls[k]) for kind, k in kinds.items() if every_kind or kind in ESSENTIAL_WRITES
-    )
 
     _, _, expected = reference
-    for k, name in write_points:
-        home, seen = tmp_path / f"kill-{k}", []
-
-        def kill_at_k(src, dst, k=k, seen=seen):
-            seen.append(dst)
-            if len(seen) == k + 1:
-                raise SimulatedKill(f"killed before writing {dst}")
-            return real_replace(src, dst)
-
-        io.os.replace = kill_at_k
-        try:
-            with pytest.raises(SimulatedKill):
-                run(home, tiny_random_dir, corpus)
-        finally:
-            io.os.replace = real_replace
+    for k, name in enumerate(w for w in kinds if every_kind or w in ESSENTIAL_WRITES):
+        home = tmp_path / f"kill-{k}"
+        with pytest.raises(SimulatedKill), atomic_writes(lambda dst, name=name: write_kind(dst) == name):
+            run(home, tiny_random_dir, corpus)
         out = home / "pseudo_labels" / "whisper-tiny-random" / "custom" / "train"
         assert not (out / SUCCESS).exists(), f"kill before {name}: the split looks complete"
         for owner_file in [*out.rglob("*.claim"), *out.rglob("*.lock")]:  # a killed process is gone

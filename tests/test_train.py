@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import entry, write_split
+from helpers import SimulatedKill, atomic_writes, entry, write_kind, write_split
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
@@ -187,54 +187,28 @@ def test_resume_continues_and_matches_uninterrupted_run(home, tmp_path):
         torch.testing.assert_close(state[key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
-class SimulatedKill(BaseException):
-    """Not an Exception: nothing in the stage may catch it, as nothing catches a SIGKILL."""
-
-
 @pytest.mark.slow  # ~2 training runs per kind of write (checkpoint, export, summary, ...)
 def test_a_kill_before_each_write_resumes_to_the_uninterrupted_result(home, tmp_path):
     """Every file training writes ends in utils.io's atomic os.replace: stop the run just before one write of
     each kind (its temp file left behind, as a kill leaves it), rerun the same command, and get the
     uninterrupted run's weights, complete exports and no temp file."""
-    import re
-
     from transformers import WhisperForConditionalGeneration
 
-    import distil.utils.io as io
-
-    def kind(path) -> str:  # checkpoints of other steps are written like this one
-        return re.sub(r"\d+", "N", Path(path).name)
-
-    real_replace, calls = io.os.replace, []
-
-    def counting(src, dst):
-        calls.append(Path(dst))
-        return real_replace(src, dst)
-
-    io.os.replace = counting
-    try:
+    with atomic_writes() as written:
         train(compose_train(home, ["out_dir=" + str(tmp_path / "straight")], steps=4))
-    finally:
-        io.os.replace = real_replace
     ref_state, _ = _final_state(tmp_path / "straight")
     # The run's own writes (not the shared model cache's), one of each kind, in the order they happen.
-    kinds = list(dict.fromkeys(kind(p) for p in calls if (tmp_path / "straight") in p.parents))
+    kinds = list(dict.fromkeys(write_kind(p) for p in written if (tmp_path / "straight") in p.parents))
     assert {"last.ckpt", "last", "best"} <= set(kinds), kinds
 
     for k, write in enumerate(kinds):
         out = tmp_path / f"kill-{k}"
 
-        def kill_before(src, dst, out=out, write=write):
-            if out in Path(dst).parents and kind(dst) == write:
-                raise SimulatedKill(f"killed before writing {dst}")
-            return real_replace(src, dst)
+        def kill_before(dst, out=out, write=write):
+            return out in dst.parents and write_kind(dst) == write
 
-        io.os.replace = kill_before
-        try:
-            with pytest.raises(SimulatedKill):
-                train(compose_train(home, ["out_dir=" + str(out)], steps=4))
-        finally:
-            io.os.replace = real_replace
+        with pytest.raises(SimulatedKill), atomic_writes(kill_before):
+            train(compose_train(home, ["out_dir=" + str(out)], steps=4))
         summary = train(compose_train(home, ["out_dir=" + str(out)], steps=4))  # the same command again
         assert summary["global_step"] == 4, write
         state, step = _final_state(out)
