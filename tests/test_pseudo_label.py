@@ -527,6 +527,28 @@ def test_real_teacher_with_timestamps(tmp_path, tiny_en_dir, tts_clips):
         assert row["token_ids"][1:-1] == gen  # generate() drops the start and end tokens
 
 
+def test_timestamped_labels_are_one_pass_over_each_30s_window(tiny_en_dir, tts_clips):
+    """A packed segment is labelled in one decoding pass, as the reference does: transformers 5 otherwise runs its
+    long-form seek loop inside the window (a row whose last segment is cut off is decoded again from its last
+    timestamp), which broke a batch sharing one encoder pass and relabelled the segment's tail."""
+    from distil.modules.transcriber import WhisperTranscriber
+
+    speech = np.concatenate([c["audio"] for c in tts_clips] * 2)  # > 30 s: the window ends mid-sentence
+    waves = [speech[: 30 * 16000], tts_clips[0]["audio"]]
+    transcriber = WhisperTranscriber(str(tiny_en_dir), {"return_timestamps": True, "max_new_tokens": 256})
+    features = WhisperFeatureExtractor.from_pretrained(tiny_en_dir)(
+        waves, sampling_rate=16000, return_tensors="pt"
+    ).input_features
+    out = transcriber.transcribe(features)
+    gc = transcriber.generation_config
+    first_timestamp = gc.no_timestamps_token_id + 1
+    for ids in out["token_ids"]:
+        assert ids[0] == gc.decoder_start_token_id and ids[1] == first_timestamp  # <|sot|><|0.00|>
+        times = [(t - first_timestamp) * 0.02 for t in ids if t >= first_timestamp]
+        assert times == sorted(times) and max(times) <= 30.0  # one window, never restarted at 0.00
+    assert len(out["token_ids"][0]) > 60 and "<|endoftext|>" not in out["whisper_transcript"][0][:-13]
+
+
 # The default run kills before the writes that decide completeness; `slow` before one write of every kind.
 ESSENTIAL_WRITES = {"plan.json", "part-N.parquet", "part-N.json", SUCCESS}
 

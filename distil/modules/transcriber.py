@@ -112,7 +112,7 @@ class WhisperTranscriber(L.LightningModule):
         eos = self.generation_config.eos_token_id
         self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
-    # -- prefix: the tokens the decoder is started with, which generate() does not return ----------------
+    # -- prefix: the tokens the decoder is started with (a single generate call returns them first) ----------
     def prefix(self, language_token: str | None) -> list[int]:
         gc = self.generation_config
         ids = [gc.decoder_start_token_id]
@@ -151,10 +151,14 @@ class WhisperTranscriber(L.LightningModule):
         # One encoder pass shared by language detection and generation.
         encoder_outputs = self.model.get_encoder()(input_features)
         languages = self._languages(encoder_outputs, input_features.shape[0])
+        # One generate call per 30-s window, as the reference labels: with timestamps, transformers 5 otherwise
+        # runs its long-form seek loop inside the window (a row whose last segment is unfinished is decoded
+        # again from its last timestamp, and the shared encoder outputs no longer match the shrunk batch).
         kwargs = dict(
             num_beams=self.settings.num_beams,
             return_timestamps=self.settings.return_timestamps,
             max_new_tokens=self.settings.max_new_tokens,
+            force_unique_generate_call=True,
         )
         if self.multilingual:
             kwargs.update(language=languages, task=self.settings.task or "transcribe")
@@ -165,8 +169,10 @@ class WhisperTranscriber(L.LightningModule):
             sequences = sequences["sequences"]
         out = {"token_ids": [], "whisper_transcript": [], "pseudo_label": [], "language": [], "truncated": []}
         for row, lang in zip(sequences.tolist(), languages, strict=True):
-            text_tokens = self._text_tokens(row)
             prefix = self.prefix(lang)
+            if row[: len(prefix)] == prefix:  # a single generate call returns the prompt too
+                row = row[len(prefix) :]
+            text_tokens = self._text_tokens(row)
             # A row that used its whole budget without ending is cut: it keeps no end-of-text.
             truncated = len(text_tokens) >= self._token_limit(len(prefix))
             ids = prefix + text_tokens + ([] if truncated else [self.eos_id])
