@@ -7,18 +7,25 @@ PY := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,models,ct2,slurm
 STAMP := $(VENV)/.distil-installed
+# TTS engines and voices for the synthetic corpora; WordNet to regenerate the sentence bank (distil/data/resources).
+DEBIAN_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts wordnet-base
+FESTIVAL_VOICES := /usr/share/festival/voices/english/kal_diphone /usr/share/festival/voices/english/ked_diphone \
+	/usr/share/festival/voices/us/cmu_us_slt_arctic_hts
 
-.PHONY: setup demo test test-slow lint format clean-venv
+.PHONY: setup system-packages demo test test-slow lint format clean-venv
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# Checked on every run (a few file tests), so a checkout set up before a package was added gets it too.
+system-packages:
+	@for need in /usr/bin/espeak-ng /usr/bin/flite /usr/bin/festival $(FESTIVAL_VOICES) /usr/share/wordnet/data.noun; do \
+	  test -e $$need && continue; \
+	  echo "installing Debian packages: $(DEBIAN_PACKAGES)"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; break; \
+	done
 
 $(STAMP): pyproject.toml
-	@for tool in espeak-ng flite; do \
-	  command -v $$tool >/dev/null 2>&1 && continue; \
-	  echo "installing Debian TTS engines (espeak-ng, flite)"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq espeak-ng flite >/dev/null; break; \
-	done
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)

@@ -104,6 +104,7 @@ TINY_CORPUS = [
     "corpora.espeak.sizes={train: 6, validation: 2, test: 3}",
     "corpora.flite.sizes={train: 6, validation: 2, test: 3}",
     "corpora.flite.voices.train=[kal]",
+    "corpora.festival.sizes={train: 2, validation: 1, test: 2}",
     "corpora.longform.sizes={test: 1}",
     "corpora.longform.min_duration_s=12",
     "corpora.longform.max_duration_s=20",

@@ -24,8 +24,9 @@ TINY = [
     "corpora.espeak.sizes={train: 6, validation: 3, test: 4}",
     "corpora.flite.voices.train=[kal]",
     "corpora.flite.sizes={train: 2, validation: 0, test: 2}",
+    "corpora.festival.sizes={train: 2, validation: 0, test: 1}",
     "corpora.longform.engine=espeak-ng",
-    "+corpora.longform.rate=170",
+    "corpora.longform.rate=170",
     "corpora.longform.voices.test=[en-us+m1]",
     "corpora.longform.sizes.test=2",
     "corpora.longform.min_duration_s=8",
@@ -72,8 +73,50 @@ def parquet_bytes(root: Path) -> dict[str, bytes]:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_sentence_bank_is_large_varied_and_reproducible():
-    lines = corpus.DEFAULT_SENTENCES.read_text().splitlines()
+def test_sentence_bank_is_natural_english_at_scale():
+    """The bundled bank: WordNet's usage examples (tens of thousands, many styles) + the normaliser sentences."""
+    bank = corpus.load_sentences()
+    wordnet = (corpus.RESOURCES / "wordnet_examples.txt").read_text().splitlines()
+    assert len(bank) > 25_000 and set(wordnet) <= set(bank) and len(set(wordnet)) == len(wordnet)
+    lengths = [len(s.split()) for s in wordnet]
+    assert min(lengths) >= 5 and max(lengths) <= 30 and 7 < sum(lengths) / len(lengths) < 10
+    assert len({s.split()[0] for s in wordnet}) > 2000  # not a few templates: thousands of openings
+    assert sum(bool(re.search(r"\d", s)) for s in wordnet) > 300  # numbers kept
+    assert sum(bool(re.search(r" [A-Z][a-z]+", s)) for s in wordnet) > 2000  # names kept
+    assert all(not s[0].islower() and s[-1] in ".?!" for s in wordnet)
+    assert (corpus.RESOURCES / "wordnet_LICENSE.txt").read_text().startswith("License: WordNet3.0")
+
+
+def test_wordnet_examples_become_spoken_sentences():
+    sys.path.insert(0, str(corpus.RESOURCES))
+    try:
+        import extract_wordnet
+    finally:
+        sys.path.pop(0)
+    assert extract_wordnet.as_sentence("the gutsy--and often funny--intensity of her voice") == (
+        "The gutsy, and often funny, intensity of her voice."
+    )
+    assert (
+        extract_wordnet.as_sentence("Is it raining in Boston at 5 o'clock?")
+        == "Is it raining in Boston at 5 o'clock?"
+    )
+    for unspoken in [
+        "a stiff current",
+        "he paid $5 for it today",
+        "the results (see above) were good",
+        "and so on...",
+    ]:
+        assert extract_wordnet.as_sentence(unspoken) is None, unspoken
+    if Path("/usr/share/wordnet/data.noun").is_file():  # Debian's wordnet-base (make setup installs it)
+        sentences = (
+            extract_wordnet.as_sentence(e) for e in extract_wordnet.examples(Path("/usr/share/wordnet"))
+        )
+        committed = (corpus.RESOURCES / "wordnet_examples.txt").read_text().splitlines()
+        assert list(dict.fromkeys(s for s in sentences if s)) == committed
+
+
+def test_normaliser_sentences_are_varied_and_reproducible():
+    lines = (corpus.RESOURCES / "sentences.txt").read_text().splitlines()
     assert len(set(lines)) == len(lines) >= 1000
     text = "\n".join(lines)
     for pattern in [r"\bMr\. ", r"\bMrs\. ", r"\bDr\. ", r"\bSt\. ", r"\d+%", r"\b(19|20)\d\d\b", r"\b\d+(st|nd|rd|th)\b",
@@ -85,7 +128,7 @@ def test_sentence_bank_is_large_varied_and_reproducible():
     # many different sentence shapes, not one template: count distinct first two words
     assert len({" ".join(s.split()[:2]) for s in lines}) > 100
     # the committed file is exactly what the generator writes
-    sys.path.insert(0, str(corpus.DEFAULT_SENTENCES.parent))
+    sys.path.insert(0, str(corpus.RESOURCES))
     try:
         import make_sentences
     finally:
@@ -95,7 +138,14 @@ def test_sentence_bank_is_large_varied_and_reproducible():
 
 def test_schema_and_audio(built):
     cfg, paths = built
-    assert set(paths) == {"espeak", "flite", "longform", "espeak_white_snr10", "espeak_pink_snr10"}
+    assert set(paths) == {
+        "espeak",
+        "flite",
+        "festival",
+        "longform",
+        "espeak_white_snr10",
+        "espeak_pink_snr10",
+    }
     full = datasets.load_dataset("parquet", data_dir=str(paths["espeak"]), cache_dir=HF_CACHE["dir"])
     assert set(full) == {"train", "validation", "test"}
     assert full["train"].num_rows == 6 and full["test"].num_rows == 4
@@ -106,7 +156,7 @@ def test_schema_and_audio(built):
     assert ds.features["audio"].sampling_rate == 16000
     assert ds.features["duration"].dtype == "float64"
     bank = set(corpus.load_sentences())
-    for name in ("espeak", "flite"):
+    for name in ("espeak", "flite", "festival"):
         for row in load(paths[name], "train"):
             wave = decode_audio(row["audio"], 16000)
             assert row["audio"]["path"].endswith(".flac") and row["audio"]["bytes"][:4] == b"fLaC"
@@ -126,7 +176,7 @@ def test_test_voices_and_sentences_are_held_out(built):
     _, paths = built
     rows = {
         (name, split): list(load(paths[name], split))
-        for name in ("espeak", "flite")
+        for name in ("espeak", "flite", "festival")
         for split in ("train", "validation", "test")
         if (paths[name] / split).exists()
     }
@@ -146,6 +196,26 @@ def test_test_voices_and_sentences_are_held_out(built):
     }  # ... known voices
 
 
+def test_rows_are_grouped_by_speaker_each_with_its_own_prosody(built):
+    """Real corpora are ordered by speaker, and packing joins consecutive clips of one speaker."""
+    cfg, paths = built
+    speakers = load(paths["espeak"], "train")["speaker"]
+    runs = [s for i, s in enumerate(speakers) if i == 0 or s != speakers[i - 1]]
+    assert len(runs) == len(set(runs)) > 1  # each speaker's rows are contiguous
+    spec = corpus.parse_spec("espeak", cfg["corpora"]["espeak"])
+    plan = corpus.plan_corpus(
+        spec, {s: [f"Sentence {i} is here." for i in range(50)] for s in corpus.SPLITS}, 0
+    )
+    by_voice = {}
+    for item in plan.splits["train"]:
+        by_voice.setdefault(item.voice, set()).add((item.tempo, item.pitch))
+    assert all(len(prosody) == 1 for prosody in by_voice.values())  # one tempo and pitch per speaker
+    tempos = {tempo for ((tempo, _),) in by_voice.values()}
+    low, high = spec.tempo
+    assert len(tempos) > 1 and all(low <= t <= high for t in tempos)
+    assert corpus.speaker_prosody(spec, "en-us", 0) == corpus.speaker_prosody(spec, "en-us", 0)
+
+
 def test_build_is_deterministic(built, tmp_path):
     cfg, paths = built
     again = build_all({**cfg, "out_dir": str(tmp_path)})
@@ -155,7 +225,7 @@ def test_build_is_deterministic(built, tmp_path):
 
 
 def test_second_run_does_nothing_and_changed_config_rebuilds(tmp_path):
-    cfg = tiny_cfg(tmp_path, "~corpora.flite", "~corpora.longform", "noise.snr_db=null")
+    cfg = tiny_cfg(tmp_path, "~corpora.flite", "~corpora.festival", "~corpora.longform", "noise.snr_db=null")
     path = build_all(cfg)["espeak"]
     marker = path / corpus.MARKER
     stamp = {p: p.stat().st_mtime_ns for p in [marker, *path.rglob("*.parquet")]}
@@ -247,7 +317,13 @@ def no_synthesis(monkeypatch):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("corpora.espeak.engine=festival", r"corpora\.espeak\.engine: unknown TTS engine 'festival'"),
+        ("corpora.espeak.engine=mbrola", r"corpora\.espeak\.engine: unknown TTS engine 'mbrola'"),
+        (
+            "corpora.festival.voices.test=[bogus]",
+            r"corpora\.festival\.voices\.test: festival has no voice 'bogus'",
+        ),
+        ("+corpora.flite.pitch=[20,40]", r"corpora\.flite\.pitch: only espeak-ng takes a pitch"),
+        ("corpora.espeak.tempo=[1.2,0.9]", r"corpora\.espeak\.tempo: .* must be a number or \[low, high\]"),
         (
             "corpora.espeak.voices.train=[en-us,xx-nowhere]",
             r"corpora\.espeak\.voices\.train: espeak-ng has no voice 'xx-nowhere'",
@@ -262,7 +338,10 @@ def no_synthesis(monkeypatch):
             "corpora.longform.voices.test=[en-us]",
             r"corpora\.longform\.voices\.test: \['en-us'\] are train voices",
         ),
-        ("corpora.espeak.sizes.train=100000", r"corpora\.espeak\.sizes\.train: 100000 utterances requested"),
+        (
+            "corpora.espeak.sizes.train=10000000",
+            r"corpora\.espeak\.sizes\.train: 10000000 utterances requested",
+        ),
         ("noise.type=babble", r"noise\.type: unknown noise type 'babble'"),
         ("corpora.longform.sizes.test=0", r"corpora\.longform\.sizes: every split is empty"),
         ("+corpora.espeak.speed=2", r"corpora\.espeak: unknown key\(s\) \['speed'\]"),
@@ -294,13 +373,21 @@ def test_empty_or_small_sentence_file(tmp_path, no_synthesis):
     with pytest.raises(
         corpus.CorpusConfigError, match=r"corpora\.espeak\.sizes\.test: 5 .* pool has 2 sentences x 2 voices"
     ):
-        build_all(tiny_cfg(tmp_path / "out", f"sentences={small}", "corpora.espeak.sizes.test=5"))
+        build_all(
+            tiny_cfg(
+                tmp_path / "out",
+                f"sentences={small}",
+                "sentence_pools={validation: 0.1, test: 0.2}",
+                "corpora.espeak.voices.test=[en-us+m1,en-gb-x-rp]",
+                "corpora.espeak.sizes.test=5",
+            )
+        )
 
 
 def test_cli_entry_point(tmp_path):
     # the installed console script, which must find conf/ from anywhere
-    cmd = [str(Path(sys.executable).parent / "distil-corpus"), f"paths.root={tmp_path}", "~corpora.flite", "~corpora.longform",
-           "corpora.espeak.sizes={train: 2, validation: 1, test: 1}"]  # fmt: skip
+    cmd = [str(Path(sys.executable).parent / "distil-corpus"), f"paths.root={tmp_path}", "~corpora.flite", "~corpora.festival",
+           "~corpora.longform", "corpora.espeak.sizes={train: 2, validation: 1, test: 1}"]  # fmt: skip
     result = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert load(tmp_path / "corpora" / "espeak", "validation").num_rows == 1

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from distil.utils.errors import InputError
 log = logging.getLogger(__name__)
 
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-speaker tempo and pitch, rows grouped by speaker
 
 
 MARKER = ".distil_corpus.json"  # hidden, so datasets' file discovery never picks it up
@@ -32,7 +33,10 @@ MARKER = ".distil_corpus.json"  # hidden, so datasets' file discovery never pick
 SPLITS = ("train", "validation", "test")
 
 
-DEFAULT_SENTENCES = Path(__file__).resolve().parent / "resources" / "sentences.txt"
+RESOURCES = Path(__file__).resolve().parent / "resources"
+# The bundled bank: WordNet 3.0's usage examples (natural English, resources/extract_wordnet.py) and the
+# project's own normaliser-exercising sentences (numbers, times, money, titles; resources/make_sentences.py).
+DEFAULT_SENTENCES = (RESOURCES / "wordnet_examples.txt", RESOURCES / "sentences.txt")
 
 
 PEAK = 0.9  # every clip is scaled to this peak: TTS engines differ a lot in level, some clip
@@ -62,16 +66,21 @@ def _stable_seed(*parts: Any) -> int:
     return int.from_bytes(digest[:8], "little")
 
 
-def load_sentences(path: str | Path | None = None) -> list[str]:
-    """Distinct non-empty lines of the sentence file (the bundled bank by default), in file order."""
-    path = Path(path) if path else DEFAULT_SENTENCES
-    if not path.is_file():
-        raise CorpusConfigError(f"sentences: file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    sentences = list(dict.fromkeys(line for line in lines if line))
-    if not sentences:
-        raise CorpusConfigError(f"sentences: file {path} has no sentences (one per line expected)")
-    return sentences
+def load_sentences(paths: str | Path | Sequence[str | Path] | None = None) -> list[str]:
+    """Distinct non-empty lines of the sentence files (the bundled bank by default), in file order."""
+    if paths is None:
+        paths = DEFAULT_SENTENCES
+    elif isinstance(paths, (str, Path)):
+        paths = [paths]
+    lines: list[str] = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise CorpusConfigError(f"sentences: file {path} does not exist")
+        found = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not found:
+            raise CorpusConfigError(f"sentences: file {path} has no sentences (one per line expected)")
+        lines += found
+    return list(dict.fromkeys(lines))
 
 
 def partition_sentences(
@@ -103,6 +112,10 @@ def _run(cmd: list[str]) -> str:
 def available_voices(engine: str) -> tuple[frozenset[str], frozenset[str]]:
     """(voices, variants) the installed engine knows; variants are espeak-ng's "+name" suffixes."""
     exe = require_engine(engine)
+    if engine == "festival":
+        # "(cmu_us_slt_arctic_hts ked_diphone kal_diphone)"
+        text = _run([shutil.which("festival") or "festival", "-b", "(print (voice.list))"])
+        return frozenset(text.strip().strip("()").split()), frozenset()
     if engine == "flite":
         # "Voices available: kal awb_time kal16 awb rms slt"
         text = _run([exe, "-lv"])
@@ -137,13 +150,18 @@ def check_voice(engine: str, voice: str, key: str) -> None:
 
 @dataclass(frozen=True)
 class CorpusSpec:
-    """One corpus: an engine, voices and sizes per split. `kind="longform"` joins utterances."""
+    """One corpus: an engine, voices and sizes per split. `kind="longform"` joins utterances.
+
+    Each voice is one speaker: its tempo (and espeak-ng pitch) is drawn once from the configured range.
+    """
 
     name: str
     engine: str
     voices: dict[str, list[str]]
     sizes: dict[str, int]
-    rate: int | None = None  # espeak-ng words per minute; flite ignores it
+    rate: int | None = None  # espeak-ng words per minute at tempo 1 (default 175); others ignore it
+    tempo: tuple[float, float] = (1.0, 1.0)  # speaking-rate factor range, drawn per voice
+    pitch: tuple[int, int] | None = None  # espeak-ng base pitch range (0-99), drawn per voice
     kind: str = "utterances"
     min_duration_s: float = 60.0
     max_duration_s: float = 120.0
@@ -183,15 +201,31 @@ def parse_spec(name: str, raw: Mapping[str, Any]) -> CorpusSpec:
         raise CorpusConfigError(
             f"{key}.voices.test: {sorted(held)} also in voices.train; test voices must be held out"
         )
-    allowed = {"rate", "min_duration_s", "max_duration_s", "pause_s"}
+    allowed = {"rate", "tempo", "pitch", "min_duration_s", "max_duration_s", "pause_s"}
     if set(raw) - allowed:
         raise CorpusConfigError(
             f"{key}: unknown key(s) {sorted(set(raw) - allowed)}; known: {sorted(allowed)}"
         )
+    raw["tempo"] = _range(raw.get("tempo", 1.0), f"{key}.tempo", 0.5, 2.0)
+    if raw.get("pitch") is not None:
+        if engine != "espeak-ng":
+            raise CorpusConfigError(f"{key}.pitch: only espeak-ng takes a pitch; remove it for {engine}")
+        low, high = _range(raw["pitch"], f"{key}.pitch", 0, 99)
+        raw["pitch"] = (round(low), round(high))
     spec = CorpusSpec(name=name, engine=engine, voices=voices, sizes=sizes, kind=kind, **raw)
     if kind == "longform" and not 0 < spec.min_duration_s <= spec.max_duration_s:
         raise CorpusConfigError(f"{key}: need 0 < min_duration_s <= max_duration_s")
     return spec
+
+
+def _range(value: Any, key: str, lowest: float, highest: float) -> tuple[float, float]:
+    """A number or a [low, high] pair as a (low, high) range within [lowest, highest]."""
+    pair = [value, value] if isinstance(value, (int, float)) else list(value)
+    if len(pair) != 2 or not lowest <= float(pair[0]) <= float(pair[1]) <= highest:
+        raise CorpusConfigError(
+            f"{key}: {value!r} must be a number or [low, high] with {lowest} <= low <= high <= {highest}"
+        )
+    return float(pair[0]), float(pair[1])
 
 
 @dataclass(frozen=True)
@@ -202,6 +236,17 @@ class Item:
     voice: str
     texts: tuple[str, ...]
     target_s: float = 0.0  # long-form only
+    tempo: float = 1.0
+    pitch: int | None = None
+
+
+def speaker_prosody(spec: CorpusSpec, voice: str, seed: int) -> dict[str, Any]:
+    """The tempo and pitch of one voice (one speaker), the same in every split and run."""
+    rng = random.Random(_stable_seed(spec.name, "prosody", voice, seed))
+    prosody: dict[str, Any] = {"tempo": round(rng.uniform(*spec.tempo), 3)}
+    if spec.pitch is not None:
+        prosody["pitch"] = rng.randint(*spec.pitch)
+    return prosody
 
 
 @dataclass
@@ -228,8 +273,15 @@ def plan_corpus(spec: CorpusSpec, pools: Mapping[str, Sequence[str]], seed: int)
                 order = pool[:]
                 rng.shuffle(order)
                 target = rng.uniform(spec.min_duration_s, spec.max_duration_s)
+                voice = voices[k % len(voices)]
                 items.append(
-                    Item(f"{spec.name}-{split}-{k:05d}", voices[k % len(voices)], tuple(order), target)
+                    Item(
+                        f"{spec.name}-{split}-{k:05d}",
+                        voice,
+                        tuple(order),
+                        target,
+                        **speaker_prosody(spec, voice, seed),
+                    )
                 )
         else:
             # Sentence s is spoken by a different voice on each pass over the pool, so the
@@ -240,13 +292,17 @@ def plan_corpus(spec: CorpusSpec, pools: Mapping[str, Sequence[str]], seed: int)
                     f"sentence pool has {len(pool)} sentences x {len(voices)} voices; lower the size, "
                     f"add voices, add sentences or change sentence_pools"
                 )
-            items = [
-                Item(
-                    f"{spec.name}-{split}-{k:05d}",
-                    voices[(k % len(pool) + k // len(pool)) % len(voices)],
-                    (pool[k % len(pool)],),
-                )
+            rows = [
+                (voices[(k % len(pool) + k // len(pool)) % len(voices)], pool[k % len(pool)])
                 for k in range(n)
+            ]
+            # Rows grouped by speaker (stable), as real corpora are ordered by speaker and chapter: packing
+            # joins consecutive clips of one speaker, so an interleaved order would pack nothing.
+            rows.sort(key=lambda row: voices.index(row[0]))
+            prosody = {voice: speaker_prosody(spec, voice, seed) for voice in voices}
+            items = [
+                Item(f"{spec.name}-{split}-{k:05d}", voice, (text,), **prosody[voice])
+                for k, (voice, text) in enumerate(rows)
             ]
         plan.splits[split] = items
     return plan

@@ -60,11 +60,19 @@ class Render:
     max_duration_s: float = 0.0
 
 
-def _speak(text: str, voice: str, r: Render) -> np.ndarray:
-    wave = synthesize(text, r.engine, voice, sampling_rate=r.sampling_rate, rate=r.rate)
+def _speak(text: str, item: Item, r: Render) -> np.ndarray:
+    wave = synthesize(
+        text,
+        r.engine,
+        item.voice,
+        sampling_rate=r.sampling_rate,
+        rate=r.rate,
+        tempo=item.tempo,
+        pitch=item.pitch,
+    )
     peak = float(np.max(np.abs(wave))) if wave.size else 0.0
     if peak == 0.0:
-        raise RuntimeError(f"{r.engine} voice {voice!r} produced silence for {text!r}")
+        raise RuntimeError(f"{r.engine} voice {item.voice!r} produced silence for {text!r}")
     return (wave * (PEAK / peak)).astype(np.float32)
 
 
@@ -77,7 +85,7 @@ def _longform(item: Item, r: Render) -> tuple[np.ndarray, str]:
     target = int(item.target_s * r.sampling_rate)
     limit = int(r.max_duration_s * r.sampling_rate)
     for text in item.texts:
-        wave = _speak(text, item.voice, r)
+        wave = _speak(text, item, r)
         extra = wave.size + (pause.size if parts else 0)
         if total + extra > limit:
             if total >= r.min_duration_s * r.sampling_rate:
@@ -102,7 +110,7 @@ def render_item(item: Item, r: Render) -> dict[str, Any]:
     if r.max_duration_s:
         wave, text = _longform(item, r)
     else:
-        wave, text = _speak(item.texts[0], item.voice, r), item.texts[0]
+        wave, text = _speak(item.texts[0], item, r), item.texts[0]
     if r.noise is not None:
         noise = make_noise(r.noise.type, wave.size, _stable_seed("noise", r.seed, item.id, r.noise.type))
         wave = add_noise(wave, noise, r.noise.snr_db)
