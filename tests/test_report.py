@@ -17,14 +17,16 @@ def metrics(params: float, dec: int, short: dict[str, float], long_wer: float, r
         "insertion_rate": 7.0, "deletion_rate": 2.0, "repeated_5grams": 3,
     }  # fmt: skip
     return {
-        "model": {"parameters": params, "decoder_layers": dec},
+        "model": {"parameters": params, "decoder_layers": dec, "decoder_macs_per_token": 8e6 * dec + 20e6},
         "short_form": {
             "sets": {name: {"status": "ok", "wer": wer} for name, wer in short.items()},
             "average": {"wer_sample_weighted": sum(short.values()) / len(short)},
         },
         "long_form": {"sets": {"longform": {"status": "ok", "chunked": long, "sequential": {**long, "wer": 9.5}}}},
-        "latency": {"batch_sizes": {"1": {"batch_size": 1, "rtfx": rtfx, "tokens_per_second": 40.0},
-                                    "4": {"batch_size": 4, "rtfx": 2 * rtfx, "tokens_per_second": 80.0}}},
+        "latency": {"batch_sizes": {
+            "1": {"batch_size": 1, "rtfx": rtfx, "tokens_per_second": 40.0, "tokens": 120, "decoder_ms_per_token": 5 * dec},
+            "4": {"batch_size": 4, "rtfx": 2 * rtfx, "tokens_per_second": 80.0, "tokens": 120},
+        }},
     }  # fmt: skip
 
 
@@ -58,7 +60,10 @@ def test_report_has_every_section_from_the_runs_own_files(tmp_path):
     report = write_report(tmp_path, constructed_run(tmp_path), wer_threshold=10.0).read_text()
     assert "| teacher | 37.8 | 4 | 15.05 | 20.30 | 9.80 |" in report
     assert "| student | longform | sequential | 9.50 | 5.00 | 7.00 | 2.00 | 3 |" in report
-    assert "| student | 4 | 28.00 | 80.0 |" in report
+    assert "| student | 4 | 28.00 | 80.0 | 120 | - | - | 1.44 |" in report  # no decoder timing at batch 4
+    # the decoder's own speed per token: measured against the teacher's, and its bound (52 M / 36 M MACs)
+    assert "| student | 1 | 14.00 | 40.0 | 120 | 10.00 | 2.00 | 1.44 |" in report
+    assert "| teacher | 1 | 11.00 | 40.0 | 120 | 20.00 | 1.00 | 1.00 |" in report
     assert "| 1.40 | 1.00 |" in report and "| 400 | 12.0 | 40.00 |" in report
     images = re.findall(r"!\[[^\]]*\]\((plots/[^)]+)\)", report)
     assert len(images) == 5 and "Not available" not in report

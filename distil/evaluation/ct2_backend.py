@@ -127,11 +127,21 @@ class CT2Model:
             seconds = time.perf_counter() - start
             return sum(len(row) + (len(row) < max_new_tokens) for row in ids), seconds
 
+        def encode(feats) -> float:
+            import ctranslate2
+
+            view = ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy(), dtype=np.float32))
+            start = time.perf_counter()
+            self.model.encode(view)
+            seconds = time.perf_counter() - start
+            restore_float_mode()
+            return seconds
+
         fe = self.processor.feature_extractor
         results = {
             str(b): {
                 "batch_size": int(b),
-                **time_batches(feature_batches(fe, waves, b, SAMPLING_RATE), run, warmup, repeats),
+                **time_batches(feature_batches(fe, waves, b, SAMPLING_RATE), run, warmup, repeats, encode),
             }
             for b in batch_sizes
         }

@@ -3,7 +3,9 @@
 Only `generate` is timed (features are computed beforehand), warm-up runs are discarded, and on a GPU
 the clock is read after `torch.cuda.synchronize()` so queued kernels are counted. Tokens/s counts only
 what the model really produced: the forced decoder prompt, the padding after a finished sequence and
-anything after its end-of-text token are left out.
+anything after its end-of-text token are left out. The encoder is also timed alone on the same batches, so
+the decoder's own time per generated token is known: that is what distillation shrinks, and what carries
+over to large teachers, whose decoders dominate (`whisper.generation.decoder_macs_per_token` gives its arithmetic bound).
 """
 
 from __future__ import annotations
@@ -72,6 +74,16 @@ def decoder_prompt_ids(model) -> set[int]:
 
 
 @torch.inference_mode()
+def timed_encode(model, features: torch.Tensor) -> float:
+    """Seconds the encoder alone takes on `features` (the part of `generate` that is not decoding)."""
+    synchronize(model.device)
+    start = time.perf_counter()
+    model.get_encoder()(features)
+    synchronize(model.device)
+    return time.perf_counter() - start
+
+
+@torch.inference_mode()
 def timed_generate(model, features: torch.Tensor, generate_kwargs: dict) -> tuple[torch.Tensor, float]:
     """Run `generate` once and return (sequences, seconds), synchronising the device around it."""
     synchronize(model.device)
@@ -102,11 +114,14 @@ def measure_latency(
         ids, seconds = timed_generate(model, feats.to(model.device, model.dtype), generate_kwargs)
         return count_real_tokens(ids, eos, prompt), seconds
 
+    def encode(feats: torch.Tensor) -> float:
+        return timed_encode(model, feats.to(model.device, model.dtype))
+
     fe = processor.feature_extractor
     results = {
         str(b): {
             "batch_size": int(b),
-            **time_batches(feature_batches(fe, waves, b, sampling_rate), run, warmup, repeats),
+            **time_batches(feature_batches(fe, waves, b, sampling_rate), run, warmup, repeats, encode),
         }
         for b in batch_sizes
     }
@@ -127,18 +142,26 @@ def feature_batches(
     return batches
 
 
-def time_batches(batches: list[tuple[torch.Tensor, float]], run, warmup: int = 1, repeats: int = 1) -> dict:
-    """RTFx and tokens/s of `run(features) -> (generated tokens, seconds)` over `batches` (one batch size)."""
+def time_batches(
+    batches: list[tuple[torch.Tensor, float]], run, warmup: int = 1, repeats: int = 1, encode=None
+) -> dict:
+    """RTFx and tokens/s of `run(features) -> (generated tokens, seconds)` over `batches` (one batch size);
+    with `encode(features) -> seconds` (the encoder alone, timed right after each run) also the decoder's
+    share: generation time minus encoder time, per generated token."""
     for _ in range(warmup):  # compile kernels, fill caches, let clocks settle
         run(batches[0][0])
-    seconds = tokens = audio = 0.0
+        if encode is not None:
+            encode(batches[0][0])
+    seconds = tokens = audio = encoder_seconds = 0.0
     for _ in range(repeats):
         for feats, audio_s in batches:
             n, elapsed = run(feats)
             seconds += elapsed
             audio += audio_s
             tokens += n
-    return {
+            if encode is not None:
+                encoder_seconds += encode(feats)
+    result = {
         "samples": sum(len(f) for f, _ in batches) * repeats,
         "audio_seconds": audio,
         "generation_seconds": seconds,
@@ -146,3 +169,11 @@ def time_batches(batches: list[tuple[torch.Tensor, float]], run, warmup: int = 1
         "tokens": int(tokens),
         "tokens_per_second": tokens / seconds if seconds else None,
     }
+    if encode is not None:
+        decoder_seconds = max(seconds - encoder_seconds, 0.0)
+        result.update(
+            encoder_seconds=encoder_seconds,
+            decoder_seconds=decoder_seconds,
+            decoder_ms_per_token=1000 * decoder_seconds / tokens if tokens else None,
+        )
+    return result

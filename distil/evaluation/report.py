@@ -75,15 +75,26 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
         else _missing("no long-form set was evaluated")
     ]
 
-    rows = [
-        [role, str(b.get("batch_size")), _num(b.get("rtfx")), _num(b.get("tokens_per_second"), 1)]
-        for role in roles
-        for b in (_get(evals[role], "latency", "batch_sizes") or {}).values()
-        if isinstance(b, dict)
-    ]
     parts += ["### Latency"]
+    rows = latency_rows(evals)
     parts += [
-        _table(["model", "batch size", "RTFx", "decoder tokens/s"], rows)
+        _table(
+            [
+                "model",
+                "batch size",
+                "RTFx",
+                "tokens/s",
+                "generated tokens",
+                "decoder ms/token",
+                "decoder speed-up",
+                "bound (decoder arithmetic)",
+            ],
+            rows,
+        )  # fmt: skip
+        + "\n\nDecoder ms/token: generation time minus the encoder's time on the same batches, per generated "
+        "token. Speed-up: the teacher's decoder ms/token over this model's at the same batch size. Bound: the "
+        "teacher's decoder multiply-accumulates per token over this model's (layers, width, vocabulary, "
+        "encoder frames), the most a smaller decoder can gain when arithmetic is the whole cost."
         if rows
         else _missing("the latency section did not run")
     ]
@@ -114,6 +125,30 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
         else _missing("training did not run in this pipeline run")
     ]
     return "\n\n".join(parts)
+
+
+def latency_rows(evals: dict[str, dict]) -> list[list[str]]:
+    """One row per model and batch size: speed end to end, then the decoder's own per-token speed against
+    the teacher's (measured) and against the ratio of their decoder arithmetic (the bound)."""
+    teacher = evals.get("teacher") or {}
+    teacher_macs = _get(teacher, "model", "decoder_macs_per_token")
+    rows = []
+    for role, m in evals.items():
+        macs = _get(m, "model", "decoder_macs_per_token")
+        bound = teacher_macs / macs if teacher_macs and macs else None
+        for b in (_get(m, "latency", "batch_sizes") or {}).values():
+            if not isinstance(b, dict):
+                continue
+            ms = b.get("decoder_ms_per_token")
+            teacher_ms = _get(
+                teacher, "latency", "batch_sizes", str(b.get("batch_size")), "decoder_ms_per_token"
+            )
+            speedup = teacher_ms / ms if teacher_ms and ms else None
+            rows.append(
+                [role, str(b.get("batch_size")), _num(b.get("rtfx")), _num(b.get("tokens_per_second"), 1),
+                 str(b.get("tokens", "-")), _num(ms), _num(speedup), _num(bound)]
+            )  # fmt: skip
+    return rows
 
 
 def training_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]]:

@@ -29,6 +29,19 @@ def is_multilingual_vocabulary(vocab_size: int) -> bool:
     return int(vocab_size) > ENGLISH_ONLY_VOCAB_SIZE
 
 
+def decoder_macs_per_token(config) -> int:
+    """Multiply-accumulates a Whisper decoder spends per generated token (greedy, key/value cache), from its
+    shape alone: per layer the self-attention projections (4 d^2), the cross-attention query and output
+    projections (2 d^2: its keys and values are computed once per utterance), the feed-forward block (2 d f)
+    and attention over the encoder's frames (2 S d); then the projection onto the vocabulary (d V). Attention
+    over the tokens generated so far (2 t d per layer) is left out: it is small at transcript lengths.
+    The ratio of two models' counts is the speed-up a decoder can reach at most when the arithmetic is the
+    whole cost (on a CPU at batch 1, per-step overheads take part of it)."""
+    d, ffn, frames = config.d_model, config.decoder_ffn_dim, config.max_source_positions
+    per_layer = 6 * d * d + 2 * d * ffn + 2 * frames * d
+    return int(config.decoder_layers * per_layer + d * config.vocab_size)
+
+
 def generation_kwargs(
     model, language: str | None, task: str | None, max_new_tokens: int, num_beams: int = 1
 ) -> dict:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.utils.errors import InputError
-from distil.whisper.generation import generation_kwargs, is_multilingual, transcribe
+from distil.whisper.generation import decoder_macs_per_token, generation_kwargs, is_multilingual, transcribe
 from distil.whisper.models import load_whisper
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class LoadedModel:
             "parameters": sum(p.numel() for p in self.model.parameters()),
             "encoder_layers": cfg.encoder_layers,
             "decoder_layers": cfg.decoder_layers,
+            "decoder_macs_per_token": decoder_macs_per_token(cfg),
             "multilingual": is_multilingual(self.model),
             "dtype": str(self.model.dtype).replace("torch.", ""),
         }
