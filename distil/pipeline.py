@@ -30,7 +30,7 @@ def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
     """The command-line overrides of one stage: the pipeline's shared choices, then the stage's own."""
     shared = {
         "corpus": [],
-        "pseudo_label": [f"teacher={cfg.recipe.teacher}"],
+        "pseudo_label": [f"teacher={cfg.recipe.teacher}", *(cfg.recipe.get("pseudo_label") or [])],
         "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
         "train": _train_choices(cfg),
         "evaluate": [],

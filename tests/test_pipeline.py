@@ -2,8 +2,11 @@
 
 import json
 
-from helpers import TINY_CORPUS
+import datasets
+import pytest
+from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
+from transformers import AutoTokenizer
 
 from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
 from distil.utils.paths import CONF_DIR
@@ -53,14 +56,33 @@ def test_comparison_table_formats_missing_values():
     assert "| teacher | 12.50 | -" in table
 
 
-def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_random_dir):
+    """One whole pipeline run of the default recipe (packed, timestamped labels) on the tiny random teacher."""
+    tmp_path = tmp_path_factory.mktemp("pipeline")
     run_dir = tmp_path / "run"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         # Reuse the session's model cache (the tiny random teacher is built once per test session).
         cfg = _pipeline_cfg(tmp_path, [f"paths.models={tiny_random_dir.parent}"])
         results = run_pipeline(cfg, run_dir)
+    return tmp_path, run_dir, results
+
+
+def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir):
+    tmp_path, run_dir, results = pipeline_run
     assert set(results) >= {"corpus", "pseudo_label", "init_student", "train", "evaluate", "comparison"}
-    assert (tmp_path / "pseudo_labels" / "whisper-tiny-random" / "espeak" / "train" / "_SUCCESS").is_file()
+    labels = tmp_path / "pseudo_labels" / "whisper-tiny-random"
+    assert (labels / "espeak" / "train" / "_SUCCESS").is_file()
+    # The default recipe labels same-speaker clips packed into <= 30-s segments, with timestamps: flite's
+    # train split has one voice here, so its 6 clips pack into fewer units, each with several clips.
+    parts = sorted(str(p) for p in (labels / "flite" / "train").glob("*.parquet"))
+    rows = datasets.load_dataset("parquet", data_files=parts, split="train")
+    assert len(rows) < 6 and max(len(ids) for ids in rows["packed_ids"]) > 1
+    assert sum(len(ids) for ids in rows["packed_ids"]) == 6
+    notimestamps = AutoTokenizer.from_pretrained(str(tiny_random_dir)).convert_tokens_to_ids(
+        "<|notimestamps|>"
+    )
+    assert all(notimestamps not in ids[:2] for ids in rows["token_ids"])  # labelled in timestamp mode
     assert results["train"]["global_step"] == 4
     comparison = results["comparison"]
     assert set(comparison) == {"teacher", "student", "student-ct2-int8"}
@@ -80,3 +102,23 @@ def test_whole_pipeline_runs_every_stage(tmp_path, tiny_random_dir):
     assert "| teacher |" in report and "| student |" in report and "| student-ct2-int8 |" in report
     for plot in ("wer_per_set", "training_curves", "latency", "pseudo_label_wer"):
         assert f"(plots/{plot}.png)" in report and (run_dir / "plots" / f"{plot}.png").is_file(), plot
+    # The decoder's own speed per token, against the teacher's and against the decoder-arithmetic bound.
+    latency = metrics["latency"]["batch_sizes"]["2"]
+    assert latency["decoder_ms_per_token"] > 0 and latency["encoder_seconds"] > 0
+    assert (
+        metrics["model"]["decoder_macs_per_token"]
+        < results["evaluate"]["teacher"]["model"]["decoder_macs_per_token"]
+    )
+
+
+def test_pipeline_run_notebook_executes_against_the_run(pipeline_run, monkeypatch):
+    """notebooks/pipeline_run.ipynb, headless, on this run: its cells carry their own assertions."""
+    _, run_dir, _ = pipeline_run
+    monkeypatch.setenv("DISTIL_RUN_DIR", str(run_dir))
+    notebook = json.loads((PROJECT_ROOT / "notebooks" / "pipeline_run.ipynb").read_text())
+    namespace: dict = {}
+    for index, cell in enumerate(notebook["cells"]):
+        if cell["cell_type"] == "code":
+            exec(compile("".join(cell["source"]), f"pipeline_run.ipynb[cell {index}]", "exec"), namespace)
+    assert set(namespace["side_by_side"]) == {"teacher", "student"}
+    assert namespace["live"]["identical_fraction"] == 1.0
