@@ -266,7 +266,11 @@ def main() -> None:
         from distil.whisper.student import init_student
 
         args.teacher = args.teacher or resolve_model(
-            {"name": "whisper-tiny.en", "source": "ct2", "checkpoint": "tiny.en"}
+            {
+                "_target_": "distil.whisper.sources.PackagedCT2",
+                "name": "whisper-tiny.en",
+                "checkpoint": "tiny.en",
+            }
         )
         args.student = args.student or str(
             init_student(args.teacher, distil_home() / "students" / "whisper-tiny.en-dec2", decoder_layers=2)

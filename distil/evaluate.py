@@ -4,9 +4,10 @@
   metrics.json                   everything measured (schema: see `evaluate`), written last, atomically
   predictions/<section>/<set>.jsonl   one line per sample: id, reference, prediction, wer
   tensorboard/                   every numeric metric as a TensorBoard scalar
-Sections (each optional in the eval config): short-form WER per set, long-form (chunked and/or
-sequential), speculative decoding, latency, noise robustness. A set that cannot be evaluated (missing
-file, no references, bad audio) gets an error entry and the other sets still run.
+Sections: each `_target_` node of the eval config (conf/eval/*.yaml: short-form WER per set, long-form
+(chunked and/or sequential), speculative decoding, latency, noise robustness; null turns one off) is built
+with Hydra and run in order (distil.evaluation.sections). A set that cannot be evaluated (missing file, no
+references, bad audio) gets an error entry and the other sets still run.
 """
 
 from __future__ import annotations
@@ -22,16 +23,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.evaluation.ct2_backend import BACKENDS, load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
-from distil.evaluation.scoring import averages
-from distil.evaluation.sections import (
-    _run_guarded,
-    evaluate_latency,
-    evaluate_long_set,
-    evaluate_noise,
-    evaluate_short_set,
-    evaluate_speculative,
-)
-from distil.utils.errors import one_line_errors
+from distil.evaluation.sections import EvalRun
+from distil.utils.errors import instantiate, one_line_errors
 from distil.utils.io import write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
@@ -57,7 +50,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
     ecfg = cfg.eval
-    fail_fast = bool(ecfg.get("fail_fast", False))
     if ecfg.get("seed") is not None:
         torch.manual_seed(int(ecfg.seed))
     models_root = OmegaConf.select(cfg, "paths.models")
@@ -76,73 +68,14 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         "backend": backend,
     }
 
-    short_sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
-    if short_sets:
-        results = {
-            name: _run_guarded(f"set {name}", fail_fast, evaluate_short_set, lm, entry, ecfg, out)
-            for name, entry in short_sets.items()
-        }
-        metrics["short_form"] = {"sets": results, "average": averages(results)}
-
-    def named_set(section: str, name: str | None) -> dict:
-        if not name or name not in short_sets:
-            raise EvalInputError(
-                f"eval.{section}.set={name!r} is not one of eval.sets ({sorted(short_sets)})"
-            )
-        return short_sets[name]
-
-    if (
-        backend == "ctranslate2"
-    ):  # faster-whisper has no assistant model, and noise is a PyTorch robustness probe
-        skipped = {
-            "status": "skipped",
-            "reason": "backend=ctranslate2 runs the short-form, long-form and latency",
-        }
-        ecfg = OmegaConf.merge(ecfg, {k: None for k in ("speculative", "noise") if ecfg.get(k)})
-        metrics.update({k: skipped for k in ("speculative", "noise") if cfg.eval.get(k)})
-    if ecfg.get("long_form"):
-        lcfg = ecfg.long_form
-        long_sets = {
-            name: set_entry(name, e, "long_form.sets") for name, e in (lcfg.get("sets") or {}).items()
-        }
-        metrics["long_form"] = {
-            "sets": {
-                name: _run_guarded(
-                    f"long-form set {name}", fail_fast, evaluate_long_set, lm, entry, lcfg, ecfg, out
-                )
-                for name, entry in long_sets.items()
-            }
-        }
-    if ecfg.get("speculative"):
-        spec = ecfg.speculative
-        metrics["speculative"] = _run_guarded(
-            "speculative decoding",
-            fail_fast,
-            lambda: evaluate_speculative(
-                lm,
-                named_set("speculative", spec.get("set")),
-                spec,
-                ecfg,
-                cfg.get("device", "auto"),
-                cfg.get("dtype", "auto"),
-                out,
-                models_root,
-            ),
-        )
-    if ecfg.get("latency"):
-        lat = ecfg.latency
-        metrics["latency"] = _run_guarded(
-            "latency",
-            fail_fast,
-            lambda: evaluate_latency(lm, named_set("latency", lat.get("set")), lat, ecfg),
-        )
-    if ecfg.get("noise"):
-        ncfg = ecfg.noise
-        metrics["noise"] = _run_guarded(
-            "noise",
-            fail_fast,
-            lambda: evaluate_noise(lm, named_set("noise", ncfg.get("set")), ncfg, ecfg, out),
-        )
+    sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
+    run = EvalRun(lm, ecfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
+    for key in ecfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
+        node = ecfg[key]
+        if isinstance(node, DictConfig) and "_target_" in node:
+            result = instantiate(node)(run)
+            if result is not None:
+                metrics[key] = result
 
     write_tensorboard(out, metrics)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")

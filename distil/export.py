@@ -29,6 +29,7 @@ from distil.whisper.ct2_export import (
     check_whisper_dir,
     export_ct2,
 )
+from distil.whisper.loading import is_checkpoint
 from distil.whisper.models import resolve_model
 
 
@@ -38,7 +39,7 @@ def export(cfg: DictConfig) -> Path:
     check_quantization(quantization, device)
     model, force = cfg.model, bool(cfg.force)
     path = model.get("path")
-    if model.get("source") != "checkpoint" and not str(path or "").endswith(".ckpt"):
+    if not is_checkpoint(model):
         source = Path(resolve_model(model, cfg.paths.models))  # imports a packaged teacher on first use
         if not source.is_dir():
             raise ExportInputError(f"model {source} is not a local directory: download it first")

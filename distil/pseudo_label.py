@@ -39,10 +39,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import datasets
 import hydra
 import lightning as L
-from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
@@ -54,6 +52,7 @@ from distil.data.entries import (
     load_split,
     validate_columns,
 )
+from distil.data.label_jobs import incomplete_state, merge, split_states, try_finalise
 from distil.data.label_plan import LabellingSpec
 from distil.data.label_store import (
     LABEL_COLUMNS,
@@ -62,68 +61,25 @@ from distil.data.label_store import (
     ShardWriter,
     check_plan,
     complete_shards,
-    finalise_owner,
-    id_output_column,
     input_fingerprint,
-    live_claims,
     output_features,
     plan_record,
     record_extent,
     run_record,
     split_dir,
-    total_shards,
-    try_finalise,
 )
-from distil.datamodules.labelling import LabellingDataModule, LabellingSource
+from distil.datamodules.labelling import LabellingDataModule, LabellingProgressBar, LabellingSource
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
-from distil.utils.errors import InputError, one_line_errors
+from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
+from distil.utils.tensorboard import write_tensorboard
 
 log = logging.getLogger(__name__)
 
 
-# ------------------------------------------------------------------------------------------------------
-# Small pure helpers
-# ------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------
-# Output schema and shard writing
-# ------------------------------------------------------------------------------------------------------
-
-
-class LabellingProgressBar(TQDMProgressBar):
-    """Lightning's bar (batches, ETA when the length is known) plus samples/s and audio-seconds/s."""
-
-    def __init__(self, writer: ShardWriter, refresh_rate: int = 1):
-        super().__init__(refresh_rate=refresh_rate)
-        self.writer = writer
-
-    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
-        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
-        bar = self.predict_progress_bar
-        if bar is not None:
-            elapsed = max(time.perf_counter() - self.writer.started, 1e-9)
-            bar.set_postfix(
-                {
-                    "samples/s": f"{self.writer.units_done / elapsed:.1f}",
-                    "audio_s/s": f"{self.writer.audio_seconds / elapsed:.1f}",
-                },
-                refresh=False,
-            )
-
-
-# ------------------------------------------------------------------------------------------------------
-# Plan, finalise, summarise
-# ------------------------------------------------------------------------------------------------------
-
-
-# ------------------------------------------------------------------------------------------------------
-# The stage
-# ------------------------------------------------------------------------------------------------------
 def _teacher_record(cfg: DictConfig) -> tuple[str, dict]:
     from distil.whisper.models import model_fingerprint, resolve_model
 
@@ -218,12 +174,7 @@ def label_split(
     else:
         source.on_stream_end = functools.partial(record_extent, out_dir, shard_size=spec.shard_size)
 
-    if isinstance(ds, datasets.IterableDataset):
-        features = ds._resolve_features().features if ds.features is None else ds.features
-    else:
-        features = ds.features
-    id_column = id_output_column(entry, list(features))
-    features = output_features(features, entry, id_column, teacher.multilingual, packing)
+    features, id_column = output_features(ds, entry, teacher.multilingual, packing)
     writer = ShardWriter(out_dir, entry, features, id_column, language, packing, {"teacher": teacher_meta})
     callbacks = [writer, *extra_callbacks]
     if cfg.progress_bar:
@@ -245,25 +196,7 @@ def label_split(
     if trainer.is_global_zero:
         summary = try_finalise(out_dir, entry, language, packing, labels_meta)
     if summary is None:
-        n = total_shards(out_dir)
-        missing = None if n is None else sorted(set(range(n)) - complete_shards(out_dir))
-        owner = finalise_owner(out_dir)
-        if owner is not None:
-            message = (
-                f"another process (pid {owner.get('pid')} on {owner.get('host')}) has been finalising "
-                f"{out_dir} for {owner['age_s']:.0f} s (lock {owner['lock']}); it writes {SUCCESS} when done"
-            )
-        elif claimed := live_claims(out_dir):
-            message = (
-                f"shards {claimed} are being labelled by another live run on this output; it (or the last "
-                "run to finish) merges them"
-            )
-        else:
-            message = (
-                f"{'some' if missing is None else len(missing)} shards still missing {missing or ''}: other "
-                f"jobs (shard.index/shard.count) own them; run those jobs, or this command without "
-                "shard.* overrides, to label them and merge"
-            )
+        missing, message = incomplete_state(out_dir)
         (log.warning if trainer.is_global_zero else log.debug)("%s/%s: %s", entry.name, split, message)
         return {
             "status": "incomplete",
@@ -308,128 +241,40 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         )
     summary = {"teacher": teacher_meta, "generation": settings.to_dict(), "splits": results}
     write_json_atomic(run_dir / "summary.json", summary)
-    _log_tensorboard(run_dir, results)
-    return summary
-
-
-class LabellingIncompleteError(InputError):
-    """`merge=true` on splits whose shards are not all labelled yet."""
-
-
-def merge(cfg: DictConfig) -> dict:
-    """`merge=true`: finalise every split whose shards are all written (e.g. by the jobs of a SLURM array whose
-    last job died before merging), without loading the teacher or the audio; the settings are the ones the
-    jobs recorded in `_progress/plan.json`. Splits that are already complete are left as they are. Raises
-    `LabellingIncompleteError` naming the missing shards of every split that is not ready."""
-    results: dict[str, dict] = {}
-    not_ready: list[str] = []
-    for entry in dataset_entries(cfg.data.datasets):
-        for split in entry.splits:
-            name, out_dir = f"{entry.name}/{split}", split_dir(cfg.output_dir, entry.name, split)
-            plan_path = out_dir / PROGRESS / "plan.json"
-            if (out_dir / SUCCESS).exists():
-                results[name] = {**read_json(out_dir / "summary.json"), "status": "complete", "merged": False}
-                continue
-            if not plan_path.exists():
-                not_ready.append(f"{name}: nothing labelled yet in {out_dir}")
-                continue
-            n = total_shards(out_dir)
-            if n is None:
-                not_ready.append(
-                    f"{name}: the number of shards is not known yet (no job reached the end of the stream)"
-                )
-                continue
-            missing = sorted(set(range(n)) - complete_shards(out_dir))
-            if missing:
-                shown = ", ".join(map(str, missing[:20])) + (", ..." if len(missing) > 20 else "")
-                claimed = live_claims(out_dir)
-                busy = f"; being labelled now: {claimed}" if claimed else ""
-                not_ready.append(f"{name}: {len(missing)} of {n} shards missing ({shown}){busy}")
-                continue
-            plan = read_json(plan_path)
-            labels_meta = {**plan, "columns_added": list(LABEL_COLUMNS)}
-            language = entry.language or cfg.generation.language
-            summary = try_finalise(out_dir, entry, language, plan.get("packing") is not None, labels_meta)
-            if summary is None:  # another process holds the finalise lock
-                owner = finalise_owner(out_dir) or {}
-                not_ready.append(f"{name}: being merged by pid {owner.get('pid')} on {owner.get('host')}")
-                continue
-            print(f"{name}: merged {n} shards, {summary['samples']} samples into {out_dir}")
-            results[name] = {**summary, "status": "complete", "merged": True}
-    if not_ready:
-        raise LabellingIncompleteError(
-            "cannot merge: "
-            + "; ".join(not_ready)
-            + ". Shard k belongs to the job with shard.index = k mod shard.count: rerun those jobs (or this "
-            "command without shard.* and merge, which labels what is missing and merges)"
-        )
-    return {"splits": results}
-
-
-def dry_run_plan(cfg: DictConfig) -> dict:
-    """What `distil-pseudo-label` would do: the splits, their state on disk and this job's share of the shards."""
-    from distil.data.label_plan import job_owns
-    from distil.utils.launch import trainer_plan
-
-    index, count = int(cfg.shard.index), int(cfg.shard.count)
-    splits = {}
-    for entry in dataset_entries(cfg.data.datasets):
-        for split in entry.splits:
-            out_dir = split_dir(cfg.output_dir, entry.name, split)
-            n, done = total_shards(out_dir), complete_shards(out_dir)
-            if (out_dir / SUCCESS).exists():
-                state = "complete"
-            elif n is None:
-                state = f"{len(done)} shards done, total not known until the data is read"
-            else:
-                mine = [k for k in range(n) if job_owns(k, index, count) and k not in done]
-                state = f"{len(done)} of {n} shards done; this job labels {len(mine)}: {mine[:20]}"
-            splits[f"{entry.name}/{split}"] = {
-                "input": str(entry.path),
-                "output": str(out_dir),
-                "state": state,
-            }
-    return {
-        "mode": "merge finished shards" if cfg.get("merge") else "label",
-        "teacher": {
-            "name": cfg.teacher.name,
-            "source": cfg.teacher.get("source"),
-            "path": cfg.teacher.get("path"),
-        },
-        "dtype": cfg.dtype,
-        "attn_implementation": cfg.attn_implementation,
-        "shard": {"index": index, "count": count, "shard_size": int(cfg.shard_size)},
-        "splits": splits,
-        "trainer": {**trainer_plan(cfg.trainer), "threads_per_process": cfg.get("threads_per_process")},
-        "run_directory": str(hydra_output_dir()),
+    scalars = {
+        name: {
+            **{key: s.get(key) for key in ("wer", "samples", "audio_hours", "skipped")},
+            "audio_seconds_per_second": (s.get("this_run") or {}).get("audio_seconds_per_second"),
+        }
+        for name, s in results.items()
+        if s.get("status") == "complete"
     }
-
-
-def _log_tensorboard(run_dir: Path, results: dict) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    with SummaryWriter(str(run_dir / "tensorboard")) as tb:
-        for name, s in results.items():
-            if s.get("status") != "complete":
-                continue
-            for key in ("wer", "samples", "audio_hours", "skipped"):
-                if s.get(key) is not None:
-                    tb.add_scalar(f"pseudo_label/{name}/{key}", s[key], 0)
-            rate = (s.get("this_run") or {}).get("audio_seconds_per_second")
-            if rate is not None:
-                tb.add_scalar(f"pseudo_label/{name}/audio_seconds_per_second", rate, 0)
+    write_tensorboard(run_dir, {"pseudo_label": scalars})
+    return summary
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("dry_run"):
-        from distil.utils.launch import launcher_plan, print_dry_run
+        from distil.utils.launch import launcher_plan, model_plan, print_dry_run, trainer_plan
 
-        print_dry_run(
-            "distil-pseudo-label",
-            {**dry_run_plan(cfg), "launcher": launcher_plan(cfg, "distil-pseudo-label")},
-        )
+        plan = {
+            "mode": "merge finished shards" if cfg.get("merge") else "label",
+            "teacher": model_plan(cfg.teacher),
+            "dtype": cfg.dtype,
+            "attn_implementation": cfg.attn_implementation,
+            "shard": {
+                "index": int(cfg.shard.index),
+                "count": int(cfg.shard.count),
+                "shard_size": int(cfg.shard_size),
+            },
+            "splits": split_states(cfg),
+            "trainer": {**trainer_plan(cfg.trainer), "threads_per_process": cfg.get("threads_per_process")},
+            "run_directory": str(hydra_output_dir()),
+            "launcher": launcher_plan(cfg, "distil-pseudo-label"),
+        }
+        print_dry_run("distil-pseudo-label", plan)
         return None
     write_run_info(cfg)
     summary = merge(cfg) if cfg.get("merge") else pseudo_label(cfg)

@@ -137,6 +137,71 @@ def test_train_config_runs_one_fast_dev_run_step(tiny_dir, tiny_student, tokeniz
     assert datamodule.filter_stats["a/train"].kept == 4
 
 
+# ------------------------------------------------------------------ model sources and evaluation sections
+
+
+def _check_model_source(node, where: str) -> None:
+    """A model config builds its source (its `_target_`); a required `path` (`???`) gets a stand-in."""
+    from distil.whisper.sources import ModelSource, model_source
+
+    node = OmegaConf.merge(node, {"path": "org/model"}) if OmegaConf.is_missing(node, "path") else node
+    if OmegaConf.is_missing(node, "base"):
+        node = OmegaConf.merge(node, {"base": "org/student"})
+    assert isinstance(model_source(node), ModelSource), where
+
+
+def _check_sections(ecfg, where: str) -> list[str]:
+    """Every `_target_` node of an eval config builds a section whose function takes exactly its keys."""
+    import inspect
+
+    from distil.utils.errors import instantiate
+
+    found = []
+    for key in ecfg:
+        node = ecfg[key]
+        if OmegaConf.is_dict(node) and "_target_" in node:
+            section = instantiate(node)
+            assert section.func.__module__ == "distil.evaluation.sections", where
+            inspect.signature(section.func).bind(None, **section.keywords)  # no key the section ignores
+            found.append(key)
+    return found
+
+
+@pytest.mark.parametrize("config_name", MAIN_CONFIGS)
+def test_model_configs_and_eval_sections_of_every_main_config_instantiate(config_name, monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    cfg = _compose(config_name)
+    for key in ("teacher", "model"):
+        if OmegaConf.is_dict(cfg.get(key)) and "_target_" in cfg[key]:
+            _check_model_source(cfg[key], f"{config_name}.{key}")
+    if OmegaConf.is_dict(cfg.get("eval")):
+        assert "short_form" in _check_sections(cfg.eval, config_name)
+
+
+@pytest.mark.parametrize(
+    "group, option",
+    [(g, o) for g, o in _group_options() if g in ("teacher", "model", "eval")],
+)
+def test_every_model_source_and_eval_section_option_instantiates(group, option, monkeypatch, tmp_path):
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    cfg = _compose("evaluate" if group in ("model", "eval") else "pseudo_label", [f"{group}={option}"])
+    if group == "eval":
+        sections = _check_sections(cfg.eval, option)
+        assert sections[0] == "short_form" and ("long_form" in sections) == (option != "short")
+    else:
+        _check_model_source(cfg[group], f"{group}={option}")
+
+
+def test_a_misconfigured_section_names_its_key(monkeypatch, tmp_path):
+    """A section key its function does not take fails when the section is called, naming the key."""
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    from distil.utils.errors import instantiate
+
+    cfg = _compose("evaluate", ["eval=full", "+eval.latency.batch_size=4"])
+    with pytest.raises(TypeError, match="batch_size"):
+        instantiate(cfg.eval.latency)(None)
+
+
 RUN_DIR_SCRIPT = """
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

@@ -51,6 +51,16 @@ def corpora(tmp_path_factory, tts_clips) -> Path:
     return root
 
 
+SECTIONS = ("short_form", "long_form", "speculative", "latency", "noise")
+
+
+def section(name: str, settings: dict | None) -> dict | None:
+    """A section node as conf/eval/*.yaml writes it: its function (`_target_`) and its settings."""
+    if settings is None:
+        return None
+    return {"_target_": f"distil.evaluation.sections.{name}", "_partial_": True, **settings}
+
+
 def eval_cfg(model_path, corpora: Path, **sections) -> OmegaConf:
     base = {
         "model": {"path": str(model_path), "name": "under-test"},
@@ -65,13 +75,14 @@ def eval_cfg(model_path, corpora: Path, **sections) -> OmegaConf:
                 "espeak": {"path": str(corpora / "espeak"), "split": "test"},
                 "flite": {"path": str(corpora / "flite"), "split": "test"},
             },
+            "short_form": section("short_form", {}),
             "long_form": None,
             "speculative": None,
             "latency": None,
             "noise": None,
         },
     }
-    base["eval"].update(sections)
+    base["eval"].update({k: section(k, v) if k in SECTIONS else v for k, v in sections.items()})
     return OmegaConf.create(base)
 
 

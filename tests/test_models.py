@@ -59,20 +59,47 @@ def test_path_wins_and_is_validated(tiny_random_dir, tmp_path):
         resolve_model({"name": "x", "path": "./models/whisper"})
 
 
+SOURCES = "distil.whisper.sources."
+
+
 def test_bad_sources_are_named(tmp_path):
     with pytest.raises(
-        ModelConfigError, match=r"unknown model source 'onnx'.*\['ct2', 'random', 'hub', 'local'\]"
+        ModelConfigError,
+        match=r"unknown model source 'distil.whisper.sources.Onnx'.*PackagedCT2 \(ct2\), .*TinyRandom \(random\), "
+        r".*PathModel \(hub\)",
     ):
-        resolve_model({"name": "t", "source": "onnx"}, tmp_path)
+        resolve_model({"name": "t", "_target_": SOURCES + "Onnx"}, tmp_path)
     with pytest.raises(ModelConfigError, match="source 'hub' but no `path`"):
-        resolve_model({"name": "t", "source": "hub", "path": None}, tmp_path)
+        resolve_model({"name": "t", "_target_": SOURCES + "PathModel", "path": None}, tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint 'large-v9'.*available"):
-        resolve_model({"name": "t", "source": "ct2", "checkpoint": "large-v9"}, tmp_path)
+        resolve_model({"name": "t", "_target_": SOURCES + "PackagedCT2", "checkpoint": "large-v9"}, tmp_path)
     with pytest.raises(ModelConfigError, match="unknown tiny random model keys"):
-        resolve_model({"name": "t", "source": "random", "random": {"width": 3}}, tmp_path)
+        resolve_model({"name": "t", "_target_": SOURCES + "TinyRandom", "random": {"width": 3}}, tmp_path)
     with pytest.raises(ModelConfigError, match="plain directory name"):
-        resolve_model({"name": "../escape", "source": "random"}, tmp_path)
+        resolve_model({"name": "../escape", "_target_": SOURCES + "TinyRandom"}, tmp_path)
     assert not list(tmp_path.iterdir())  # nothing imported before the error
+
+
+def test_misconfigured_sources_name_the_key_and_the_fix(tmp_path):
+    """A model source is its config's `_target_`: a key the source does not take, a target that is not a source,
+    or a config with neither a source nor a path is refused with the key and the fix, before any work."""
+    from distil.whisper.sources import ModelSource, PackagedCT2, TinyRandom, model_source
+
+    with pytest.raises(
+        ModelConfigError, match=r"'t' \(distil.whisper.sources.PackagedCT2\) has keys \['source'\]"
+    ):
+        resolve_model({"name": "t", "_target_": SOURCES + "PackagedCT2", "source": "ct2"}, tmp_path)
+    with pytest.raises(ModelConfigError, match=r"unknown model source 'collections.OrderedDict'.*TinyRandom"):
+        resolve_model({"name": "t", "_target_": "collections.OrderedDict"}, tmp_path)
+    with pytest.raises(ModelConfigError, match="neither a `_target_`.*nor a `path`.*teacher=tiny_en"):
+        resolve_model({"name": "t", "checkpoint": "tiny.en"}, tmp_path)
+    assert not list(tmp_path.iterdir())
+    # Every teacher config instantiates to its source, with the stage keys as fields.
+    source = model_source(teacher_cfg("tiny_random"))
+    assert isinstance(source, TinyRandom) and source.random["d_model"] == 64 and source.multilingual is False
+    assert isinstance(model_source(teacher_cfg("base")), PackagedCT2)
+    for name in ("tiny_en", "base", "tiny_random", "hub"):  # large_v2 extends hub (composed in test_configs)
+        assert isinstance(model_source(OmegaConf.merge(teacher_cfg(name), {"path": "a/b"})), ModelSource)
 
 
 def test_unknown_teacher_config_lists_the_options():

@@ -318,7 +318,7 @@ def test_concurrent_runs_split_the_pending_shards(tmp_path, tiny_random_dir, cor
 
 
 def test_a_split_with_duplicate_ids_is_never_marked_complete(tmp_path):
-    from distil.data.label_store import check_unique_ids
+    from distil.data.label_jobs import check_unique_ids
 
     for k, ids in enumerate((["a", "b"], ["c", "a"])):
         pq.write_table(pa.table({"id": ids}), tmp_path / f"part-{k:05d}.parquet")

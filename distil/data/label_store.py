@@ -1,5 +1,5 @@
-"""The pseudo-label store: the on-disk layout of a labelled split, written shard by shard so a killed run
-resumes, then finalised (prompts, skipped list, metadata, summary, `_SUCCESS` last).
+"""The pseudo-label store: the on-disk layout of a labelled split, its schema, the plan a resume must match, and
+the shard writer, so a killed run resumes (finalising a split and merging jobs: distil.data.label_jobs).
 
 Layout of `<output_dir>/<dataset>/<split>/`: `part-K.parquet` shards, `_progress/part-K.json` manifests
 (a shard is complete iff its manifest exists), `_progress/plan.json` (the settings a resume must match),
@@ -13,8 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import socket
 import time
 import warnings
 from collections.abc import Sequence
@@ -28,9 +26,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.data.entries import DatasetEntry, column_names
 from distil.data.label_plan import LabellingSpec, Skip
-from distil.data.text import corpus_wer, get_normalizer, identity, sample_wer
+from distil.data.text import get_normalizer, sample_wer
 from distil.utils.errors import InputError
-from distil.utils.io import atomic_file, pid_alive, read_json, write_atomic, write_json_atomic
+from distil.utils.io import atomic_file, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +82,14 @@ def normalizer_for(language: str | None):
 
 
 def output_features(
-    input_features: datasets.Features, entry: DatasetEntry, id_column: str, multilingual: bool, packing: bool
-) -> datasets.Features:
+    ds, entry: DatasetEntry, multilingual: bool, packing: bool
+) -> tuple[datasets.Features, str]:
+    """The labelled split's features (the input's plus the label columns) and its id column."""
+    if isinstance(ds, datasets.IterableDataset) and ds.features is None:
+        input_features = ds._resolve_features().features
+    else:
+        input_features = ds.features
+    id_column = id_output_column(entry, list(input_features))
     feats = dict(input_features)
     feats[entry.audio_column] = datasets.Audio(decode=False)
     if id_column not in feats:
@@ -101,7 +105,7 @@ def output_features(
         feats["packed_ids"] = datasets.List(datasets.Value("string"))
         feats["pl_continues"] = datasets.Value("bool")
         feats["prompt"] = datasets.Value("string")
-    return datasets.Features(feats)
+    return datasets.Features(feats), id_column
 
 
 def write_table(table: pa.Table, features: datasets.Features, meta: dict, path: Path) -> None:
@@ -285,188 +289,6 @@ def record_extent(out_dir: Path, units: int, planning_skipped: list, shard_size:
             "planning_skipped": [s.to_dict() if isinstance(s, Skip) else s for s in planning_skipped],
         },
     )
-
-
-def shard_files(out_dir: Path) -> list[Path]:
-    return sorted(out_dir.glob("part-*.parquet"))
-
-
-def fill_prompts(out_dir: Path) -> None:
-    """Packing: each unit that continues its predecessor gets `<|startofprev|>` + the predecessor's label."""
-    previous: tuple[int, str] | None = None  # (pl_index, pseudo_label) of the last row seen
-    for path in shard_files(out_dir):
-        table = pq.read_table(path)
-        metadata = table.schema.metadata
-        idx = table.column("pl_index").to_pylist()
-        labels = table.column("pseudo_label").to_pylist()
-        continues = table.column("pl_continues").to_pylist()
-        prompts = []
-        for i, label, cont in zip(idx, labels, continues, strict=True):
-            ok = cont and previous is not None and previous[0] == i - 1
-            prompts.append(build_prompt(previous[1]) if ok else None)
-            previous = (i, label)
-        table = table.set_column(
-            table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, pa.string())
-        )
-        with atomic_file(path) as tmp:
-            pq.write_table(table.replace_schema_metadata(metadata), tmp)
-
-
-def summarise(out_dir: Path, entry: DatasetEntry, language: str | None) -> dict:
-    """Split summary from the finished files: WER over every labelled sample, counts, audio hours."""
-    manifests = [read_json(p) for p in sorted((out_dir / PROGRESS).glob("part-*.json"))]
-    extent = read_json(out_dir / PROGRESS / "extent.json")
-    skipped = extent["planning_skipped"] + [s for m in manifests for s in m["skipped"]]
-    refs, hyps = [], []
-    for path in shard_files(out_dir):
-        cols = ["pseudo_label"] + ([entry.text_column] if entry.text_column else [])
-        cols += ["language"] if "language" in pq.read_schema(path).names else []
-        table = pq.read_table(path, columns=cols).to_pydict()
-        langs = table.get("language") or [None] * len(table["pseudo_label"])
-        if entry.text_column:
-            for ref, hyp, lang in zip(table[entry.text_column], table["pseudo_label"], langs, strict=True):
-                if ref is None:
-                    continue
-                norm = normalizer_for(lang or language)
-                refs.append(norm(ref))
-                hyps.append(norm(hyp or ""))
-    wer = corpus_wer(refs, hyps, identity) if refs else None
-    reasons: dict[str, int] = {}
-    for s in skipped:
-        reasons[s["reason"]] = reasons.get(s["reason"], 0) + 1
-    audio_seconds = sum(m["audio_seconds"] for m in manifests)
-    return {
-        "samples": sum(m["labelled"] for m in manifests),
-        "clips": sum(m["clips"] for m in manifests),
-        "skipped": len(skipped),
-        "skipped_by_reason": reasons,
-        "truncated_at_max_new_tokens": sum(m["truncated"] for m in manifests),
-        "audio_hours": audio_seconds / 3600,
-        "wer": None if wer is None else wer.wer,
-        "wer_detail": None if wer is None else wer.to_dict(),
-    }
-
-
-def check_unique_ids(out_dir: Path, entry: DatasetEntry) -> None:
-    """Every clip labelled once: a split with a duplicated id is never marked complete."""
-    seen: set = set()
-    duplicates: list = []
-    for path in shard_files(out_dir):
-        names = pq.read_schema(path).names
-        column = entry.id_column or ("pl_id" if "pl_id" in names else "id")  # see id_output_column
-        for value in pq.read_table(path, columns=[column]).column(0).to_pylist():
-            if value in seen:
-                duplicates.append(value)
-            seen.add(value)
-    if duplicates:
-        raise LabellingStateError(
-            f"{out_dir}: {len(duplicates)} ids are labelled twice (e.g. {duplicates[:3]}), so the shards do not "
-            "come from one version of the input; it is not marked complete. Delete the directory to relabel."
-        )
-
-
-def finalise(
-    out_dir: Path, entry: DatasetEntry, language: str | None, packing: bool, labels_meta: dict
-) -> dict:
-    """Turn complete shards into the finished dataset; `_SUCCESS` is written last."""
-    check_unique_ids(out_dir, entry)
-    if packing:
-        fill_prompts(out_dir)
-    extent = read_json(out_dir / PROGRESS / "extent.json")
-    manifests = [read_json(p) for p in sorted((out_dir / PROGRESS).glob("part-*.json"))]
-    skipped = extent["planning_skipped"] + [s for m in manifests for s in m["skipped"]]
-    skipped.sort(key=lambda s: s["indices"][0])
-    write_atomic(out_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
-    summary = summarise(out_dir, entry, language)
-    write_json_atomic(out_dir / LABELS_METADATA, {**labels_meta, "summary": summary})
-    write_json_atomic(out_dir / "summary.json", summary)
-    write_atomic(out_dir / SUCCESS, "")  # like every other file: a kill leaves it absent or whole
-    return summary
-
-
-FINALISE_LOCK = "finalise.lock"
-
-
-def _owner() -> str:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-
-
-def live_owner(lock: Path) -> dict | None:
-    """The live process holding `lock` (an owner file: pid, host), with its age, or None. A lock whose owner is
-    gone (a killed run on this host, or untouched for 10 minutes from another host) does not count."""
-    try:
-        owner = json.loads(lock.read_text() or "{}")
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    except ValueError:  # being written this instant
-        owner, age = {}, 0.0
-    if owner.get("host") == socket.gethostname():
-        if not pid_alive(int(owner["pid"])):
-            return None
-    elif age > 600:
-        return None
-    return {**owner, "age_s": age, "lock": str(lock)}
-
-
-def take_lock(lock: Path) -> bool:
-    """Create the owner file `lock` atomically; a lock whose owner is gone is taken over. False: held."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if live_owner(lock) is not None:
-                return False
-            lock.unlink(missing_ok=True)  # its owner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(_owner())
-        return True
-
-
-def finalise_owner(out_dir: Path) -> dict | None:
-    """The live process finalising `out_dir`, or None."""
-    return live_owner(out_dir / PROGRESS / FINALISE_LOCK)
-
-
-def claim_shard(progress_dir: Path, k: int) -> bool:
-    """Claim shard `k` for this process, so concurrent runs on one output split the pending shards instead of
-    labelling each one twice. False when it is complete or a live process holds it."""
-    manifest = progress_dir / f"{shard_name(k)}.json"
-    if manifest.exists():
-        return False
-    claim = progress_dir / f"{shard_name(k)}.claim"
-    if not take_lock(claim):
-        return False
-    if manifest.exists():  # finished by another run between the two checks
-        claim.unlink(missing_ok=True)
-        return False
-    return True
-
-
-def live_claims(out_dir: Path) -> list[int]:
-    """Shards a live process (another run) is labelling now."""
-    return sorted(
-        int(c.stem.split("-")[1])
-        for c in (out_dir / PROGRESS).glob("part-*.claim")
-        if live_owner(c) is not None
-    )
-
-
-def try_finalise(out_dir: Path, entry, language, packing, labels_meta) -> dict | None:
-    """Finalise if every shard is complete and no live process is doing it; None otherwise.
-
-    The lock records its owner (pid, host); a lock left by a killed run is taken over at once."""
-    n = total_shards(out_dir)
-    if n is None or complete_shards(out_dir) < set(range(n)):
-        return None
-    lock = out_dir / PROGRESS / FINALISE_LOCK
-    if not take_lock(lock):
-        return None
-    try:
-        return finalise(out_dir, entry, language, packing, labels_meta)
-    finally:
-        lock.unlink(missing_ok=True)
 
 
 def run_record(out_dir: Path, before: set[int], spec: LabellingSpec, seconds: float) -> dict:

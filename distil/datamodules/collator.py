@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from distil.data.audio import SAMPLING_RATE, decode_audio
+from distil.data.audio import SAMPLING_RATE, audio_duration, decode_audio
 from distil.data.encoder_cache import EncoderCache
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
@@ -19,7 +19,7 @@ from distil.data.targets import (
     collate_labels,
     sample_rng,
 )
-from distil.datamodules.filters import DataError
+from distil.datamodules.filters import DataError, drop_reason
 from distil.whisper.generation import is_multilingual_vocabulary
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,32 @@ class SpeechCollator:
         if self.label_source == "text":
             return self.text_labeler(row["text"], row.get("language"))
         return [int(i) for i in row["token_ids"]]
+
+    def label_length(self, row: Mapping[str, Any]) -> int | None:
+        """The label's length as the filters count it (without the special prefix and end-of-text)."""
+        if self.label_source == "text":
+            return len(self.text_labeler(row.get("text") or "", row.get("language")))
+        ids = row.get("token_ids")
+        return None if ids is None else len(label_body(ids, self.special))
+
+    def drop_reason(self, row: Mapping[str, Any], filters: Mapping[str, Any]) -> str | None:
+        """Why the training filters (`drop_reason` with `filters` as its keyword arguments) drop a canonical
+        row, or None to keep it; a missing duration is read from the audio's header."""
+        duration = row.get("duration")
+        if duration is None and (
+            filters["min_duration_s"] is not None or filters["max_duration_s"] is not None
+        ):
+            duration = audio_duration(row["audio"])
+        ids = row.get("token_ids")
+        truncated = bool(ids) and int(ids[-1]) != self.special.eot  # generation hit max_new_tokens
+        return drop_reason(
+            row.get("pl_wer"),
+            duration,
+            self.label_length(row),
+            transcript=row.get("pseudo_label"),
+            truncated=truncated,
+            **filters,
+        )
 
     def prompt_ids(self, row: Mapping[str, Any]) -> list[int] | None:
         prompt = row.get("prompt")

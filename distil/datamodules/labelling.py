@@ -18,15 +18,18 @@ from __future__ import annotations
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
+from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distil.data.audio import SAMPLING_RATE, AudioDecodeError, audio_duration, decode_audio, encode_flac
 from distil.data.entries import DatasetEntry, duration_column, stable_id
+from distil.data.label_jobs import claim_shard
 from distil.data.label_plan import (
     MAX_WHISPER_SECONDS,
     Clip,
@@ -37,7 +40,7 @@ from distil.data.label_plan import (
     duration_batches,
     pack_units,
 )
-from distil.data.label_store import claim_shard
+from distil.data.label_store import ShardWriter
 
 # ----------------------------------------------------------------------------------------------------------
 # Pure planning functions
@@ -324,3 +327,24 @@ class LabellingDataModule(L.LightningDataModule):
 
 def _identity(batch):
     return batch
+
+
+class LabellingProgressBar(TQDMProgressBar):
+    """Lightning's bar (batches, ETA when the length is known) plus samples/s and audio-seconds/s."""
+
+    def __init__(self, writer: ShardWriter, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.writer = writer
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        super().on_predict_batch_end(trainer, pl_module, outputs, batch, batch_idx, dataloader_idx)
+        bar = self.predict_progress_bar
+        if bar is not None:
+            elapsed = max(time.perf_counter() - self.writer.started, 1e-9)
+            bar.set_postfix(
+                {
+                    "samples/s": f"{self.writer.units_done / elapsed:.1f}",
+                    "audio_s/s": f"{self.writer.audio_seconds / elapsed:.1f}",
+                },
+                refresh=False,
+            )

@@ -1,4 +1,5 @@
-"""Training sources: a pseudo-labelled or reference split loaded, its columns checked, its rows filtered."""
+"""Training sources: a pseudo-labelled or reference split loaded, its columns checked, its rows filtered, and
+what it is on disk (the fingerprint a resumed run compares)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import numpy as np
 from datasets import Audio
 from datasets.distributed import split_dataset_by_node
 
-from distil.data.entries import DataConfigError, DatasetEntry, column_names, validate_columns
-from distil.data.label_store import PSEUDO_LABEL_COLUMNS
+from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split, validate_columns
+from distil.data.label_store import PSEUDO_LABEL_COLUMNS, SUCCESS
 from distil.datamodules.filters import DataError, FilterStats
 from distil.datamodules.mixture import (
     CANONICAL_FEATURES,
@@ -121,3 +122,54 @@ def load_pseudo_labelled(
     if entry.audio_column in column_names(ds):
         ds = ds.cast_column(entry.audio_column, Audio(decode=False))
     return ds
+
+
+def open_train_split(
+    entry: DatasetEntry,
+    split: str,
+    path: str,
+    label_source: str,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+) -> tuple[DatasetEntry, datasets.Dataset | datasets.IterableDataset]:
+    """One training split read from `path` (the pseudo-label directory, or the entry's own path for reference
+    text) with its columns checked: (the entry as read there, the dataset). Missing or unfinished
+    pseudo-labels are named with the command that makes them."""
+    pseudo = label_source == "pseudo"
+    if pseudo and not Path(path).is_dir():
+        raise DataError(
+            f"no pseudo-labels for dataset {entry.name!r}: {path} does not exist; run "
+            f"`python -m distil.pseudo_label` for it (same teacher), or use loss=finetune"
+        )
+    src_entry = DatasetEntry(**{**entry.__dict__, "path": path})
+    if pseudo:
+        done = Path(path) / split / SUCCESS
+        if not done.is_file():
+            raise DataError(
+                f"pseudo-labels of {entry.name!r} split {split!r} are missing or incomplete (no {done}); "
+                "run (or finish) `python -m distil.pseudo_label` for it with the same teacher"
+            )
+    try:
+        if pseudo:
+            ds = load_pseudo_labelled(src_entry, split, streaming=streaming, cache_dir=cache_dir)
+        else:
+            ds = load_split(src_entry, split, streaming=streaming, cache_dir=cache_dir)
+    except DataConfigError as err:
+        raise DataError(f"{err} (training data, {entry.key})") from err
+    names = column_names(ds)
+    if pseudo and entry.id_column is None:
+        # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
+        src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
+    check_columns(src_entry, split, names, label_source, path)
+    return src_entry, ds
+
+
+def split_fingerprint(entry: DatasetEntry, split: str, path: str) -> list | dict:
+    """What a training split is, without reading it: the data files of a local split (names, sizes,
+    modification times), or the Hub id/config/split."""
+    root = Path(path).expanduser()
+    directory = root / split if (root / split).is_dir() else root
+    if not directory.is_dir():
+        return {"hub": str(entry.path), "config": entry.config, "split": split}
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [[str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]

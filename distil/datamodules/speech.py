@@ -32,31 +32,25 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from distil.data.audio import audio_duration
 from distil.data.encoder_cache import EncoderCache
 from distil.data.entries import (
-    DataConfigError,
     DatasetEntry,
     column_names,
     dataset_entries,
-    load_split,
 )
-from distil.data.label_store import SUCCESS
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
 )
-from distil.datamodules.collator import LABEL_SOURCES, SpeechCollator, label_body
-from distil.datamodules.filters import DataError, FilterStats, drop_reason, sampling_probabilities
+from distil.datamodules.collator import LABEL_SOURCES, SpeechCollator
+from distil.datamodules.filters import DataError, FilterStats, sampling_probabilities
 from distil.datamodules.mixture import (
     TrainSource,
     TrainStream,
-    _ListDataset,
     _MapMixture,
-    _MapRows,
     _StreamMixture,
-    canonical_row,
 )
-from distil.datamodules.sources import check_columns, filter_source, load_pseudo_labelled
+from distil.datamodules.sources import filter_source, open_train_split, split_fingerprint
+from distil.datamodules.validation import load_validation_sets, validation_entries
 
 log = logging.getLogger(__name__)
 
@@ -204,34 +198,11 @@ class SpeechDataModule(L.LightningDataModule):
         sources = []
         for entry in self.entries:
             path = self.source_path(entry)
-            if self.label_source == "pseudo" and not Path(path).is_dir():
-                raise DataError(
-                    f"no pseudo-labels for dataset {entry.name!r}: {path} does not exist; run "
-                    f"`python -m distil.pseudo_label` for it (same teacher), or use loss=finetune"
-                )
             for split in entry.splits:
-                src_entry = DatasetEntry(**{**entry.__dict__, "path": path})
-                if self.label_source == "pseudo":
-                    done = Path(path) / split / SUCCESS
-                    if not done.is_file():
-                        raise DataError(
-                            f"pseudo-labels of {entry.name!r} split {split!r} are missing or incomplete (no {done}); "
-                            "run (or finish) `python -m distil.pseudo_label` for it with the same teacher"
-                        )
-                try:
-                    if self.label_source == "pseudo":
-                        ds = load_pseudo_labelled(
-                            src_entry, split, streaming=self.streaming, cache_dir=self.cache_dir
-                        )
-                    else:
-                        ds = load_split(src_entry, split, streaming=self.streaming, cache_dir=self.cache_dir)
-                except DataConfigError as err:
-                    raise DataError(f"{err} (training data, {entry.key})") from err
+                src_entry, ds = open_train_split(
+                    entry, split, path, self.label_source, streaming=self.streaming, cache_dir=self.cache_dir
+                )
                 names = column_names(ds)
-                if self.label_source == "pseudo" and entry.id_column is None:
-                    # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
-                    src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
-                check_columns(src_entry, split, names, self.label_source, path)
                 if self.filters["wer_threshold"] is not None and (
                     entry.text_column is None or entry.text_column not in names
                 ):
@@ -247,7 +218,7 @@ class SpeechDataModule(L.LightningDataModule):
                     src_entry,
                     split,
                     ds,
-                    lambda row: self._reason(row, collator),
+                    lambda row: collator.drop_reason(row, self.filters),
                     needs_duration=needs_duration,
                     count_streamed=self.count_streamed_filters,
                     part=self._rank_world() if self.streaming else (0, 1),
@@ -273,45 +244,11 @@ class SpeechDataModule(L.LightningDataModule):
     def data_fingerprint(self) -> dict[str, Any]:
         """What the training data is, per source, without reading it: the data files of a local split (names,
         sizes, modification times), or the Hub id/config/split. A resumed run compares it with its start."""
-        sources = {}
-        for entry in self.entries:
-            path = Path(self.source_path(entry)).expanduser()
-            for split in entry.splits:
-                key = f"{entry.name}/{split}"
-                directory = path / split if (path / split).is_dir() else path
-                if directory.is_dir():
-                    files = sorted(
-                        f for f in directory.rglob("*") if f.is_file() and not f.name.startswith(".")
-                    )
-                    sources[key] = [
-                        [str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns] for f in files
-                    ]
-                else:
-                    sources[key] = {"hub": str(entry.path), "config": entry.config, "split": split}
-        return sources
-
-    def _label_length(self, row: Mapping[str, Any], collator: SpeechCollator) -> int | None:
-        if self.label_source == "text":
-            return len(collator.text_labeler(row.get("text") or "", row.get("language")))
-        ids = row.get("token_ids")
-        return None if ids is None else len(label_body(ids, collator.special))
-
-    def _reason(self, row: Mapping[str, Any], collator: SpeechCollator) -> str | None:
-        duration = row.get("duration")
-        if duration is None and (
-            self.filters["min_duration_s"] is not None or self.filters["max_duration_s"] is not None
-        ):
-            duration = audio_duration(row["audio"])
-        ids = row.get("token_ids")
-        truncated = bool(ids) and int(ids[-1]) != collator.special.eot  # generation hit max_new_tokens
-        return drop_reason(
-            row.get("pl_wer"),
-            duration,
-            self._label_length(row, collator),
-            transcript=row.get("pseudo_label"),
-            truncated=truncated,
-            **self.filters,
-        )
+        return {
+            f"{entry.name}/{split}": split_fingerprint(entry, split, self.source_path(entry))
+            for entry in self.entries
+            for split in entry.splits
+        }
 
     def _log_stats(self, stats: FilterStats) -> None:
         self.filter_stats[stats.source] = stats
@@ -345,45 +282,12 @@ class SpeechDataModule(L.LightningDataModule):
     def validation_entries(self) -> list[tuple[DatasetEntry, str]]:
         """(entry, split) of every validation set: `validation_splits` of the training entries that have
         them (read from the entry's own path, references only), then the extra `validation_datasets`."""
-        wanted = []
-        for entry in self.entries:
-            root = Path(str(entry.path)).expanduser()
-            for split in self.validation_splits:
-                if split in entry.splits:
-                    continue  # never validate on a split that is trained on
-                if root.is_dir() and not ((root / split).is_dir() or (root / "dataset_dict.json").is_file()):
-                    log.info("no %s split in %s: not a validation set", split, root)
-                    continue
-                wanted.append((entry, split))
-        wanted += [(e, s) for e in self.val_entries for s in e.splits]
-        return wanted
+        return validation_entries(self.entries, self.validation_splits, self.val_entries)
 
     def validation_set_names(self) -> tuple[list[str], list[str | None]]:
         """(name, language) of every validation set, from the config alone (no data is read)."""
         entries = self.validation_entries()
         return [f"{entry.name}/{split}" for entry, split in entries], [entry.language for entry, _ in entries]
-
-    def load_validation_sets(self) -> tuple[list[str], list[torch.utils.data.Dataset]]:
-        names, sets = [], []
-        for entry, split in self.validation_entries():
-            try:
-                ds = load_split(entry, split, streaming=self.streaming, cache_dir=self.cache_dir)
-            except DataConfigError as err:
-                raise DataError(f"{err} (validation data)") from err
-            check_columns(entry, split, column_names(ds), "text", str(entry.path))
-            if isinstance(ds, datasets.Dataset):
-                n = len(ds) if self.max_val_samples is None else min(len(ds), int(self.max_val_samples))
-                sets.append(_MapRows(ds, entry, split, n))
-            else:
-                it = ds if self.max_val_samples is None else ds.take(int(self.max_val_samples))
-                sets.append(_ListDataset([canonical_row(r, entry, split, i) for i, r in enumerate(it)]))
-        names = self.validation_set_names()[0]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise DataError(
-                f"two validation sets are named {duplicates[0]!r}; give the extra validation datasets other names"
-            )
-        return names, sets
 
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:
@@ -391,7 +295,9 @@ class SpeechDataModule(L.LightningDataModule):
         self.collator = self.make_collator()
         sources = self.load_train_sources()
         self.mixture = self.build_mixture(sources)
-        self.val_names, self.val_sets = self.load_validation_sets()
+        self.val_names, self.val_sets = load_validation_sets(
+            self.validation_entries(), self.streaming, self.cache_dir, self.max_val_samples
+        )
         self._prepared = True
 
     # ------------------------------------------------------------------ loaders

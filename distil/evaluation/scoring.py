@@ -68,3 +68,29 @@ def prediction_rows(
         }
         for s, p in zip(samples, predictions, strict=True)
     ]
+
+
+def validation_metrics(
+    outputs: dict[int, dict[str, tuple[str, str]]], names: Sequence[str], languages: Sequence[str | None]
+) -> dict[str, float]:
+    """`val/<set>/wer`, `wer_orthographic`, `samples` per validation set and `val/wer_weighted` (by samples) and
+    `val/wer_macro` over the sets, from {dataloader index: {sample id: (reference, prediction)}}."""
+    metrics: dict[str, float] = {}
+    weighted_num, weighted_den, macro = 0.0, 0, []
+    for idx, rows in sorted(outputs.items()):
+        name = names[idx] if idx < len(names) else f"set{idx}"
+        refs = [r for r, _ in rows.values()]
+        hyps = [h for _, h in rows.values()]
+        result = score(refs, hyps, languages[idx] if idx < len(languages) else None)
+        if result["wer"] is None:
+            continue
+        metrics[f"val/{name}/wer"] = result["wer"]
+        metrics[f"val/{name}/wer_orthographic"] = result["wer_orthographic"]
+        metrics[f"val/{name}/samples"] = result["scored"]  # under DDP too: the set, not a rank's share
+        weighted_num += result["wer"] * result["scored"]
+        weighted_den += result["scored"]
+        macro.append(result["wer"])
+    if weighted_den:
+        metrics["val/wer_weighted"] = weighted_num / weighted_den
+        metrics["val/wer_macro"] = sum(macro) / len(macro)
+    return metrics

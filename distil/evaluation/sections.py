@@ -1,11 +1,14 @@
 """The evaluation sections: short-form sets, long-form (chunked / sequential), noise, latency, speculative
-decoding. Each takes a loaded model and one set entry and returns its metrics; a failing set becomes an error
-entry (unless `eval.fail_fast`) so the other sets still run.
+decoding. Each section is a function `section(run, **settings)` that a `_target_` node of the eval config names
+(conf/eval/*.yaml, `_partial_: true`; its other keys are the settings): `distil.evaluate` builds it with Hydra,
+calls it with the `EvalRun` and stores what it returns under the node's key in metrics.json (None: nothing to
+store). A failing set becomes an error entry (unless `eval.fail_fast`) so the other sets still run.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from distil.data.audio import AudioDecodeError, add_noise
 from distil.data.text import corpus_wer, get_normalizer
 from distil.evaluation.ct2_backend import CT2Model
-from distil.evaluation.data import EvalInputError, has_references, load_samples
-from distil.evaluation.scoring import prediction_rows, score
+from distil.evaluation.data import EvalInputError, has_references, load_samples, set_entry
+from distil.evaluation.scoring import averages, prediction_rows, score
 from distil.utils.io import write_jsonl
 from distil.whisper.generation import generation_kwargs, transcribe
 from distil.whisper.loading import LoadedModel, load_model
@@ -220,3 +223,139 @@ def evaluate_speculative(
         "predictions": str(rel),
         **result,
     }
+
+
+# ---------------------------------------------------------------------------------------------------- sections
+
+
+@dataclass
+class EvalRun:
+    """What every section is called with: the model under test, the eval config (`eval.*`), the short-form sets
+    (`eval.sets`, which the other sections name by `set`), the output directory and how further models load."""
+
+    lm: LoadedModel | CT2Model
+    ecfg: DictConfig
+    sets: dict[str, dict]
+    out_dir: Path
+    device: str = "auto"
+    dtype: str = "auto"
+    models_root: str | None = None
+
+    @property
+    def fail_fast(self) -> bool:
+        return bool(self.ecfg.get("fail_fast", False))
+
+    def named_set(self, section: str, name: str | None) -> dict:
+        if not name or name not in self.sets:
+            raise EvalInputError(f"eval.{section}.set={name!r} is not one of eval.sets ({sorted(self.sets)})")
+        return self.sets[name]
+
+    def guarded(self, what: str, fn, *args) -> dict:
+        return _run_guarded(what, self.fail_fast, fn, *args)
+
+    def pytorch_only(self) -> dict | None:
+        """The entry of a section that needs the PyTorch model, when the backend is CTranslate2."""
+        if isinstance(self.lm, CT2Model):  # faster-whisper has no assistant model; noise is a PyTorch probe
+            return {
+                "status": "skipped",
+                "reason": "backend=ctranslate2 runs the short-form, long-form and latency",
+            }
+        return None
+
+
+def _settings(values: dict) -> DictConfig:
+    """A section's keyword arguments (its config node, less `_target_`) as one config, `run` left out."""
+    return OmegaConf.create({k: v for k, v in values.items() if k != "run"})
+
+
+def short_form(run: EvalRun) -> dict | None:
+    """WER of every set of `eval.sets` (normalised and orthographic) and their averages; None without sets."""
+    if not run.sets:
+        return None
+    results = {
+        name: run.guarded(f"set {name}", evaluate_short_set, run.lm, entry, run.ecfg, run.out_dir)
+        for name, entry in run.sets.items()
+    }
+    return {"sets": results, "average": averages(results)}
+
+
+def long_form(
+    run: EvalRun,
+    *,
+    sets: dict | None,
+    algorithms: list[str],
+    max_new_tokens: int = 444,
+    chunk_length_s: float = 30,
+    stride_length_s: float | None = None,
+    batch_size: int = 8,
+    sequential: dict | None = None,
+) -> dict:
+    """Long-form WER of each recording set by each of `algorithms` (chunked: windows of `chunk_length_s`
+    overlapping by `stride_length_s`, `batch_size` at a time; sequential: OpenAI's, with `sequential` settings)."""
+    lcfg = _settings(locals())
+    long_sets = {name: set_entry(name, e, "long_form.sets") for name, e in (sets or {}).items()}
+    return {
+        "sets": {
+            name: run.guarded(
+                f"long-form set {name}", evaluate_long_set, run.lm, entry, lcfg, run.ecfg, run.out_dir
+            )
+            for name, entry in long_sets.items()
+        }
+    }
+
+
+def speculative(
+    run: EvalRun,
+    *,
+    assistant: Any = None,
+    set: str | None = None,
+    samples: int | None = None,
+    warmup: int = 1,
+) -> dict:
+    """The model's speed-up with `assistant` (a student directory or model config) drafting, on `samples` of `set`."""
+    spec = _settings(locals())
+    return run.pytorch_only() or run.guarded(
+        "speculative decoding",
+        lambda: evaluate_speculative(
+            run.lm,
+            run.named_set("speculative", set),
+            spec,
+            run.ecfg,
+            run.device,
+            run.dtype,
+            run.out_dir,
+            run.models_root,
+        ),
+    )
+
+
+def latency(
+    run: EvalRun,
+    *,
+    set: str | None = None,
+    batch_sizes: list[int],
+    samples: int | None = None,
+    warmup: int = 1,
+    repeats: int = 1,
+) -> dict:
+    """RTFx and decoder tokens/s per batch size on `samples` of `set` (after `warmup` runs, `repeats` runs)."""
+    lat = _settings(locals())
+    return run.guarded(
+        "latency", lambda: evaluate_latency(run.lm, run.named_set("latency", set), lat, run.ecfg)
+    )
+
+
+def noise(
+    run: EvalRun,
+    *,
+    set: str | None = None,
+    types: list[str],
+    snr_db: list[float],
+    samples: int | None = None,
+    seed: int = 0,
+) -> dict:
+    """WER on `samples` of `set` clean and with each noise type mixed in at each SNR (dB)."""
+    ncfg = _settings(locals())
+    return run.pytorch_only() or run.guarded(
+        "noise", lambda: evaluate_noise(run.lm, run.named_set("noise", set), ncfg, run.ecfg, run.out_dir)
+    )

@@ -18,9 +18,7 @@ Speed-critical choices, all exact (same loss as the straightforward computation)
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -28,10 +26,18 @@ import lightning as L
 import torch
 
 from distil.data.encoder_cache import EncoderCache
-from distil.evaluation.scoring import score
+from distil.evaluation.scoring import validation_metrics
 from distil.training.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
-from distil.training.optim import param_groups
-from distil.utils.errors import InputError
+from distil.training.optim import build_optimizers
+from distil.training.teacher import (
+    DistillationSetupError,
+    check_compatible,
+    check_encoder_cache,
+    resolve_freeze_encoder,
+    resolve_share_encoder,
+    teacher_not_missing,
+    without_teacher,
+)
 from distil.whisper.generation import generate_texts, generation_kwargs
 from distil.whisper.models import load_whisper, same_weights, weights_fingerprint
 from distil.whisper.student import encoder_is_full_copy
@@ -39,41 +45,8 @@ from distil.whisper.student import encoder_is_full_copy
 log = logging.getLogger(__name__)
 
 
-class DistillationSetupError(InputError):
-    """A student/teacher/loss combination that cannot train (raised at start-up)."""
-
-
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the batch's samples."""
-
-
-def _without_teacher(module, state_dict, prefix, local_metadata) -> None:
-    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
-        del state_dict[key]
-
-
-def _teacher_not_missing(module, incompatible_keys) -> None:
-    incompatible_keys.missing_keys[:] = [
-        k for k in incompatible_keys.missing_keys if not k.startswith("teacher.")
-    ]
-
-
-def _resolve_freeze_encoder(setting: bool | str, identical: bool | None) -> bool:
-    """`auto` freezes the student encoder iff it is the teacher's own (the paper's setting); a shrunk or changed
-    encoder frozen on purpose (`true`) is allowed, loudly: it can then never learn to work with fewer layers."""
-    if setting == "auto":
-        return bool(identical)
-    if not isinstance(setting, bool):
-        raise DistillationSetupError(f"model.freeze_encoder must be auto, true or false, got {setting!r}")
-    if setting and not identical:
-        message = (
-            "model.freeze_encoder=true freezes a student encoder that is not identical to the teacher's (a "
-            "shrunk or already changed encoder): it stays as initialised for the whole run. Use "
-            "model.freeze_encoder=auto (freeze only an identical copy) unless this is what you want"
-        )
-        log.warning(message)
-        warnings.warn(message, stacklevel=3)
-    return setting
 
 
 class WhisperDistiller(L.LightningModule):
@@ -125,13 +98,13 @@ class WhisperDistiller(L.LightningModule):
                     "kl_weight/mse_weight > 0 need a teacher (teacher_dir is not set)"
                 )
             teacher = load_whisper(teacher_dir).eval().requires_grad_(False)
-            self._check_compatible(teacher)
+            check_compatible(self.student.config, teacher.config)
         # A registered sub-module, so Lightning moves it to the device with the student, but not persistent:
         # `state_dict` (so every checkpoint) holds the student only and loading does not ask for the teacher;
         # the optimiser sees only the student, DDP neither broadcasts nor synchronises it.
         self.teacher = teacher
-        self.register_state_dict_post_hook(_without_teacher)
-        self.register_load_state_dict_post_hook(_teacher_not_missing)
+        self.register_state_dict_post_hook(without_teacher)
+        self.register_load_state_dict_post_hook(teacher_not_missing)
         if teacher is not None:
             self._ddp_params_and_buffers_to_ignore = [f"teacher.{k}" for k in teacher.state_dict()]
 
@@ -139,16 +112,11 @@ class WhisperDistiller(L.LightningModule):
             identical = same_weights(self.student.model.encoder, teacher.model.encoder)
         else:  # no teacher loaded (CE-only losses): the student's own record of how it was built
             identical = encoder_is_full_copy(student_dir)
-        self.freeze_encoder = _resolve_freeze_encoder(freeze_encoder, identical)
+        self.freeze_encoder = resolve_freeze_encoder(freeze_encoder, identical)
         if self.freeze_encoder:
             self.student.model.encoder.requires_grad_(False)
-        if share_encoder is None:
-            share_encoder = self.freeze_encoder and identical
-        elif share_encoder and not (self.freeze_encoder and identical):
-            raise DistillationSetupError(
-                "share_encoder needs model.freeze_encoder=true and a student encoder identical to the teacher's"
-            )
-        self.share_encoder = bool(share_encoder) and teacher is not None
+        share = resolve_share_encoder(share_encoder, self.freeze_encoder, identical)
+        self.share_encoder = share and teacher is not None
         self.encoder_identical = identical
 
         self.layer_pairs: dict[str, list[tuple[int, int]]] = {}
@@ -169,36 +137,9 @@ class WhisperDistiller(L.LightningModule):
 
     # ------------------------------------------------------------------ set-up helpers
 
-    def _check_compatible(self, teacher) -> None:
-        s, t = self.student.config, teacher.config
-        problems = []
-        if s.vocab_size != t.vocab_size:
-            problems.append(
-                f"vocabulary {s.vocab_size} vs teacher {t.vocab_size} (KL compares distributions token by token)"
-            )
-        if s.d_model != t.d_model:
-            problems.append(f"width d_model {s.d_model} vs teacher {t.d_model}")
-        if s.num_mel_bins != t.num_mel_bins:
-            problems.append(f"num_mel_bins {s.num_mel_bins} vs teacher {t.num_mel_bins}")
-        if problems:
-            raise DistillationSetupError(
-                "student and teacher are not compatible for distillation: "
-                + "; ".join(problems)
-                + ". Initialise the student from this teacher (python -m distil.init_student), or train without "
-                "a teacher (loss=sft or loss=finetune)"
-            )
-
     def set_encoder_cache(self, cache: EncoderCache | None) -> None:
         if cache is not None:
-            if not self.freeze_encoder:
-                raise DistillationSetupError(
-                    "encoder_cache needs model.freeze_encoder=true (the encoder must not change)"
-                )
-            if self.teacher is not None and not self.share_encoder:
-                raise DistillationSetupError(
-                    "encoder_cache needs the student's frozen encoder to be identical to the teacher's "
-                    "(one shared encoder pass); this student's encoder differs"
-                )
+            check_encoder_cache(self.freeze_encoder, self.teacher is not None, self.share_encoder)
         self.encoder_cache = cache
 
     def encoder_fingerprint(self) -> str:
@@ -361,25 +302,7 @@ class WhisperDistiller(L.LightningModule):
             for part in gathered:
                 for idx, rows in part.items():
                     outputs.setdefault(idx, {}).update(rows)
-        names, languages = self.val_set_names, self.val_languages
-        metrics: dict[str, float] = {}
-        weighted_num, weighted_den, macro = 0.0, 0, []
-        for idx, rows in sorted(outputs.items()):
-            name = names[idx] if idx < len(names) else f"set{idx}"
-            refs = [r for r, _ in rows.values()]
-            hyps = [h for _, h in rows.values()]
-            result = score(refs, hyps, languages[idx] if idx < len(languages) else None)
-            if result["wer"] is None:
-                continue
-            metrics[f"val/{name}/wer"] = result["wer"]
-            metrics[f"val/{name}/wer_orthographic"] = result["wer_orthographic"]
-            metrics[f"val/{name}/samples"] = result["scored"]  # under DDP too: the set, not a rank's share
-            weighted_num += result["wer"] * result["scored"]
-            weighted_den += result["scored"]
-            macro.append(result["wer"])
-        if weighted_den:
-            metrics["val/wer_weighted"] = weighted_num / weighted_den
-            metrics["val/wer_macro"] = sum(macro) / len(macro)
+        metrics = validation_metrics(outputs, self.val_set_names, self.val_languages)
         for key, value in metrics.items():  # already over all ranks: nothing left for sync_dist to reduce
             self.log(key, float(value), sync_dist=False, rank_zero_only=False)
         self._val_outputs = {}
@@ -396,16 +319,9 @@ class WhisperDistiller(L.LightningModule):
         return bool(fused)
 
     def configure_optimizers(self):
-        factory = self.optimizer_factory
-        kwargs = {}
-        if "fused" in inspect.signature(getattr(factory, "func", factory)).parameters:
-            kwargs["fused"] = self._use_fused() or None
-        weight_decay = float(getattr(factory, "keywords", {}).get("weight_decay", 0.0))
-        optimizer = factory(param_groups(self.student, weight_decay), **kwargs)
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return build_optimizers(
+            self.optimizer_factory, self.scheduler_factory, self.student, self._use_fused()
+        )
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

@@ -10,6 +10,10 @@ processes and the gradient accumulation, so the schedule needs no rescaling when
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -80,3 +84,21 @@ def build_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup_steps, total_steps, schedule)
     )
+
+
+def build_optimizers(
+    optimizer: Callable[..., torch.optim.Optimizer],
+    scheduler: Callable[[torch.optim.Optimizer], Any] | None,
+    model: nn.Module,
+    fused: bool,
+):
+    """What `configure_optimizers` returns: `optimizer` (a partial) over `param_groups(model)`, fused when asked
+    and the optimiser takes it, and `scheduler(optimizer)` stepped per optimiser step."""
+    kwargs = {}
+    if "fused" in inspect.signature(getattr(optimizer, "func", optimizer)).parameters:
+        kwargs["fused"] = fused or None
+    weight_decay = float(getattr(optimizer, "keywords", {}).get("weight_decay", 0.0))
+    built = optimizer(param_groups(model, weight_decay), **kwargs)
+    if scheduler is None:
+        return built
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler(built), "interval": "step"}}

