@@ -2,8 +2,8 @@
 
     python benchmarks/distil_demo.py [hydra overrides for the train stage, e.g. trainer.max_steps=200]
 
-Builds the espeak/flite corpora (distil.corpus), pseudo-labels their train splits with tiny.en
-(distil.pseudo_label), trains `experiment=demo` (distil.train) and reports the test WER (normalised,
+Builds the synthetic corpora (distil.corpus), pseudo-labels their train splits with tiny.en as the default
+pipeline recipe does (conf/recipe/demo.yaml: packed same-speaker segments, timestamps; distil.pseudo_label), trains `experiment=demo` (distil.train) and reports the test WER (normalised,
 corpus-level, distil.evaluate.score) of the teacher, of the freshly initialised student and of the trained
 student, plus the time each stage took. Everything lives under $DISTIL_HOME; every stage is idempotent, so a
 second run reuses the corpus, the labels and the finished training run.
@@ -29,7 +29,9 @@ def _compose(name: str, overrides=()):
         return compose(name, overrides=list(overrides))
 
 
-def test_wer(model_dir: str, corpora: str, names=("espeak", "flite"), batch_size: int = 16) -> dict:
+def test_wer(
+    model_dir: str, corpora: str, names=("espeak", "flite", "festival"), batch_size: int = 16
+) -> dict:
     from distil.evaluation.data import load_samples, set_entry
     from distil.evaluation.scoring import score
     from distil.whisper.generation import generation_kwargs, transcribe
@@ -67,7 +69,11 @@ def run(train_overrides=()) -> dict:
     timings["corpus_s"] = time.time() - t
 
     t = time.time()
-    pl_cfg = _compose("pseudo_label", ["teacher=tiny_en", "data=synthetic", "progress_bar=false"])
+    recipe = _compose("pipeline").recipe  # the pipeline's labelling settings, so both share one label store
+    pl_cfg = _compose(
+        "pseudo_label",
+        [f"teacher={recipe.teacher}", "data=synthetic", "progress_bar=false", *recipe.pseudo_label],
+    )
     pl = pseudo_label(pl_cfg, run_dir=Path(pl_cfg.paths.runs) / "pseudo_label" / "demo")
     timings["pseudo_label_s"] = time.time() - t
 
