@@ -22,8 +22,9 @@ import torch
 from helpers import entry, write_split
 
 TEACHER = "whisper-tiny-random"
-DATASETS = {"espeak": 0, "flite": 100}  # conf/data/synthetic.yaml's names -> id offsets
-TRAIN_SAMPLES, VAL_SAMPLES = 8, 6  # per dataset
+DATASETS = {"espeak": 0, "flite": 100, "festival": 200}  # conf/data/synthetic.yaml's names -> id offsets
+TRAIN_SAMPLES = {"espeak": 8, "flite": 4, "festival": 4}  # an epoch: 16 samples, 2 steps of 4 per process x 2
+VAL_SAMPLES = 6  # per dataset
 BASE = [
     "teacher=tiny_random",
     "student=1dec",
@@ -42,7 +43,7 @@ TWO = ["trainer.devices=2"]  # strategy auto -> ddp, accelerator cpu -> gloo
 
 @pytest.fixture(scope="module")
 def home(tmp_path_factory, tiny_random_dir) -> Path:
-    """A DISTIL_HOME with the tiny random teacher, pseudo-labels of `espeak` and `flite`, and their validation splits."""
+    """A DISTIL_HOME with the tiny random teacher, pseudo-labels of the synthetic datasets, and their validation splits."""
     from transformers import WhisperTokenizerFast
 
     home = tmp_path_factory.mktemp("ddp_home")
@@ -51,7 +52,7 @@ def home(tmp_path_factory, tiny_random_dir) -> Path:
         (home / "models" / name).symlink_to(Path(tiny_random_dir).parent / name)
     tok = WhisperTokenizerFast.from_pretrained(tiny_random_dir)
     for name, offset in DATASETS.items():
-        write_split(home / "pseudo_labels" / TEACHER, name, "train", TRAIN_SAMPLES, tok, id_offset=offset)
+        write_split(home / "pseudo_labels" / TEACHER, name, "train", TRAIN_SAMPLES[name], tok, id_offset=offset)
         write_split(home / "corpora", name, "validation", VAL_SAMPLES, labelled=False, id_offset=offset + 50)
     return home
 
@@ -87,7 +88,7 @@ def ids_by_epoch(recs: dict[int, list[dict]]) -> dict[int, dict[int, list[str]]]
 
 def all_train_ids() -> set[str]:
     return {
-        f"{name}/train/{name}-{offset + i}" for name, offset in DATASETS.items() for i in range(TRAIN_SAMPLES)
+        f"{name}/train/{name}-{offset + i}" for name, offset in DATASETS.items() for i in range(TRAIN_SAMPLES[name])
     }
 
 
@@ -161,7 +162,7 @@ def test_only_rank_zero_writes_run_files(run, home):
     assert summary["global_step"] == 4 and summary["processes"] == 2
     assert summary["effective_batch_size"] == 4 * 2  # data.batch_size x 2 processes
     assert set(summary["exports"]) == {"best", "last"}
-    assert json.loads((run / "data_filter.json").read_text())["espeak/train"]["kept"] == TRAIN_SAMPLES
+    assert json.loads((run / "data_filter.json").read_text())["espeak/train"]["kept"] == TRAIN_SAMPLES["espeak"]
     assert checkpoint(run, "last.ckpt")["global_step"] == 4
     from transformers import WhisperForConditionalGeneration
 
@@ -234,7 +235,7 @@ def test_streaming_ranks_train_on_disjoint_halves_of_every_epoch(home, tmp_path)
     assert checkpoint(out, "last.ckpt")["global_step"] == 4
     # each rank counted the filters over its own part of the stream; the report holds the sums
     assert {k: v["kept"] for k, v in json.loads((out / "data_filter.json").read_text()).items()} == {
-        f"{name}/train": TRAIN_SAMPLES for name in DATASETS
+        f"{name}/train": TRAIN_SAMPLES[name] for name in DATASETS
     }
 
 
