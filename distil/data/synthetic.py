@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-import shutil
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -114,7 +113,7 @@ def available_voices(engine: str) -> tuple[frozenset[str], frozenset[str]]:
     exe = require_engine(engine)
     if engine == "festival":
         # "(cmu_us_slt_arctic_hts ked_diphone kal_diphone)"
-        text = _run([shutil.which("festival") or "festival", "-b", "(print (voice.list))"])
+        text = _run([exe, "-b", "(print (voice.list))"])
         return frozenset(text.strip().strip("()").split()), frozenset()
     if engine == "flite":
         # "Voices available: kal awb_time kal16 awb rms slt"
