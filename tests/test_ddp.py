@@ -52,7 +52,9 @@ def home(tmp_path_factory, tiny_random_dir) -> Path:
         (home / "models" / name).symlink_to(Path(tiny_random_dir).parent / name)
     tok = WhisperTokenizerFast.from_pretrained(tiny_random_dir)
     for name, offset in DATASETS.items():
-        write_split(home / "pseudo_labels" / TEACHER, name, "train", TRAIN_SAMPLES[name], tok, id_offset=offset)
+        write_split(
+            home / "pseudo_labels" / TEACHER, name, "train", TRAIN_SAMPLES[name], tok, id_offset=offset
+        )
         write_split(home / "corpora", name, "validation", VAL_SAMPLES, labelled=False, id_offset=offset + 50)
     return home
 
@@ -88,7 +90,9 @@ def ids_by_epoch(recs: dict[int, list[dict]]) -> dict[int, dict[int, list[str]]]
 
 def all_train_ids() -> set[str]:
     return {
-        f"{name}/train/{name}-{offset + i}" for name, offset in DATASETS.items() for i in range(TRAIN_SAMPLES[name])
+        f"{name}/train/{name}-{offset + i}"
+        for name, offset in DATASETS.items()
+        for i in range(TRAIN_SAMPLES[name])
     }
 
 
@@ -162,7 +166,9 @@ def test_only_rank_zero_writes_run_files(run, home):
     assert summary["global_step"] == 4 and summary["processes"] == 2
     assert summary["effective_batch_size"] == 4 * 2  # data.batch_size x 2 processes
     assert set(summary["exports"]) == {"best", "last"}
-    assert json.loads((run / "data_filter.json").read_text())["espeak/train"]["kept"] == TRAIN_SAMPLES["espeak"]
+    assert (
+        json.loads((run / "data_filter.json").read_text())["espeak/train"]["kept"] == TRAIN_SAMPLES["espeak"]
+    )
     assert checkpoint(run, "last.ckpt")["global_step"] == 4
     from transformers import WhisperForConditionalGeneration
 
