@@ -29,7 +29,7 @@ STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")
 def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
     """The command-line overrides of one stage: the pipeline's shared choices, then the stage's own."""
     shared = {
-        "corpus": [],
+        "corpus": list(cfg.recipe.get("corpus") or []),
         "pseudo_label": [f"teacher={cfg.recipe.teacher}", *(cfg.recipe.get("pseudo_label") or [])],
         "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
         "train": _train_choices(cfg),

@@ -216,6 +216,25 @@ def test_rows_are_grouped_by_speaker_each_with_its_own_prosody(built):
     assert corpus.speaker_prosody(spec, "en-us", 0) == corpus.speaker_prosody(spec, "en-us", 0)
 
 
+def test_a_bigger_train_split_keeps_the_other_splits_and_extends_the_train_rows(built):
+    """Each split is drawn on its own (conf/recipe/demo_long.yaml doubles the train clips): the test and
+    validation rows stay the same and every row of the smaller train split is still there."""
+    cfg, _ = built
+    pools = {s: [f"Sentence {i} of {s} is here." for i in range(50)] for s in corpus.SPLITS}
+    small = corpus.parse_spec("espeak", cfg["corpora"]["espeak"])
+    sizes = dict(small.sizes)
+    big = corpus.parse_spec(
+        "espeak", {**cfg["corpora"]["espeak"], "sizes": {**sizes, "train": 2 * sizes["train"]}}
+    )
+    small_plan, big_plan = corpus.plan_corpus(small, pools, 0), corpus.plan_corpus(big, pools, 0)
+    for split in set(sizes) - {"train"}:
+        assert big_plan.splits.get(split) == small_plan.splits.get(split), split
+    small_rows, big_rows = (
+        {(i.voice, i.texts) for i in plan.splits["train"]} for plan in (small_plan, big_plan)
+    )
+    assert len(big_rows) == 2 * len(small_rows) and small_rows <= big_rows
+
+
 def test_build_is_deterministic(built, tmp_path):
     cfg, paths = built
     again = build_all({**cfg, "out_dir": str(tmp_path)})

@@ -1,6 +1,7 @@
 """End-to-end smoke of the whole recipe on the CPU: every stage runs for real, on tiny settings."""
 
 import json
+from pathlib import Path
 
 import datasets
 import pytest
@@ -8,7 +9,7 @@ from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from distil.pipeline import compare, format_comparison, run_pipeline, stage_overrides
+from distil.pipeline import STAGES, compare, compose_stage, format_comparison, run_pipeline, stage_overrides
 from distil.utils.paths import CONF_DIR
 
 TINY_EVAL = [
@@ -47,6 +48,26 @@ def test_stage_overrides_forward_the_shared_choices(tmp_path):
         # `python -m distil.train experiment=tiny_random_smoke` (plus the WER threshold).
         assert stage_overrides(same, "train") == ["experiment=tiny_random_smoke", "data.wer_threshold=15"]
         assert stage_overrides(other_student, "train") == ["experiment=tiny_random_smoke", "student=2dec"]
+
+
+RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_every_recipe_composes_every_stage(recipe, tmp_path):
+    """Each recipe's choices and per-stage overrides make valid stage configs (what `dry_run` would print)."""
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(config_name="pipeline", overrides=[f"recipe={recipe}", f"paths.root={tmp_path}"])
+        stages = {stage: compose_stage(stage, stage_overrides(cfg, stage), cfg.paths) for stage in STAGES}
+        default_corpus = compose_stage("corpus", [], cfg.paths)
+    assert stages["train"].name == cfg.recipe.experiment
+    assert stages["init_student"].teacher.name == stages["pseudo_label"].teacher.name
+    if recipe == "demo_long":  # twice the demo's training clips, the same test sets
+        for engine, spec in stages["corpus"].corpora.items():
+            assert spec.sizes.get("train", 0) == 2 * default_corpus.corpora[engine].sizes.get("train", 0), (
+                engine
+            )
+            assert spec.sizes.get("test") == default_corpus.corpora[engine].sizes.get("test"), engine
 
 
 def test_comparison_table_formats_missing_values():
@@ -122,3 +143,42 @@ def test_pipeline_run_notebook_executes_against_the_run(pipeline_run, monkeypatc
             exec(compile("".join(cell["source"]), f"pipeline_run.ipynb[cell {index}]", "exec"), namespace)
     assert set(namespace["side_by_side"]) == {"teacher", "student"}
     assert namespace["live"]["identical_fraction"] == 1.0
+
+
+def _file_times(*roots):
+    return {str(p): p.stat().st_mtime_ns for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_rerun_with_a_changed_evaluation_setting_redoes_only_the_evaluation(pipeline_run, tiny_random_dir):
+    """The same pipeline again with one evaluation setting changed: corpus, labels, student and training
+    checkpoints are reused untouched; only the evaluation (with the new setting) and the report are new."""
+    tmp_path, first_run, first = pipeline_run
+    students = tmp_path / "students"
+    reused = [tmp_path / "corpora", tmp_path / "pseudo_labels", students]
+    before = _file_times(*reused)
+    checkpoints = {k: v for k, v in before.items() if k.endswith(".ckpt")}
+    assert checkpoints  # the training run's checkpoints are among what must stay untouched
+    second_run = tmp_path / "run_eval_changed"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = _pipeline_cfg(
+            tmp_path,
+            [
+                f"paths.models={tiny_random_dir.parent}",
+                "overrides.evaluate=[" + ",".join(f"'{o}'" for o in [*TINY_EVAL, "eval.max_samples=2"]) + "]",
+            ],
+        )
+        results = run_pipeline(cfg, second_run)
+    after = _file_times(*reused)
+    # Nothing reused was rewritten or deleted. The training stage resumed at its last step: it rewrote only its
+    # run records (config, data filter, summary: .json/.yaml beside the checkpoints) and the exported models.
+    run = students / "tiny_random_smoke"
+    changed = [Path(p) for p in before if after.get(p) != before[p]]
+    records = [p for p in changed if p.parent == run and p.suffix in (".json", ".yaml")]
+    exports = [p for p in changed if p.is_relative_to(run / "last") or p.is_relative_to(run / "best")]
+    assert sorted(set(changed) - set(records) - set(exports)) == []
+    assert results["train"]["global_step"] == first["train"]["global_step"]
+    for role in ("teacher", "student"):  # evaluated anew, with the new setting
+        old = first["evaluate"][role]["short_form"]["sets"]["espeak"]["samples"]
+        new = results["evaluate"][role]["short_form"]["sets"]["espeak"]["samples"]
+        assert (old, new) == (3, 2), role
+    assert (second_run / "report.md").is_file() and (first_run / "report.md").is_file()
