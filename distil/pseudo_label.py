@@ -44,6 +44,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.entries import (
     DataConfigError,
     DatasetEntry,
@@ -76,6 +77,7 @@ from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usa
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 from distil.utils.tensorboard import write_tensorboard
+from distil.whisper.models import weights_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +235,9 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         model_dir, settings, dtype=cfg.dtype, attn_implementation=cfg.attn_implementation
     )
     feature_extractor = WhisperFeatureExtractor.from_pretrained(model_dir)
+    if cfg.encoder_cache.enabled:  # the key training will look for: the same encoder weights and features
+        fingerprint = cache_fingerprint(weights_fingerprint(teacher.model.model.encoder), feature_extractor)
+        teacher.set_encoder_cache(EncoderCache(cfg.encoder_cache.dir, fingerprint))
 
     results = {}
     for entry, split, ds in inputs:

@@ -6,6 +6,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+import distil.whisper.models  # noqa: F401  (registers the model_dir_name resolver, as every stage command does)
 from distil.utils.paths import CONF_DIR
 
 MAIN_CONFIGS = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))

@@ -135,10 +135,14 @@ def test_encoder_cache_gives_the_same_loss(student_dir, tiny_dir, batch, tmp_pat
     module = make(student_dir, tiny_dir)
     cache = EncoderCache(tmp_path, weights_fingerprint(module.student.model.encoder))
     module.set_encoder_cache(cache)
+    batch = {
+        **batch,
+        "cache_keys": [f"{k}/audio-digest" for k in batch["sample_ids"]],
+    }  # as the collator adds
     with torch.no_grad():
         uncached, _ = module.compute_loss(batch)  # first epoch: computes and stores
-    assert cache.has_all(batch["sample_ids"]) and len(cache) == 2
-    states = torch.from_numpy(cache.load(batch["sample_ids"]))
+    assert cache.has_all(batch["cache_keys"]) and len(cache) == 2
+    states = torch.from_numpy(cache.load(batch["cache_keys"]))
     assert states.dtype == torch.float16 and states.shape[:2] == (2, 1500)
     cached_batch = {k: v for k, v in batch.items() if k != "input_features"}
     cached_batch["encoder_hidden_states"] = states

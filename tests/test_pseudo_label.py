@@ -453,6 +453,45 @@ def test_packing_respects_speakers_and_builds_prompts(
     assert all(r["prompt"] is None or r["prompt"].count("<|startofprev|>") == 1 for r in rows)
 
 
+def test_labelling_fills_the_encoder_cache_that_training_reads(tmp_path, tiny_random_dir, corpus):
+    """With encoder_cache.enabled the labeller stores each packed unit's encoder output under the key the
+    training collator computes for that label row: training's first epoch finds every state, and they are
+    the encoder's output on the features training would have computed."""
+    from omegaconf import OmegaConf
+
+    from distil.data.encoder_cache import EncoderCache, cache_fingerprint
+    from distil.datamodules.speech import SpeechDataModule
+    from distil.whisper.models import load_whisper, weights_fingerprint
+
+    cfg, summary = run(
+        tmp_path, tiny_random_dir, corpus, "packing.enabled=true", "encoder_cache.enabled=true"
+    )
+    encoder = load_whisper(str(tiny_random_dir)).model.encoder
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_random_dir)
+    cache = EncoderCache(cfg.encoder_cache.dir, cache_fingerprint(weights_fingerprint(encoder), fe))
+    assert len(cache) == len(read_rows(split_out(summary))) > 1
+
+    def first_batch(encoder_cache):
+        dm = SpeechDataModule(
+            OmegaConf.to_container(cfg.data.datasets, resolve=True),
+            str(tiny_random_dir),
+            pseudo_labels_dir=cfg.output_dir,
+            batch_size=2,
+            validation_splits=[],
+            cache_dir=str(tmp_path / ".hf_cache"),
+        )
+        dm.encoder_cache = encoder_cache
+        dm.setup("fit")
+        return next(iter(dm.train_dataloader()))
+
+    cached, computed = first_batch(cache), first_batch(None)
+    assert cached["sample_ids"] == computed["sample_ids"]
+    assert "input_features" not in cached  # found in the cache from the very first batch
+    with torch.no_grad():
+        expected = encoder(computed["input_features"]).last_hidden_state
+    torch.testing.assert_close(cached["encoder_hidden_states"].float(), expected, rtol=1e-2, atol=1e-2)
+
+
 def test_audio_only_data(tmp_path, tiny_random_dir, corpus):
     _, summary = run(
         tmp_path,

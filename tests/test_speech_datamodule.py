@@ -381,10 +381,17 @@ def test_collator_uses_encoder_cache(tmp_path, tiny_dir, tokenizer):
     ]
     first = collator(rows, epoch=0)
     assert "input_features" in first and "encoder_hidden_states" not in first
-    cache.save(first["sample_ids"], torch.randn(2, 1500, 8))
+    cache.save(first["cache_keys"], torch.randn(2, 1500, 8))
     second = collator(rows, epoch=1)
     assert "input_features" not in second and second["encoder_hidden_states"].dtype == torch.float16
     assert second["encoder_hidden_states"].shape == (2, 1500, 8)
+    # The same ids with other audio (a rebuilt corpus) are other keys: no stale encoder states are read.
+    rebuilt = [{**row, "audio": {"bytes": encode_flac(wave(0.7, 5), SR), "path": None}} for row in rows]
+    third = collator(rebuilt, epoch=2)
+    assert third["sample_ids"] == second["sample_ids"] and set(third["cache_keys"]).isdisjoint(
+        second["cache_keys"]
+    )
+    assert "input_features" in third and "encoder_hidden_states" not in third
 
 
 def test_streaming_ranks_and_workers_each_read_only_their_part(tmp_path, tiny_dir, tokenizer, monkeypatch):

@@ -5,8 +5,11 @@ and it is the most expensive part of a training step once labels are padded to t
 448). The first epoch computes it and stores it here (fp16, one `.npy` file per sample); later epochs
 read it in the DataLoader workers and skip audio decoding, feature extraction and the encoder.
 
-Keys are `<dataset>/<split>/<sample id>` under a directory named by the encoder's fingerprint (teacher
-fingerprint + feature settings), so a different teacher or feature extractor never reads stale states.
+Keys are `<dataset>/<split>/<sample id>/<audio digest>` (`cache_key`) under a directory named by the encoder's
+fingerprint (teacher fingerprint + feature settings), so a different teacher or feature extractor never reads
+stale states, and neither does a corpus rebuilt with other audio under the same ids. Pseudo-labelling fills
+the cache as it encodes (`encoder_cache.enabled` in conf/pseudo_label.yaml), so training's first epoch
+can skip the encoder too.
 Files are written to a temporary name and renamed: a file that exists is complete, and concurrent
 writers (DDP ranks) cannot corrupt each other. Only valid without audio augmentation (the audio of a
 sample must be the same every epoch).
@@ -17,11 +20,23 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
+
+
+def cache_key(source: str, sample_id: str, audio: Mapping[str, Any] | None) -> str:
+    """The cache key of one sample: `<dataset>/<split>/<sample id>/<digest of its audio>`.
+
+    `audio` is the undecoded column (`{"bytes", "path"}`): the digest is taken of the bytes (or of the path
+    when only a path is stored), so the key names the sound itself and not only where it sits in a corpus.
+    """
+    audio = audio or {}
+    content = audio.get("bytes") or str(audio.get("path") or "").encode()
+    return f"{source}/{sample_id}/{hashlib.blake2b(content, digest_size=8).hexdigest()}"
 
 
 class EncoderCache:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from distil.data.audio import SAMPLING_RATE, audio_duration, decode_audio
-from distil.data.encoder_cache import EncoderCache
+from distil.data.encoder_cache import EncoderCache, cache_key
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
     SpecialTokens,
@@ -141,13 +141,16 @@ class SpeechCollator:
             out = self.feature_extractor(waves, sampling_rate=SAMPLING_RATE, return_tensors="pt")
         return out.input_features
 
-    def cache_keys(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
+    def sample_ids(self, rows: Sequence[Mapping[str, Any]]) -> list[str]:
         return [f"{r['source']}/{r['sample_id']}" for r in rows]
 
     def __call__(self, rows: Sequence[Mapping[str, Any]], epoch: int = 0) -> dict[str, Any]:
-        keys = self.cache_keys(rows)
+        keys = self.sample_ids(rows)
         batch: dict[str, Any] = {"sample_ids": keys, "epoch": int(epoch)}
-        cached = self.encoder_cache.load(keys) if self.encoder_cache is not None else None
+        cached = None
+        if self.encoder_cache is not None:
+            batch["cache_keys"] = [cache_key(r["source"], r["sample_id"], r["audio"]) for r in rows]
+            cached = self.encoder_cache.load(batch["cache_keys"])
         if cached is not None:
             batch["encoder_hidden_states"] = torch.from_numpy(cached)  # fp16; the module casts
         else:
@@ -171,5 +174,5 @@ class SpeechCollator:
         return {
             "input_features": self.features(rows),
             "references": [r.get("text") or "" for r in rows],
-            "sample_ids": self.cache_keys(rows),
+            "sample_ids": self.sample_ids(rows),
         }

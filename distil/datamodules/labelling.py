@@ -28,6 +28,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from distil.data.audio import SAMPLING_RATE, AudioDecodeError, audio_duration, decode_audio, encode_flac
+from distil.data.encoder_cache import cache_key
 from distil.data.entries import DatasetEntry, duration_column, stable_id
 from distil.data.label_jobs import claim_shard
 from distil.data.label_plan import (
@@ -205,8 +206,12 @@ def make_batch(
     feature_extractor,
     max_seconds: float = MAX_WHISPER_SECONDS,
     packing: bool = False,
+    split: str | None = None,
 ) -> dict:
-    """Decode a batch of units; undecodable or too long ones become `skipped` entries."""
+    """Decode a batch of units; undecodable or too long ones become `skipped` entries.
+
+    With `split` and an id column, each kept unit also gets the key under which training's encoder cache
+    will look up its encoder output (`distil.data.encoder_cache.cache_key` of the row training reads)."""
     waves, rows, kept, skipped = [], [], [], []
     for unit in units:
         # A clip that cannot be decoded is listed and left out; the rest of a packed unit is still labelled.
@@ -242,8 +247,14 @@ def make_batch(
         features = feature_extractor(
             waves, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=False
         ).input_features
+    keys = None
+    if split is not None and entry.id_column:
+        keys = [
+            cache_key(f"{entry.name}/{split}", str(r[entry.id_column]), r[entry.audio_column]) for r in rows
+        ]
     return {
         "input_features": features,
+        "cache_keys": keys,
         "rows": rows,
         "skipped": skipped,
         "shard": shard,
@@ -295,7 +306,9 @@ class ShardBatches(IterableDataset):
                 log.info("shard %d is complete or being labelled by another run: skipped", k)
                 continue
             for batch in duration_batches(units, self.batch_size):
-                yield make_batch(k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing)
+                yield make_batch(
+                    k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing, spec.split
+                )
 
 
 class LabellingDataModule(L.LightningDataModule):

@@ -168,7 +168,7 @@ class WhisperDistiller(L.LightningModule):
                 with torch.no_grad():
                     enc = self.student.model.encoder(feats).last_hidden_state
                 if self.encoder_cache is not None:
-                    self.encoder_cache.save(batch["sample_ids"], enc)
+                    self.encoder_cache.save(batch["cache_keys"], enc)
             else:
                 enc = self.student.model.encoder(feats).last_hidden_state
             return enc, enc, None

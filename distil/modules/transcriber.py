@@ -16,6 +16,7 @@ import torch
 from transformers import AutoTokenizer, GenerationConfig
 from transformers.utils import logging as hf_logging
 
+from distil.data.encoder_cache import EncoderCache
 from distil.utils.errors import InputError
 from distil.whisper.generation import is_multilingual
 from distil.whisper.models import load_whisper
@@ -109,6 +110,7 @@ class WhisperTranscriber(L.LightningModule):
         self.dtype_name = dtype
         self.generation_config = self.model.generation_config
         self.multilingual = is_multilingual(self.model)
+        self.encoder_cache: EncoderCache | None = None
         eos = self.generation_config.eos_token_id
         self.eos_id = eos[0] if isinstance(eos, (list, tuple)) else eos
 
@@ -145,11 +147,24 @@ class WhisperTranscriber(L.LightningModule):
             return int(self.settings.max_new_tokens)
         return int(self.model.config.max_target_positions) - prefix_len
 
+    def set_encoder_cache(self, cache: EncoderCache | None) -> None:
+        """Store each unit's encoder output for training (a student that shares this teacher's frozen encoder
+        reads it instead of encoding the unit again); only an fp32 teacher's outputs are what training computes."""
+        if cache is not None and self.model.dtype != torch.float32:
+            raise GenerationConfigError(
+                f"encoder_cache needs dtype=fp32 (the teacher runs in {self.dtype_name}; training encodes in fp32)"
+            )
+        self.encoder_cache = cache
+
     @torch.inference_mode()
-    def transcribe(self, input_features: torch.Tensor) -> dict[str, list]:
+    def transcribe(
+        self, input_features: torch.Tensor, cache_keys: list[str] | None = None
+    ) -> dict[str, list]:
         input_features = input_features.to(self.device, self.model.dtype)
-        # One encoder pass shared by language detection and generation.
+        # One encoder pass shared by language detection, generation and training's encoder cache.
         encoder_outputs = self.model.get_encoder()(input_features)
+        if self.encoder_cache is not None and cache_keys is not None:
+            self.encoder_cache.save(cache_keys, encoder_outputs.last_hidden_state)
         languages = self._languages(encoder_outputs, input_features.shape[0])
         # One generate call per 30-s window, as the reference labels: with timestamps, transformers 5 otherwise
         # runs its long-form seek loop inside the window (a row whose last segment is unfinished is decoded
@@ -205,4 +220,4 @@ class WhisperTranscriber(L.LightningModule):
                 "language": [],
                 "truncated": [],
             }
-        return self.transcribe(features)
+        return self.transcribe(features, batch.get("cache_keys"))
