@@ -214,6 +214,26 @@ def label_split(
     return {**summary, "status": "complete", "output_dir": str(out_dir), "this_run": this_run}
 
 
+def _check_encoder_cache(cfg: DictConfig, entries: Sequence[DatasetEntry]) -> None:
+    """Before the teacher loads: the cache can be written, and training will find what is written."""
+    if cfg.dtype != "fp32":
+        # The cache directory is named by the encoder weights' fingerprint: a bf16/fp16 teacher's would not be
+        # the fp32 student's, so training would never read these entries.
+        raise DataConfigError(
+            f"encoder_cache.enabled needs dtype=fp32 (got {cfg.dtype}): training looks up the fp32 encoder's "
+            "outputs; use dtype=fp32 or encoder_cache.enabled=false"
+        )
+    ensure_writable_directory(cfg.encoder_cache.dir, "encoder_cache.dir")
+    for entry in entries:
+        if not entry.id_column:
+            log.warning(
+                "%s has no id column (%s.id_column): its encoder outputs cannot be keyed as training keys them, "
+                "so encoder_cache.enabled stores none of them (training's first epoch computes them)",
+                entry.name,
+                entry.key,
+            )
+
+
 def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: Sequence[Any] = ()) -> dict:
     """Label every configured split; return {"splits": {"<dataset>/<split>": summary}, ...}."""
     run_dir = (
@@ -226,6 +246,8 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"
         )
+    if cfg.encoder_cache.enabled:
+        _check_encoder_cache(cfg, [entry for entry, _, _ in inputs])
     settings = GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True))
     model_dir, teacher_meta = _teacher_record(cfg)
     from transformers import GenerationConfig, WhisperFeatureExtractor

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import datasets
+import pyarrow.parquet as pq
 import pytest
 from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
@@ -33,6 +34,7 @@ def _pipeline_cfg(tmp_path, extra=()):
         "recipe.experiment=tiny_random_smoke",
         "overrides.corpus=[" + ",".join(f"'{o}'" for o in TINY_CORPUS) + "]",
         "overrides.pseudo_label=['data=synthetic','batch_size=4','progress_bar=false']",
+        "overrides.train=['encoder_cache.enabled=true']",
         "overrides.evaluate=[" + ",".join(f"'{o}'" for o in TINY_EVAL) + "]",
         *extra,
     ]
@@ -105,6 +107,14 @@ def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir):
     )
     assert all(notimestamps not in ids[:2] for ids in rows["token_ids"])  # labelled in timestamp mode
     assert results["train"]["global_step"] == 4
+    # The labeller filled the encoder cache under the key training computes: training found every segment
+    # there (one fingerprint directory, one entry per labelled unit, none added by training).
+    fingerprints = list((tmp_path / "encoder_cache").iterdir())
+    units = sum(pq.read_metadata(p).num_rows for p in labels.glob("*/train/*.parquet"))
+    entries = list(fingerprints[0].glob("*/*.npy"))
+    assert len(fingerprints) == 1 and len(entries) == units
+    labelled_by = max(p.stat().st_mtime_ns for p in labels.glob("*/train/_SUCCESS"))
+    assert max(p.stat().st_mtime_ns for p in entries) <= labelled_by  # all written while labelling
     comparison = results["comparison"]
     assert set(comparison) == {"teacher", "student", "student-ct2-int8"}
     assert comparison["teacher"]["short_form_wer"] is not None

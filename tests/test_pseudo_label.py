@@ -492,6 +492,11 @@ def test_labelling_fills_the_encoder_cache_that_training_reads(tmp_path, tiny_ra
     torch.testing.assert_close(cached["encoder_hidden_states"].float(), expected, rtol=1e-2, atol=1e-2)
 
 
+def test_encoder_cache_is_refused_for_a_teacher_training_would_not_match(tmp_path, tiny_random_dir, corpus):
+    with pytest.raises(DataConfigError, match="encoder_cache.enabled needs dtype=fp32"):
+        run(tmp_path, tiny_random_dir, corpus, "dtype=bf16", "encoder_cache.enabled=true")
+
+
 def test_audio_only_data(tmp_path, tiny_random_dir, corpus):
     _, summary = run(
         tmp_path,

@@ -360,6 +360,22 @@ def test_streaming_matches_filters_and_mixes(tmp_path, tiny_dir, tokenizer, monk
     assert not bad & set(seen)
 
 
+def test_cache_key_names_the_audio_not_only_its_place(tmp_path):
+    from distil.data.encoder_cache import cache_key
+
+    by_bytes = cache_key("a/train", "7", {"bytes": b"sound", "path": "x.flac"})
+    assert by_bytes == cache_key("a/train", "7", {"bytes": b"sound", "path": None})  # the bytes decide
+    assert by_bytes != cache_key("a/train", "7", {"bytes": b"other sound", "path": "x.flac"})
+    assert by_bytes.startswith("a/train/7/")
+    clip = (
+        tmp_path / "clip.flac"
+    )  # audio stored as a path only: a file replaced under that name is another key
+    clip.write_bytes(b"first")
+    before = cache_key("a/train", "7", {"bytes": None, "path": str(clip)})
+    clip.write_bytes(b"second take")
+    assert cache_key("a/train", "7", {"bytes": None, "path": str(clip)}) != before
+
+
 def test_collator_uses_encoder_cache(tmp_path, tiny_dir, tokenizer):
     from transformers import WhisperFeatureExtractor
 

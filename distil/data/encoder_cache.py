@@ -31,11 +31,17 @@ import torch
 def cache_key(source: str, sample_id: str, audio: Mapping[str, Any] | None) -> str:
     """The cache key of one sample: `<dataset>/<split>/<sample id>/<digest of its audio>`.
 
-    `audio` is the undecoded column (`{"bytes", "path"}`): the digest is taken of the bytes (or of the path
-    when only a path is stored), so the key names the sound itself and not only where it sits in a corpus.
+    `audio` is the undecoded column (`{"bytes", "path"}`): the digest is taken of the bytes, so the key names
+    the sound itself and not only where it sits in a corpus. When only a path is stored, of the path with the
+    file's size and modification time (a file replaced under the same name is another key).
     """
     audio = audio or {}
-    content = audio.get("bytes") or str(audio.get("path") or "").encode()
+    content = audio.get("bytes")
+    if not content:
+        path = str(audio.get("path") or "")
+        stat = os.stat(path) if path and os.path.isfile(path) else None
+        content = f"{path}|{stat.st_size}|{stat.st_mtime_ns}" if stat else path
+        content = content.encode()
     return f"{source}/{sample_id}/{hashlib.blake2b(content, digest_size=8).hexdigest()}"
 
 

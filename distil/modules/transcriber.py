@@ -148,12 +148,8 @@ class WhisperTranscriber(L.LightningModule):
         return int(self.model.config.max_target_positions) - prefix_len
 
     def set_encoder_cache(self, cache: EncoderCache | None) -> None:
-        """Store each unit's encoder output for training (a student that shares this teacher's frozen encoder
-        reads it instead of encoding the unit again); only an fp32 teacher's outputs are what training computes."""
-        if cache is not None and self.model.dtype != torch.float32:
-            raise GenerationConfigError(
-                f"encoder_cache needs dtype=fp32 (the teacher runs in {self.dtype_name}; training encodes in fp32)"
-            )
+        """Store each unit's encoder output (keyed by the batch's `cache_keys`) for training: a student that shares
+        this teacher's frozen encoder reads it instead of encoding the unit again."""
         self.encoder_cache = cache
 
     @torch.inference_mode()
