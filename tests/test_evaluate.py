@@ -352,3 +352,26 @@ def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, 
         # tiny.en on clean TTS: deployed int8 close to PyTorch float32, and neither loops.
         assert ours[algo]["wer"] < 25 and ours[algo]["wer"] < theirs[algo]["wer"] + 10
         assert ours[algo]["repeated_5grams"] == 0
+
+
+def test_a_capped_set_is_spread_over_the_split(tmp_path):
+    """Corpora are ordered by speaker: `max_samples` takes evenly spaced rows, so every speaker is heard."""
+    from distil.data.entries import spread_subset
+    from distil.evaluation.data import load_samples, set_entry
+
+    assert spread_subset(10, 3) == [0, 3, 6] and spread_subset(4, None) == spread_subset(4, 9) == [0, 1, 2, 3]
+    assert spread_subset(60, 24)[-1] >= 45  # the last speaker's quarter of a 4-speaker test split is reached
+    (tmp_path / "test").mkdir()
+    wave = 0.1 * np.sin(np.linspace(0, 400, 8000)).astype(np.float32)
+    rows = [
+        {
+            "audio": {"bytes": encode_flac(wave, 16000), "path": None},
+            "text": f"row {i}",
+            "id": f"spk{i // 5}-{i}",
+        }
+        for i in range(10)
+    ]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "test" / "part-0.parquet")
+    samples, _ = load_samples(set_entry("grouped", {"path": str(tmp_path), "split": "test"}), max_samples=4)
+    assert [s.id for s in samples] == ["spk0-0", "spk0-2", "spk1-5", "spk1-7"]
+    assert [s.reference for s in samples] == ["row 0", "row 2", "row 5", "row 7"]

@@ -334,6 +334,11 @@ def test_validation_sets_are_named_and_use_references(tmp_path, tiny_dir, tokeni
     assert [len(ds) for ds in dm.val_sets] == [5, 3]
     batch = next(iter(loaders[0]))
     assert batch["input_features"].shape[0] == 4 and batch["references"][0].split()[0] in WORDS
+    # max_val_samples takes rows spread over the split (corpora are ordered by speaker), not the first ones
+    from distil.datamodules.validation import load_validation_sets
+
+    _, (capped,) = load_validation_sets([(dm.entries[0], "validation")], max_samples=2)
+    assert [row["sample_id"] for row in capped] == [dm.val_sets[0][i]["sample_id"] for i in (0, 2)]
 
 
 def test_streaming_matches_filters_and_mixes(tmp_path, tiny_dir, tokenizer, monkeypatch):

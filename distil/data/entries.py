@@ -119,6 +119,17 @@ def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEn
     return entries
 
 
+def spread_subset(total: int, limit: int | None) -> list[int]:
+    """`limit` row indices spread evenly over `range(total)` (all rows when there is no limit or it is larger).
+
+    Corpora are ordered by speaker (and chapter), so the first N rows of a capped evaluation or validation
+    set would hold the first speaker or two; evenly spaced rows hold all of them.
+    """
+    if limit is None or limit >= total:
+        return list(range(total))
+    return [i * total // limit for i in range(limit)]
+
+
 def stable_id(name: str, split: str, index: int) -> str:
     """The id given to samples of a dataset without an id column: stable across runs and shards."""
     return f"{name}:{split}:{index}"

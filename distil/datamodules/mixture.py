@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,13 +264,14 @@ class _ListDataset(torch.utils.data.Dataset):
 
 
 class _MapRows(torch.utils.data.Dataset):
-    """A map-style validation split read row by row in canonical form."""
+    """The rows `indices` of a map-style validation split, read one by one in canonical form."""
 
-    def __init__(self, dataset: datasets.Dataset, entry: DatasetEntry, split: str, n: int):
-        self.dataset, self.entry, self.split, self.n = dataset, entry, split, n
+    def __init__(self, dataset: datasets.Dataset, entry: DatasetEntry, split: str, indices: Sequence[int]):
+        self.dataset, self.entry, self.split, self.indices = dataset, entry, split, list(indices)
 
     def __len__(self) -> int:
-        return self.n
+        return len(self.indices)
 
     def __getitem__(self, i: int) -> dict:
-        return canonical_row(self.dataset[i], self.entry, self.split, i)
+        index = self.indices[i]
+        return canonical_row(self.dataset[index], self.entry, self.split, index)

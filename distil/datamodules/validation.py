@@ -9,7 +9,7 @@ from pathlib import Path
 import datasets
 import torch
 
-from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split
+from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split, spread_subset
 from distil.datamodules.filters import DataError
 from distil.datamodules.mixture import _ListDataset, _MapRows, canonical_row
 from distil.datamodules.sources import check_columns
@@ -51,9 +51,8 @@ def load_validation_sets(
             raise DataError(f"{err} (validation data)") from err
         check_columns(entry, split, column_names(ds), "text", str(entry.path))
         if isinstance(ds, datasets.Dataset):
-            n = len(ds) if max_samples is None else min(len(ds), int(max_samples))
-            sets.append(_MapRows(ds, entry, split, n))
-        else:
+            sets.append(_MapRows(ds, entry, split, spread_subset(len(ds), max_samples)))
+        else:  # a stream can only be read from its start: its first max_samples rows
             it = ds if max_samples is None else ds.take(int(max_samples))
             sets.append(_ListDataset([canonical_row(r, entry, split, i) for i, r in enumerate(it)]))
     names = [f"{entry.name}/{split}" for entry, split in wanted]

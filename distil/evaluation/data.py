@@ -90,7 +90,7 @@ def load_samples(
     entry: dict, max_samples: int | None = None, skip_bad_audio: bool = False
 ) -> tuple[list[Sample], list[dict]]:
     """Decode one eval set. Returns (samples, problems); bad audio raises unless `skip_bad_audio`."""
-    from distil.data.entries import load_split, stable_id, validate_columns
+    from distil.data.entries import load_split, spread_subset, stable_id, validate_columns
 
     data_entry = _dataset_entry(entry)
     try:
@@ -102,9 +102,9 @@ def load_samples(
         ) from err
     audio_col, text_col, id_col = entry["audio_column"], entry.get("text_column"), entry.get("id_column")
     caps = [n for n in (max_samples, entry.get("max_samples")) if n]
-    limit = min([len(ds), *caps])
+    indices = spread_subset(len(ds), min(caps) if caps else None)
     samples, problems = [], []
-    for i, row in enumerate(ds.select(range(limit))):
+    for i, row in zip(indices, ds.select(indices), strict=True):
         sid = str(row[id_col]) if id_col else stable_id(entry["name"], entry["split"], i)
         try:
             wave = decode_audio(row[audio_col], SAMPLING_RATE)
