@@ -48,8 +48,17 @@ def test_stage_overrides_forward_the_shared_choices(tmp_path):
         assert stage_overrides(same, "pseudo_label")[0] == "teacher=tiny_random"
         # The experiment already picks tiny_random/1dec: the training run directory is the same as
         # `python -m distil.train experiment=tiny_random_smoke` (plus the WER threshold).
-        assert stage_overrides(same, "train") == ["experiment=tiny_random_smoke", "data.wer_threshold=15"]
-        assert stage_overrides(other_student, "train") == ["experiment=tiny_random_smoke", "student=2dec"]
+        # ... then the pipeline's own overrides.train (_pipeline_cfg trains on the labeller's encoder cache)
+        assert stage_overrides(same, "train") == [
+            "experiment=tiny_random_smoke",
+            "data.wer_threshold=15",
+            "encoder_cache.enabled=true",
+        ]
+        assert stage_overrides(other_student, "train") == [
+            "experiment=tiny_random_smoke",
+            "student=2dec",
+            "encoder_cache.enabled=true",
+        ]
 
 
 RECIPES = sorted(p.stem for p in (CONF_DIR / "recipe").glob("*.yaml"))
@@ -159,6 +168,7 @@ def _file_times(*roots):
     return {str(p): p.stat().st_mtime_ns for root in roots for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow  # ~40 s: a second whole pipeline run (make test-slow)
 def test_rerun_with_a_changed_evaluation_setting_redoes_only_the_evaluation(pipeline_run, tiny_random_dir):
     """The same pipeline again with one evaluation setting changed: corpus, labels, student and training
     checkpoints are reused untouched; only the evaluation (with the new setting) and the report are new."""
