@@ -169,6 +169,7 @@ def label_split(
         job_count=int(cfg.shard.count),
         done=done,
         claims_dir=str(out_dir / PROGRESS),
+        cache_keys=bool(cfg.encoder_cache.enabled),
     )
     source = LabellingSource(ds, spec, streaming=bool(cfg.streaming))
     if source.num_units is not None:

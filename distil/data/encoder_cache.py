@@ -39,9 +39,10 @@ def cache_key(source: str, sample_id: str, audio: Mapping[str, Any] | None) -> s
     content = audio.get("bytes")
     if not content:
         path = str(audio.get("path") or "")
-        stat = os.stat(path) if path and os.path.isfile(path) else None
-        content = f"{path}|{stat.st_size}|{stat.st_mtime_ns}" if stat else path
-        content = content.encode()
+        if path and os.path.isfile(path):
+            stat = os.stat(path)
+            path = f"{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        content = path.encode()
     return f"{source}/{sample_id}/{hashlib.blake2b(content, digest_size=8).hexdigest()}"
 
 

@@ -146,6 +146,7 @@ class LabellingSpec:
     job_count: int = 1
     done: set[int] = field(default_factory=set)  # shards already complete on disk
     claims_dir: str | None = None  # where shards are claimed (label_store.claim_shard); None: no claiming
+    cache_keys: bool = False  # give each unit its encoder-cache key (only when labelling fills the cache)
 
     def wanted(self, shard: int) -> bool:
         return job_owns(shard, self.job_index, self.job_count) and shard not in self.done

@@ -206,12 +206,13 @@ def make_batch(
     feature_extractor,
     max_seconds: float = MAX_WHISPER_SECONDS,
     packing: bool = False,
-    split: str | None = None,
+    cache_split: str | None = None,
 ) -> dict:
     """Decode a batch of units; undecodable or too long ones become `skipped` entries.
 
-    With `split` and an id column, each kept unit also gets the key under which training's encoder cache
-    will look up its encoder output (`distil.data.encoder_cache.cache_key` of the row training reads)."""
+    With `cache_split` (the split's name, when labelling fills the encoder cache) and an id column, each kept
+    unit also gets the key under which training's encoder cache will look up its encoder output
+    (`distil.data.encoder_cache.cache_key` of the row training reads); otherwise no audio is hashed."""
     waves, rows, kept, skipped = [], [], [], []
     for unit in units:
         # A clip that cannot be decoded is listed and left out; the rest of a packed unit is still labelled.
@@ -248,9 +249,10 @@ def make_batch(
             waves, sampling_rate=SAMPLING_RATE, return_tensors="pt", return_attention_mask=False
         ).input_features
     keys = None
-    if split is not None and entry.id_column:
+    if cache_split is not None and entry.id_column:
         keys = [
-            cache_key(f"{entry.name}/{split}", str(r[entry.id_column]), r[entry.audio_column]) for r in rows
+            cache_key(f"{entry.name}/{cache_split}", str(r[entry.id_column]), r[entry.audio_column])
+            for r in rows
         ]
     return {
         "input_features": features,
@@ -306,8 +308,9 @@ class ShardBatches(IterableDataset):
                 log.info("shard %d is complete or being labelled by another run: skipped", k)
                 continue
             for batch in duration_batches(units, self.batch_size):
+                cache_split = spec.split if spec.cache_keys else None
                 yield make_batch(
-                    k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing, spec.split
+                    k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing, cache_split
                 )
 
 
