@@ -38,6 +38,8 @@ def _select(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, t
             "logits [batch, time, vocab] with labels [batch, time]"
         )
     mask = labels != IGNORE_INDEX
+    if bool(mask.all()):  # the distiller passes label positions only: no [N, V] copy (nor its backward)
+        return logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
     return logits[mask].float(), labels[mask]
 
 
@@ -77,15 +79,38 @@ def kl_divergence(
     n_tokens = s.shape[0]
     if n_tokens == 0:
         return _zero(student_logits).float()
-    # s and t are fresh copies (boolean indexing), so dividing in place saves a [N, V] buffer each.
-    log_p_s = F.log_softmax(s.div_(temperature), dim=-1)
-    with torch.no_grad():
-        log_p_t = F.log_softmax(t.div_(temperature), dim=-1)
+    return _TemperedKL.apply(s, t, float(temperature)) * (temperature**2) / n_tokens
+
+
+class _TemperedKL(torch.autograd.Function):
+    """`sum_rows KL(softmax(t / T) || softmax(s / T))` for `[N, V]` logits, gradient to `s` only.
+
+    The same value as `F.kl_div(log_softmax(s / T), log_softmax(t / T), log_target=True, reduction="sum")`,
+    in about half the passes over the `[N, V]` arrays (51,864 columns: the passes, not the arithmetic, are
+    the cost): the gradient `(softmax(s / T) - p_T) / T` is formed in the forward pass, in place, and the
+    sum is a dot product per row instead of elementwise temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, temperature):
+        log_p_s = torch.log_softmax(student / temperature, dim=-1)
+        log_ratio = torch.log_softmax(teacher / temperature, dim=-1)
         # A teacher logit of -inf (suppressed token) gives p = 0; clamping avoids 0 * inf = nan.
-        log_p_t.clamp_(min=torch.finfo(log_p_t.dtype).min)
-    # kl_div(input=log q, target=log p, log_target=True) sums p (log p - log q).
-    kl = F.kl_div(log_p_s, log_p_t, reduction="sum", log_target=True)
-    return kl * (temperature**2) / n_tokens
+        log_ratio.clamp_(min=torch.finfo(log_ratio.dtype).min)
+        p_t = log_ratio.exp()
+        log_ratio -= log_p_s  # log(p_T / p_S)
+        # One dot product per row (a single one over all N * V terms would lose fp32 precision).
+        kl = torch.bmm(p_t.unsqueeze(1), log_ratio.unsqueeze(2)).sum()
+        del log_ratio
+        ctx.temperature = temperature
+        ctx.save_for_backward(log_p_s.exp_().sub_(p_t))  # d KL / d(s / T)
+        return kl
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_kl):
+        (grad,) = ctx.saved_tensors
+        return grad * (grad_kl / ctx.temperature), None, None
 
 
 def supervised_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
