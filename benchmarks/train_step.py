@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # tiny.en -> 4 enc / 2 dec student, batch 8, CPU fp32
     python benchmarks/train_step.py --dtypes fp32 bf16 --repeats 3   # both precisions, fastest of 3 runs each
     python benchmarks/train_step.py --teacher /dir --batch-size 32 --device cuda --dtypes bf16
+    python benchmarks/train_step.py --configs longest-cache --sentences-per-sample 10   # the demo's packed segments
 
 A full optimisation step is timed: collation (audio decoding + log-mel features, or reading cached encoder
 states), the encoder(s), both decoders, the KD loss, backward and the AdamW step. Configurations:
@@ -57,15 +58,22 @@ SENTENCES = [
 ]
 
 
-def rows(tokenizer, n: int) -> list[dict]:
-    """Synthetic speech (espeak-ng) with its text as the pseudo-label: realistic audio and label lengths."""
+def rows(tokenizer, n: int, sentences_per_sample: int = 1) -> list[dict]:
+    """Synthetic speech (espeak-ng) with its text as the pseudo-label: realistic audio and label lengths.
+
+    `sentences_per_sample` > 1 concatenates that many sentences of one voice into a sample, as packing does
+    (10 sentences: ~25 s and ~130 label tokens, the demo recipe's packed segments)."""
+    import numpy as np
+
     from distil.data.audio import encode_flac
     from distil.data.tts import synthesize
 
     out = []
     for i in range(n):
-        text = SENTENCES[i % len(SENTENCES)]
-        wave = synthesize(text, "espeak-ng", ["en-us", "en-gb", "en+f2", "en-us+m3"][i % 4])
+        voice = ["en-us", "en-gb", "en+f2", "en-us+m3"][i % 4]
+        parts = [SENTENCES[(i + j) % len(SENTENCES)] for j in range(sentences_per_sample)]
+        wave = np.concatenate([synthesize(part, "espeak-ng", voice) for part in parts])
+        text = ". ".join(parts)
         out.append(
             {
                 "audio": {"bytes": encode_flac(wave, 16000), "path": None},
@@ -128,7 +136,7 @@ def run_one(args) -> dict:
     config = args.config
     tok = WhisperTokenizerFast.from_pretrained(args.student)
     fe = WhisperFeatureExtractor.from_pretrained(args.student)
-    data = rows(tok, args.batch_size * (args.steps + args.warmup))
+    data = rows(tok, args.batch_size * (args.steps + args.warmup), args.sentences_per_sample)
     module = WhisperDistiller(
         args.student,
         args.teacher,
@@ -218,6 +226,8 @@ def run_config(args, config: str, dtype: str) -> dict:
         dtype,
         "--threads",
         str(args.threads),
+        "--sentences-per-sample",
+        str(args.sentences_per_sample),
     ]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -252,6 +262,9 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"])
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument(
+        "--sentences-per-sample", type=int, default=1, help="10: packed segments like the demo's (~25 s)"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--config", help=argparse.SUPPRESS)  # internal: run one configuration
     parser.add_argument("--json", help="also write the results here")
