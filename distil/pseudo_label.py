@@ -208,7 +208,7 @@ def label_split(
             "this_run": this_run,
         }
     print(
-        f"{entry.name}/{split}: {summary['samples']} samples, {summary['audio_hours']:.3f} h, "
+        f"{entry.source(split)}: {summary['samples']} samples, {summary['audio_hours']:.3f} h, "
         f"WER {summary['wer'] if summary['wer'] is None else round(summary['wer'], 2)}%, "
         f"{summary['skipped']} skipped (listed in {out_dir / 'skipped.jsonl'})"
     )
@@ -264,7 +264,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
 
     results = {}
     for entry, split, ds in inputs:
-        results[f"{entry.name}/{split}"] = label_split(
+        results[entry.source(split)] = label_split(
             cfg, entry, split, ds, teacher, feature_extractor, teacher_meta, run_dir, callbacks
         )
     summary = {"teacher": teacher_meta, "generation": settings.to_dict(), "splits": results}

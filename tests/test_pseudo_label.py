@@ -497,6 +497,18 @@ def test_encoder_cache_is_refused_for_a_teacher_training_would_not_match(tmp_pat
         run(tmp_path, tiny_random_dir, corpus, "dtype=bf16", "encoder_cache.enabled=true")
 
 
+def test_encoder_cache_without_an_id_column_warns_and_stores_nothing(
+    tmp_path, tiny_random_dir, corpus, caplog
+):
+    """Training keys cache entries by the id column; without one the labeller says so and stores nothing."""
+    cfg, summary = run(
+        tmp_path, tiny_random_dir, corpus, "data.datasets.0.id_column=null", "encoder_cache.enabled=true"
+    )
+    assert len(read_rows(split_out(summary))) == 12  # labelled as usual
+    assert "custom has no id column (data.datasets[0].id_column)" in caplog.text
+    assert not [f for f in Path(cfg.encoder_cache.dir).rglob("*") if f.is_file()]
+
+
 def test_audio_only_data(tmp_path, tiny_random_dir, corpus):
     _, summary = run(
         tmp_path,

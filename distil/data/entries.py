@@ -62,6 +62,10 @@ class DatasetEntry:
     def key(self) -> str:
         return f"data.datasets[{self.index}]"
 
+    def source(self, split: str) -> str:
+        """`<name>/<split>`: how logs, label directories, metrics and encoder-cache keys name one split."""
+        return f"{self.name}/{split}"
+
     def split_weight(self, split: str) -> float:
         """The mixing weight of one training split (hours or samples, as the reference's
         `train_dataset_samples`): a list gives one per split in `splits` order, a mapping names the splits,

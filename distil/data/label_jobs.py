@@ -230,7 +230,7 @@ def merge(cfg: DictConfig) -> dict:
     not_ready: list[str] = []
     for entry in dataset_entries(cfg.data.datasets):
         for split in entry.splits:
-            name, out_dir = f"{entry.name}/{split}", split_dir(cfg.output_dir, entry.name, split)
+            name, out_dir = entry.source(split), split_dir(cfg.output_dir, entry.name, split)
             plan_path = out_dir / PROGRESS / "plan.json"
             if (out_dir / SUCCESS).exists():
                 results[name] = {**read_json(out_dir / "summary.json"), "status": "complete", "merged": False}
@@ -286,7 +286,7 @@ def split_states(cfg: DictConfig) -> dict:
             else:
                 mine = [k for k in range(n) if job_owns(k, index, count) and k not in done]
                 state = f"{len(done)} of {n} shards done; this job labels {len(mine)}: {mine[:20]}"
-            splits[f"{entry.name}/{split}"] = {
+            splits[entry.source(split)] = {
                 "input": str(entry.path),
                 "output": str(out_dir),
                 "state": state,

@@ -251,8 +251,7 @@ def make_batch(
     keys = None
     if cache_split is not None and entry.id_column:
         keys = [
-            cache_key(f"{entry.name}/{cache_split}", str(r[entry.id_column]), r[entry.audio_column])
-            for r in rows
+            cache_key(entry.source(cache_split), str(r[entry.id_column]), r[entry.audio_column]) for r in rows
         ]
     return {
         "input_features": features,

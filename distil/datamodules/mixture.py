@@ -47,7 +47,7 @@ def canonical_row(row: Mapping[str, Any], entry: DatasetEntry, split: str, index
     return {
         "audio": row[entry.audio_column],
         "sample_id": str(sid) if sid is not None else stable_id(entry.name, split, index),
-        "source": f"{entry.name}/{split}",
+        "source": entry.source(split),
         "text": row.get(entry.text_column) if entry.text_column else None,
         "token_ids": [int(i) for i in token_ids] if token_ids is not None else None,
         "prompt": row.get("prompt"),

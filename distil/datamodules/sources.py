@@ -39,7 +39,7 @@ def filter_source(
     (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column).
     `part` (rank, world size): a streamed split's counting pass reads only that rank's part of it (the caller
     adds the ranks' counts up)."""
-    name = f"{entry.name}/{split}"
+    name = entry.source(split)
     names = column_names(ds)
     # Metadata columns only: the audio column is read only when a duration must come from headers.
     meta_cols = [

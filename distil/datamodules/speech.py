@@ -245,7 +245,7 @@ class SpeechDataModule(L.LightningDataModule):
         """What the training data is, per source, without reading it: the data files of a local split (names,
         sizes, modification times), or the Hub id/config/split. A resumed run compares it with its start."""
         return {
-            f"{entry.name}/{split}": split_fingerprint(entry, split, self.source_path(entry))
+            entry.source(split): split_fingerprint(entry, split, self.source_path(entry))
             for entry in self.entries
             for split in entry.splits
         }
@@ -287,7 +287,7 @@ class SpeechDataModule(L.LightningDataModule):
     def validation_set_names(self) -> tuple[list[str], list[str | None]]:
         """(name, language) of every validation set, from the config alone (no data is read)."""
         entries = self.validation_entries()
-        return [f"{entry.name}/{split}" for entry, split in entries], [entry.language for entry, _ in entries]
+        return [entry.source(split) for entry, split in entries], [entry.language for entry, _ in entries]
 
     def setup(self, stage: str | None = None) -> None:
         if self._prepared:

@@ -55,7 +55,7 @@ def load_validation_sets(
         else:  # a stream can only be read from its start: its first max_samples rows
             it = ds if max_samples is None else ds.take(int(max_samples))
             sets.append(_ListDataset([canonical_row(r, entry, split, i) for i, r in enumerate(it)]))
-    names = [f"{entry.name}/{split}" for entry, split in wanted]
+    names = [entry.source(split) for entry, split in wanted]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise DataError(
