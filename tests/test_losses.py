@@ -170,6 +170,10 @@ def test_kl_keeps_float32_precision_over_a_whole_vocabulary():
     kl.backward()
     assert kl.item() == pytest.approx(truth.item(), rel=1e-5)
     torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-4, atol=1e-10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as under trainer.precision=bf16-mixed
+        assert kl_divergence(student[None], teacher[None], labels).item() == pytest.approx(
+            truth.item(), rel=1e-5
+        )
 
 
 def test_all_masked_gives_zero_with_a_graph(batch):

@@ -102,16 +102,18 @@ class _TemperedKL(torch.autograd.Function):
         rows = max(1, CPU_CHUNK_ELEMENTS // vocab) if student.device.type == "cpu" else n
         grad = torch.empty_like(student)
         kl = student.new_zeros(())
-        for i in range(0, n, rows):
-            log_p_s = torch.log_softmax(student[i : i + rows] / temperature, dim=-1)
-            log_ratio = torch.log_softmax(teacher[i : i + rows] / temperature, dim=-1)
-            # A teacher logit of -inf (suppressed token) gives p = 0; clamping avoids 0 * inf = nan.
-            log_ratio.clamp_(min=torch.finfo(log_ratio.dtype).min)
-            p_t = log_ratio.exp()
-            log_ratio -= log_p_s  # log(p_T / p_S)
-            # One dot product per row (a single one over all N * V terms would lose fp32 precision).
-            kl += torch.bmm(p_t.unsqueeze(1), log_ratio.unsqueeze(2)).sum()
-            torch.sub(log_p_s.exp_(), p_t, out=grad[i : i + rows])  # d KL / d(s / T)
+        # Under bf16-mixed autocast bmm would run in bf16: the loss is reduced in fp32, as the inputs are.
+        with torch.autocast(student.device.type, enabled=False):
+            for i in range(0, n, rows):
+                log_p_s = torch.log_softmax(student[i : i + rows] / temperature, dim=-1)
+                log_ratio = torch.log_softmax(teacher[i : i + rows] / temperature, dim=-1)
+                # A teacher logit of -inf (suppressed token) gives p = 0; clamping avoids 0 * inf = nan.
+                log_ratio.clamp_(min=torch.finfo(log_ratio.dtype).min)
+                p_t = log_ratio.exp()
+                log_ratio -= log_p_s  # log(p_T / p_S)
+                # One dot product per row (a single one over all N * V terms would lose fp32 precision).
+                kl += torch.bmm(p_t.unsqueeze(1), log_ratio.unsqueeze(2)).sum()
+                torch.sub(log_p_s.exp_(), p_t, out=grad[i : i + rows])  # d KL / d(s / T)
         ctx.temperature = temperature
         ctx.save_for_backward(grad)
         return kl
