@@ -292,6 +292,7 @@ class ShardBatches(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         spec = self.source.spec
+        cache_split = spec.split if spec.cache_keys else None
         slot, slots = self.rank * workers + worker, self.world * workers
         position = -1
 
@@ -307,7 +308,6 @@ class ShardBatches(IterableDataset):
                 log.info("shard %d is complete or being labelled by another run: skipped", k)
                 continue
             for batch in duration_batches(units, self.batch_size):
-                cache_split = spec.split if spec.cache_keys else None
                 yield make_batch(
                     k, len(units), batch, spec.entry, self.fe, spec.max_seconds, spec.packing, cache_split
                 )
