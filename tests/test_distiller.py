@@ -131,6 +131,23 @@ def test_frozen_encoder_gets_no_gradient_and_decoder_does(student_dir, tiny_dir,
     assert module.student.model.decoder.layers[0].fc1.weight.grad.abs().sum() > 0
 
 
+def test_frozen_decoder_embeddings_get_no_gradient_nor_optimiser_slot(student_dir, tiny_dir, batch):
+    from distil.training.optim import param_groups
+
+    module = make(student_dir, tiny_dir, freeze_embed_positions=True, freeze_embed_tokens=True).train()
+    decoder, student = module.student.model.decoder, module.student
+    assert student.proj_out.weight is decoder.embed_tokens.weight  # tied: frozen with the token embeddings
+    module.compute_loss(batch)[0].backward()
+    frozen = [decoder.embed_tokens.weight, decoder.embed_positions.weight]
+    assert all(p.grad is None and not p.requires_grad for p in frozen)
+    assert decoder.layers[0].fc1.weight.grad.abs().sum() > 0
+    optimised = {id(p) for g in param_groups(student, 0.0) for p in g["params"]}
+    assert not optimised & {id(p) for p in frozen} and id(decoder.layers[0].fc1.weight) in optimised
+    default = make(student_dir, tiny_dir)  # both off by default: the embeddings train
+    assert default.student.model.decoder.embed_tokens.weight.requires_grad
+    assert default.student.model.decoder.embed_positions.weight.requires_grad
+
+
 def test_encoder_cache_gives_the_same_loss(student_dir, tiny_dir, batch, tmp_path):
     module = make(student_dir, tiny_dir)
     cache = EncoderCache(tmp_path, weights_fingerprint(module.student.model.encoder))

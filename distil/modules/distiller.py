@@ -60,6 +60,8 @@ class WhisperDistiller(L.LightningModule):
         mse_weight: float = 0.0,
         temperature: float = 2.0,
         freeze_encoder: bool | str = "auto",
+        freeze_embed_positions: bool = False,
+        freeze_embed_tokens: bool = False,
         share_encoder: bool | None = None,
         dropout: float | None = None,
         gradient_checkpointing: bool = False,
@@ -115,6 +117,15 @@ class WhisperDistiller(L.LightningModule):
         self.freeze_encoder = resolve_freeze_encoder(freeze_encoder, identical)
         if self.freeze_encoder:
             self.student.model.encoder.requires_grad_(False)
+        decoder = self.student.model.decoder
+        if (
+            freeze_embed_positions
+        ):  # the reference's --freeze_embed_positions (its README's training commands)
+            decoder.embed_positions.requires_grad_(False)
+        if (
+            freeze_embed_tokens
+        ):  # tied to proj_out: the output projection is frozen too, and its gradient not formed
+            decoder.embed_tokens.requires_grad_(False)
         share = resolve_share_encoder(share_encoder, self.freeze_encoder, identical)
         self.share_encoder = share and teacher is not None
         self.encoder_identical = identical
