@@ -118,13 +118,11 @@ class WhisperDistiller(L.LightningModule):
         if self.freeze_encoder:
             self.student.model.encoder.requires_grad_(False)
         decoder = self.student.model.decoder
-        if (
-            freeze_embed_positions
-        ):  # the reference's --freeze_embed_positions (its README's training commands)
+        # The reference's --freeze_embed_positions (its README's training commands); the token embeddings are
+        # tied to proj_out, so freezing them freezes the output projection too and its weight gradient is not formed.
+        if freeze_embed_positions:
             decoder.embed_positions.requires_grad_(False)
-        if (
-            freeze_embed_tokens
-        ):  # tied to proj_out: the output projection is frozen too, and its gradient not formed
+        if freeze_embed_tokens:
             decoder.embed_tokens.requires_grad_(False)
         share = resolve_share_encoder(share_encoder, self.freeze_encoder, identical)
         self.share_encoder = share and teacher is not None
