@@ -3,7 +3,7 @@
     python benchmarks/train_step.py                       # tiny.en -> 4 enc / 2 dec student, batch 8, CPU fp32
     python benchmarks/train_step.py --dtypes fp32 bf16 --repeats 3   # both precisions, fastest of 3 runs each
     python benchmarks/train_step.py --teacher /dir --batch-size 32 --device cuda --dtypes bf16
-    python benchmarks/train_step.py --configs longest-cache --sentences-per-sample 10   # the demo's packed segments
+    python benchmarks/train_step.py --configs longest-cache,longest-cache-frozen-embed --sentences-per-sample 10 --repeats 3
 
 A full optimisation step is timed: collation (audio decoding + log-mel features, or reading cached encoder
 states), the encoder(s), both decoders, the KD loss, backward and the AdamW step. Configurations:
@@ -16,6 +16,8 @@ states), the encoder(s), both decoders, the KD loss, backward and the AdamW step
   longest-2enc    as `longest`, but teacher and student each run their own encoder (no sharing)
   longest-cache   as `longest`, second epoch of the encoder-output cache: states read from disk (fp16),
                   no audio decoding, no features, no encoder
+  longest-cache-frozen-embed   as `longest-cache`, with model.freeze_embed_tokens and freeze_embed_positions:
+                  the token embeddings (tied to the output layer) get no gradient and no AdamW update
 
 Each configuration runs in its own subprocess so that peak memory (max RSS on CPU, max allocated on
 GPU) is its own. With --repeats N every configuration runs N times, interleaved with the others, and the
@@ -37,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-CONFIGS = ("reference-448", "longest", "longest-2enc", "longest-cache")
+CONFIGS = ("reference-448", "longest", "longest-2enc", "longest-cache", "longest-cache-frozen-embed")
 SENTENCES = [
     "the birch canoe slid on the smooth planks",
     "glue the sheet to the dark blue background",
@@ -142,10 +144,12 @@ def run_one(args) -> dict:
         args.teacher,
         full_logits=config == "reference-448",
         share_encoder=False if config == "longest-2enc" else None,
+        freeze_embed_tokens=config == "longest-cache-frozen-embed",
+        freeze_embed_positions=config == "longest-cache-frozen-embed",
     ).to(device)
     module.train()
     cache = None
-    if config == "longest-cache":
+    if config.startswith("longest-cache"):
         cache = EncoderCache(tempfile.mkdtemp(prefix="bench-cache-"), module.encoder_fingerprint())
         module.set_encoder_cache(cache)
     collator = SpeechCollator(fe, tok, encoder_cache=cache, seed=0)
