@@ -39,12 +39,12 @@ def test_train_step_benchmark_measures_each_precision(tmp_path, tiny_random_dir,
         "train_step.py",
         *("--teacher", str(tiny_random_dir), "--student", str(student)),
         *("--batch-size", "2", "--steps", "1", "--warmup", "0", "--threads", "1"),
-        *("--configs", "reference-448,longest-cache", "--dtypes", *dtypes, "--json", str(out)),
+        *("--configs", "reference-448,longest-cache-frozen-embed", "--dtypes", *dtypes, "--json", str(out)),
         cwd=tmp_path,
     )
     results = json.loads(out.read_text())
     assert sorted((r["dtype"], r["config"]) for r in results) == sorted(
-        (dtype, config) for dtype in dtypes for config in ("longest-cache", "reference-448")
+        (dtype, config) for dtype in dtypes for config in ("longest-cache-frozen-embed", "reference-448")
     )
     for r in results:
         assert r["seconds_per_step"] > 0 and r["peak_memory_mib"] > 0
@@ -52,7 +52,7 @@ def test_train_step_benchmark_measures_each_precision(tmp_path, tiny_random_dir,
             assert r["speedup_vs_reference"] == 1.0
     # Both configurations train on the same labels: the padding to 448 adds no label tokens.
     assert len({r["label_tokens_per_step"] for r in results}) == 1
-    assert f"| {dtypes[-1]} | longest-cache |" in stdout
+    assert f"| {dtypes[-1]} | longest-cache-frozen-embed |" in stdout
 
 
 @pytest.mark.slow  # ~20 s
