@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -73,7 +74,10 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     for key in ecfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
         node = ecfg[key]
         if isinstance(node, DictConfig) and "_target_" in node:
+            log.info("%s: %s ...", lm.name, key)
+            started = time.perf_counter()
             result = instantiate(node)(run)
+            log.info("%s: %s done in %.0f s", lm.name, key, time.perf_counter() - started)
             if result is not None:
                 metrics[key] = result
 

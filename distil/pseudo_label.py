@@ -75,6 +75,7 @@ from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
+from distil.utils.progress import ProgressLog
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.models import weights_fingerprint
@@ -179,7 +180,8 @@ def label_split(
 
     features, id_column = output_features(ds, entry, teacher.multilingual, packing)
     writer = ShardWriter(out_dir, entry, features, id_column, language, packing, {"teacher": teacher_meta})
-    callbacks = [writer, *extra_callbacks]
+    progress = ProgressLog(float(cfg.progress_log_every_s), predict_name=f"labelling {entry.name}/{split}")
+    callbacks = [writer, progress, *extra_callbacks]
     if cfg.progress_bar:
         callbacks.append(LabellingProgressBar(writer))
     datamodule = LabellingDataModule(source, feature_extractor, int(cfg.batch_size), int(cfg.num_workers))

@@ -269,6 +269,18 @@ def test_resume_on_changed_input_is_refused(tmp_path, tiny_random_dir, corpus):
         run(tmp_path, tiny_random_dir, data)
 
 
+def test_labelling_progress_is_in_the_log(tmp_path, tiny_random_dir, corpus, caplog):
+    caplog.set_level("INFO", logger="distil.progress")
+    run(tmp_path, tiny_random_dir, corpus, "progress_log_every_s=0")  # a line per batch
+    lines = [r.getMessage() for r in caplog.records if r.name == "distil.progress"]
+    assert lines and all(line.startswith("labelling custom/train: ") for line in lines)
+    assert (
+        lines[0].startswith("labelling custom/train: 1/") and "s each" in lines[0] and "min left" in lines[0]
+    )
+    done, total = lines[-1].split(": ")[1].split(" ")[0].split("/")
+    assert done == total and len(lines) == int(total)  # the last batch, and every one in between
+
+
 def test_a_run_killed_while_finalising_does_not_block_completion(tmp_path, tiny_random_dir, corpus, caplog):
     import os
     import socket

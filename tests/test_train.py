@@ -104,8 +104,10 @@ def test_run_dir_and_ckpt_path(tmp_path):
     assert resolve_ckpt_path(None, tmp_path) is None
 
 
-def test_end_to_end_train_exports_pipeline_loadable_students(home):
+def test_end_to_end_train_exports_pipeline_loadable_students(home, caplog):
     from transformers import pipeline
+
+    caplog.set_level("INFO", logger="distil.progress")
 
     from distil.data.label_store import LabellerMismatchWarning
     from distil.whisper.ct2_export import ExportInputError
@@ -123,6 +125,9 @@ def test_end_to_end_train_exports_pipeline_loadable_students(home):
         assert summary["exports"][f"{name}-ct2-int8"] == str(out / f"{name}-ct2-int8")
         assert (out / f"{name}-ct2-int8" / "model.bin").is_file()
     assert summary["global_step"] == 4
+    progress = [r.getMessage() for r in caplog.records if r.name == "distil.progress"]
+    assert any(line.startswith("training: 4/4 (100%), ") and "train/loss" in line for line in progress)
+    assert any(line.startswith("validation at step ") and "val/wer_weighted" in line for line in progress)
     assert (out / "checkpoints" / "last.ckpt").is_file() and (out / "checkpoints" / "best.ckpt").is_file()
     assert summary["best_val_wer_weighted"] is not None
     filt = json.loads((out / "data_filter.json").read_text())
