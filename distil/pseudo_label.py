@@ -166,6 +166,7 @@ def label_split(
         shard_size=int(cfg.shard_size),
         packing=packing,
         max_seconds=float(cfg.packing.max_seconds if packing else 30.0),
+        min_seconds=None if cfg.packing.min_seconds is None else float(cfg.packing.min_seconds),
         job_index=int(cfg.shard.index),
         job_count=int(cfg.shard.count),
         done=done,

@@ -7,6 +7,7 @@ clips with the tiny random teacher; one check uses the real tiny.en teacher.
 from __future__ import annotations
 
 import json
+import random
 import shutil
 from pathlib import Path
 
@@ -420,15 +421,45 @@ def test_pack_units_rule():
     assert [(s.indices, s.reason) for s in skipped] == [([5], "unreadable_audio"), ([8], "too_long")]
 
 
+def test_pack_units_with_drawn_limits_span_single_clips_to_full_windows():
+    """packing.min_seconds: each unit packs up to its own limit, drawn in dataset order from one seeded
+    generator (so every job and stream derives the same units); the first clip always opens a unit."""
+    durations = [3.0] * 400
+    speakers = ["A"] * 200 + ["B"] * 200
+    clips = [Clip(i, {"__id": str(i)}, d) for i, d in enumerate(durations)]
+
+    def pack(seed):
+        units = list(pack_units(clips, lambda c: speakers[c.index], 30, [].append, min_seconds=0, seed=seed))
+        return [[c.index for c in u.clips] for u in units]
+
+    units = pack(7)
+    assert units == pack(7) and units != pack(8)
+    assert [i for u in units for i in u] == list(range(400))  # every clip once, in order
+    sizes = [len(u) for u in units]
+    assert min(sizes) == 1 and max(sizes) >= 9 and len(set(sizes)) >= 6
+    draw = random.Random(7)
+    for unit in units:  # each unit is maximal under its own limit, and never crosses a speaker change
+        limit = draw.uniform(0, 30)
+        assert len({speakers[i] for i in unit}) == 1
+        assert len(unit) == 1 or 3.0 * len(unit) <= limit
+        following = unit[-1] + 1
+        if following < 400 and speakers[following] == speakers[unit[0]]:
+            assert 3.0 * (len(unit) + 1) > limit
+    plain = list(pack_units(clips, lambda c: speakers[c.index], 30, [].append))
+    assert [len(u.clips) for u in plain] == [10] * 40  # without min_seconds: full windows
+    with pytest.raises(ValueError, match="packing.min_seconds=40"):
+        list(pack_units(clips, lambda c: speakers[c.index], 30, [].append, min_seconds=40))
+
+
 def test_build_prompt_is_never_doubled():
     assert build_prompt(" Hello there.") == "<|startofprev|> Hello there."
     assert build_prompt("<|startofprev|> Hello") == "<|startofprev|> Hello"
     assert build_prompt("") is None and build_prompt(None) is None
 
 
-@pytest.mark.parametrize("streaming", [False, True])
+@pytest.mark.parametrize(("streaming", "min_seconds"), [(False, "null"), (True, "null"), (True, 0)])
 def test_packing_respects_speakers_and_builds_prompts(
-    tmp_path, tiny_random_dir, corpus, tts_clips, streaming
+    tmp_path, tiny_random_dir, corpus, tts_clips, streaming, min_seconds
 ):
     _, summary = run(
         tmp_path,
@@ -436,6 +467,7 @@ def test_packing_respects_speakers_and_builds_prompts(
         corpus,
         "packing.enabled=true",
         "packing.max_seconds=12",
+        f"packing.min_seconds={min_seconds}",
         f"streaming={streaming}",
     )
     rows = read_rows(split_out(summary))

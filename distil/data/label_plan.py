@@ -20,6 +20,11 @@ is closed and the clip opens a new one. A unit `continues` its predecessor iff t
 has the same speaker, and no clip was dropped between them; only then does it get the predecessor's
 pseudo-label as its previous-context prompt (`<|startofprev|>` + text, added when the split is merged).
 So a speaker change always starts a prompt-less unit, and clips of different speakers are never merged.
+With `packing.min_seconds` set, each unit gets its own limit instead of `max_seconds`, drawn uniformly from
+[min_seconds, max_seconds] when the unit opens (a generator seeded by the split's name, drawn in dataset
+order, so every job, rank and stream derives the same units); a unit's first clip always opens it. The units
+then span single clips to full 30-s windows, as a natural corpus's utterances and leftovers do, instead of
+all being ~30 s: a student trained only on full windows has never had to end a transcript early.
 Clips whose duration is unknown (no duration column, unreadable header) or that alone exceed `max_seconds`
 are skipped (listed) and break the chain. A clip that passes planning but then fails to decode is left out
 of its unit (listed); the unit keeps its other clips. The same rule runs over a stream, so packing works in
@@ -28,6 +33,8 @@ streaming mode too, and gives the same units.
 
 from __future__ import annotations
 
+import random
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,10 +80,19 @@ def pack_units(
     speaker_of: Callable[[Clip], Any],
     max_seconds: float,
     on_skip: Callable[[Skip], None],
+    min_seconds: float | None = None,
+    seed: int = 0,
 ) -> Iterator[Unit]:
-    """Group consecutive same-speaker clips up to `max_seconds` (the rule in the module docstring)."""
+    """Group consecutive same-speaker clips up to `max_seconds`, or up to a limit drawn per unit from
+    [min_seconds, max_seconds] (the rule in the module docstring)."""
+    if min_seconds is not None and not 0 <= min_seconds <= max_seconds:
+        raise ValueError(
+            f"packing.min_seconds={min_seconds} must lie in [0, packing.max_seconds={max_seconds}]"
+        )
+    draw = random.Random(seed)
     current: list[Clip] = []
     current_speaker, current_duration, current_continues = None, 0.0, False
+    current_limit = max_seconds
     previous_speaker, chain_ok = None, False  # speaker of the last emitted unit; no clip dropped since
     n_units = 0
 
@@ -97,7 +113,7 @@ def pack_units(
             reason = "unreadable_audio" if clip.duration is None else "too_long"
             on_skip(Skip([str(clip.row.get("__id"))], [clip.index], reason, f"duration={clip.duration}"))
             continue
-        fits = current_duration + clip.duration <= max_seconds
+        fits = current_duration + clip.duration <= current_limit
         if current and speaker is not None and speaker == current_speaker and fits:
             current.append(clip)
             current_duration += clip.duration
@@ -107,6 +123,8 @@ def pack_units(
         current = [clip]
         current_continues = chain_ok and speaker is not None and speaker == previous_speaker
         current_speaker, current_duration = speaker, clip.duration
+        if min_seconds is not None:
+            current_limit = draw.uniform(min_seconds, max_seconds)
     if current:
         yield close()
 
@@ -142,11 +160,20 @@ class LabellingSpec:
     shard_size: int = 1000
     packing: bool = False
     max_seconds: float = MAX_WHISPER_SECONDS
+    min_seconds: float | None = None  # packing: each unit's limit drawn from [min_seconds, max_seconds]
     job_index: int = 0
     job_count: int = 1
     done: set[int] = field(default_factory=set)  # shards already complete on disk
     claims_dir: str | None = None  # where shards are claimed (label_store.claim_shard); None: no claiming
     cache_keys: bool = False  # give each unit its encoder-cache key (only when labelling fills the cache)
+
+    @property
+    def packing_seed(self) -> int:
+        """The per-unit limits' generator seed: the split's name, so every job and rank draws the same."""
+        return zlib.crc32(self.entry.source(self.split).encode())
+
+    def pack(self, clips: Iterable[Clip], speaker_of: Callable[[Clip], Any], on_skip) -> Iterator[Unit]:
+        return pack_units(clips, speaker_of, self.max_seconds, on_skip, self.min_seconds, self.packing_seed)
 
     def wanted(self, shard: int) -> bool:
         return job_owns(shard, self.job_index, self.job_count) and shard not in self.done

@@ -39,7 +39,6 @@ from distil.data.label_plan import (
     Unit,
     chunk_shards,
     duration_batches,
-    pack_units,
 )
 from distil.data.label_store import ShardWriter
 
@@ -90,11 +89,7 @@ class LabellingSource:
                 Clip(i, {"__id": ids[i] if ids else stable_id(entry.name, self.spec.split, i)}, d)
                 for i, d in enumerate(self.durations)
             )
-            units = list(
-                pack_units(
-                    clips, lambda c: speakers[c.index], self.spec.max_seconds, self.skipped_in_planning.append
-                )
-            )
+            units = list(self.spec.pack(clips, lambda c: speakers[c.index], self.skipped_in_planning.append))
             self.units = [[c.index for c in u.clips] for u in units]
             self.unit_continues = [u.continues for u in units]
         else:
@@ -160,11 +155,8 @@ class LabellingSource:
                 yield Clip(i, self._row(row, i), None if d is None else float(d))
 
         if spec.packing:
-            units = pack_units(
-                clips(),
-                lambda c: c.row.get(entry.speaker_column),
-                spec.max_seconds,
-                self.skipped_in_planning.append,
+            units = spec.pack(
+                clips(), lambda c: c.row.get(entry.speaker_column), self.skipped_in_planning.append
             )
         else:
             units = (Unit(c.index, [c]) for c in clips())
