@@ -254,6 +254,18 @@ def test_resume_with_other_settings_is_refused(tmp_path, tiny_random_dir, corpus
         run(tmp_path, tiny_random_dir, corpus, "generation.num_beams=2")
 
 
+def test_packing_plan_names_only_the_options_that_are_set(tmp_path, tiny_random_dir, corpus):
+    """A packing option left at null is not part of the plan (labels made before it existed still resume);
+    setting it is a change of settings, refused on resume like any other."""
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path, tiny_random_dir, corpus, "packing.enabled=true", callbacks=[KillAfterShards(1)])
+    out = Path(make_cfg(tmp_path, tiny_random_dir, corpus).output_dir) / "custom" / "train"
+    plan = json.loads((out / "_progress" / "plan.json").read_text())
+    assert plan["packing"] == {"enabled": True, "max_seconds": 30}
+    with pytest.raises(LabellingStateError, match="different settings.*packing"):
+        run(tmp_path, tiny_random_dir, corpus, "packing.enabled=true", "packing.min_seconds=0")
+
+
 def test_resume_on_changed_input_is_refused(tmp_path, tiny_random_dir, corpus):
     """The same rows in another order under the same path: resuming would label some clips twice and
     others never, so the resume is refused, naming the input."""

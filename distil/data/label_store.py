@@ -229,7 +229,7 @@ def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict,
         "input": input_hash,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "dtype": cfg.dtype,
-        "packing": OmegaConf.to_container(cfg.packing, resolve=True) if cfg.packing.enabled else None,
+        "packing": _set_options(cfg.packing) if cfg.packing.enabled else None,
         "shard_size": int(cfg.shard_size),
         "dataset": {
             "name": entry.name,
@@ -242,6 +242,11 @@ def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict,
             "speaker_column": entry.speaker_column,
         },
     }
+
+
+def _set_options(options: DictConfig) -> dict:
+    """The options that are set: one left at null is left out, so labels made before it existed still match."""
+    return {k: v for k, v in OmegaConf.to_container(options, resolve=True).items() if v is not None}
 
 
 def check_plan(out_dir: Path, plan: dict) -> None:
