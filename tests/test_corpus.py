@@ -217,7 +217,7 @@ def test_rows_are_grouped_by_speaker_each_with_its_own_prosody(built):
 
 
 def test_a_bigger_train_split_keeps_the_other_splits_and_extends_the_train_rows(built):
-    """Each split is drawn on its own (conf/recipe/demo_long.yaml doubles the train clips): the test and
+    """Each split is drawn on its own (conf/recipe/demo_long.yaml has four times the train clips): the test and
     validation rows stay the same and every row of the smaller train split is still there."""
     cfg, _ = built
     pools = {s: [f"Sentence {i} of {s} is here." for i in range(50)] for s in corpus.SPLITS}

@@ -73,9 +73,9 @@ def test_every_recipe_composes_every_stage(recipe, tmp_path):
         default_corpus = compose_stage("corpus", [], cfg.paths)
     assert stages["train"].name == cfg.recipe.experiment
     assert stages["init_student"].teacher.name == stages["pseudo_label"].teacher.name
-    if recipe == "demo_long":  # twice the demo's training clips, the same test sets
+    if recipe == "demo_long":  # four times the demo's training clips, the same test sets
         for engine, spec in stages["corpus"].corpora.items():
-            assert spec.sizes.get("train", 0) == 2 * default_corpus.corpora[engine].sizes.get("train", 0), (
+            assert spec.sizes.get("train", 0) == 4 * default_corpus.corpora[engine].sizes.get("train", 0), (
                 engine
             )
             assert spec.sizes.get("test") == default_corpus.corpora[engine].sizes.get("test"), engine
