@@ -283,6 +283,26 @@ def test_existing_student_is_reused_or_protected(teacher_dir, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_a_student_built_meanwhile_by_another_job_is_kept(teacher_dir, tmp_path, monkeypatch):
+    """Two jobs of a sweep build the same student at once: the one that finishes second keeps the first's
+    directory (which that job may already be loading) instead of replacing it."""
+    import distil.whisper.student as student_module
+
+    out = tmp_path / "s"
+    build_state = student_module.build_student_state_dict
+
+    def other_job_finishes_first(*args, **kwargs):
+        monkeypatch.setattr(student_module, "build_student_state_dict", build_state)
+        init_student(teacher_dir, out, decoder_layers=2)  # the other job, done while this one builds
+        (out / "other-job").write_text("")
+        return build_state(*args, **kwargs)
+
+    monkeypatch.setattr(student_module, "build_student_state_dict", other_job_finishes_first)
+    assert init_student(teacher_dir, out, decoder_layers=2) == out
+    assert (out / "other-job").exists() and is_complete_student(out)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # this job's copy is gone
+
+
 def test_failed_write_leaves_no_output(teacher_dir, tmp_path, monkeypatch):
     from transformers import WhisperProcessor
 

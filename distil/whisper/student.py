@@ -229,11 +229,15 @@ def init_student(
     decoder_map = resolve_layers(decoder_layers, config.decoder_layers, "decoder_layers")
     info = _student_info(teacher_dir.resolve(), encoder_map, decoder_map, config)
 
+    def built_alike() -> bool:
+        """A complete student of these settings is at `out_dir` (built earlier, or meanwhile by another job)."""
+        if not is_complete_student(out_dir):
+            return False
+        return _same_settings(json.loads((out_dir / STUDENT_INFO_FILE).read_text()), info)
+
     if out_dir.exists():
-        if is_complete_student(out_dir):
-            existing = json.loads((out_dir / STUDENT_INFO_FILE).read_text())
-            if _same_settings(existing, info) and not overwrite:
-                return out_dir
+        if built_alike() and not overwrite:
+            return out_dir
         if not overwrite:
             raise FileExistsError(
                 f"{out_dir} already exists but is not a student built from {teacher_dir} with encoder "
@@ -290,7 +294,9 @@ def init_student(
         ]
     student.generation_config = generation_config
 
-    with atomic_directory(out_dir) as tmp:
+    # Jobs of one sweep build the same student at once: the first to finish keeps its directory, which the
+    # others may already be loading (replacing it would pull it from under them).
+    with atomic_directory(out_dir, keep_existing=lambda: built_alike() and not overwrite) as tmp:
         student.save_pretrained(tmp, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(tmp)
