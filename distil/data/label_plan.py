@@ -24,7 +24,7 @@ With `packing.min_seconds` set, each unit gets its own limit instead of `max_sec
 [min_seconds, max_seconds] when the unit opens (a generator seeded by the split's name, drawn in dataset
 order, so every job, rank and stream derives the same units); a unit's first clip always opens it. The units
 then span single clips to full 30-s windows, as a natural corpus's utterances and leftovers do, instead of
-all being ~30 s: a student trained only on full windows has never had to end a transcript early.
+all being ~30 s (on the demo's synthetic corpus this did not pay; the README has the measurement).
 Clips whose duration is unknown (no duration column, unreadable header) or that alone exceed `max_seconds`
 are skipped (listed) and break the chain. A clip that passes planning but then fails to decode is left out
 of its unit (listed); the unit keeps its other clips. The same rule runs over a stream, so packing works in
