@@ -54,7 +54,7 @@ from distil.data.entries import (
     validate_columns,
 )
 from distil.data.label_jobs import incomplete_state, merge, split_states, try_finalise
-from distil.data.label_plan import LabellingSpec
+from distil.data.label_plan import LabellingSpec, check_packing_limits
 from distil.data.label_store import (
     LABEL_COLUMNS,
     PROGRESS,
@@ -250,6 +250,8 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"
         )
+    if cfg.packing.enabled:
+        check_packing_limits(cfg.packing.min_seconds, cfg.packing.max_seconds)
     if cfg.encoder_cache.enabled:
         _check_encoder_cache(cfg, [entry for entry, _, _ in inputs])
     settings = GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True))

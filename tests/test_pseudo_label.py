@@ -594,6 +594,16 @@ def test_missing_column_is_reported_before_the_teacher_loads(tmp_path, corpus, m
         assert part in str(err.value)
 
 
+def test_bad_packing_limits_are_reported_before_the_teacher_loads(tmp_path, corpus, monkeypatch):
+    def no_teacher(*a, **k):
+        raise AssertionError("teacher resolved before the packing settings were checked")
+
+    monkeypatch.setattr("distil.whisper.models.resolve_model", no_teacher)
+    cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, "packing.enabled=true", "packing.min_seconds=40")
+    with pytest.raises(DataConfigError, match=r"packing.min_seconds=40.* \[0, packing.max_seconds=30\]"):
+        pseudo_label(cfg, run_dir=tmp_path / "run")
+
+
 def test_language_for_english_only_teacher_is_an_error(tmp_path, tiny_random_dir, corpus, monkeypatch):
     def no_weights(*a, **k):
         raise AssertionError("weights loaded before the generation settings were checked")

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from distil.data.entries import DatasetEntry
+from distil.data.entries import DataConfigError, DatasetEntry
 
 MAX_WHISPER_SECONDS = 30.0
 
@@ -75,6 +75,14 @@ class Skip:
         return {"ids": self.ids, "indices": self.indices, "reason": self.reason, "detail": self.detail}
 
 
+def check_packing_limits(min_seconds: float | None, max_seconds: float) -> None:
+    if min_seconds is not None and not 0 <= min_seconds <= max_seconds:
+        raise DataConfigError(
+            f"packing.min_seconds={min_seconds} must lie in [0, packing.max_seconds={max_seconds}]; "
+            "set it in that range, or to null to pack every unit up to max_seconds"
+        )
+
+
 def pack_units(
     clips: Iterable[Clip],
     speaker_of: Callable[[Clip], Any],
@@ -85,10 +93,7 @@ def pack_units(
 ) -> Iterator[Unit]:
     """Group consecutive same-speaker clips up to `max_seconds`, or up to a limit drawn per unit from
     [min_seconds, max_seconds] (the rule in the module docstring)."""
-    if min_seconds is not None and not 0 <= min_seconds <= max_seconds:
-        raise ValueError(
-            f"packing.min_seconds={min_seconds} must lie in [0, packing.max_seconds={max_seconds}]"
-        )
+    check_packing_limits(min_seconds, max_seconds)
     draw = random.Random(seed)
     current: list[Clip] = []
     current_speaker, current_duration, current_continues = None, 0.0, False
