@@ -235,15 +235,14 @@ def init_student(
             return False
         return _same_settings(json.loads((out_dir / STUDENT_INFO_FILE).read_text()), info)
 
-    if out_dir.exists():
-        if built_alike() and not overwrite:
+    if out_dir.exists() and not overwrite:
+        if built_alike():
             return out_dir
-        if not overwrite:
-            raise FileExistsError(
-                f"{out_dir} already exists but is not a student built from {teacher_dir} with encoder "
-                f"layers {encoder_map} and decoder layers {decoder_map}; delete it or pass "
-                "overwrite=true to replace it"
-            )
+        raise FileExistsError(
+            f"{out_dir} already exists but is not a student built from {teacher_dir} with encoder "
+            f"layers {encoder_map} and decoder layers {decoder_map}; delete it or pass "
+            "overwrite=true to replace it"
+        )
 
     processor = None
     try:
