@@ -13,7 +13,8 @@ input column plus:
 - `pl_index`: the unit's position in dataset order (the clip's original index without packing);
 - `language` for multilingual teachers; `packed_ids`, `pl_continues` and `prompt` with packing.
 
-Resume: work is cut into shards of `shard_size` units (see `distil.datamodules.labelling`); a shard's
+Resume: work is cut into shards of `shard_size` units (fewer in a split too small for `min_shards` shards of
+that size: `split_shard_size`; see `distil.datamodules.labelling`); a shard's
 parquet file is written to a temp name and renamed, then its manifest `_progress/part-K.json`; a shard is
 complete iff its manifest exists. Restarting the same command labels only what is missing. When every shard
 is complete (whichever job or rerun sees that first), the split is finalised: prompts filled in (packing),
@@ -54,7 +55,7 @@ from distil.data.entries import (
     validate_columns,
 )
 from distil.data.label_jobs import incomplete_state, merge, split_states, try_finalise
-from distil.data.label_plan import LabellingSpec, check_packing_limits
+from distil.data.label_plan import LabellingSpec, check_packing_limits, split_shard_size
 from distil.data.label_store import (
     LABEL_COLUMNS,
     PROGRESS,
@@ -150,15 +151,14 @@ def label_split(
     language = entry.language or cfg.generation.language
     packing = bool(cfg.packing.enabled)
     plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry))
-    labels_meta = {**plan, "columns_added": list(LABEL_COLUMNS)}
     if (out_dir / SUCCESS).exists():
-        check_plan(out_dir, plan)
+        check_plan(
+            out_dir, plan, ignore=("shard_size",)
+        )  # finished labels: the shard layout no longer matters
         summary = read_json(out_dir / "summary.json")
         log.info("%s/%s already labelled in %s", entry.name, split, out_dir)
         return {**summary, "status": "complete", "output_dir": str(out_dir), "this_run": None}
     out_dir.mkdir(parents=True, exist_ok=True)
-    check_plan(out_dir, plan)
-
     done = complete_shards(out_dir)
     spec = LabellingSpec(
         entry=entry,
@@ -173,7 +173,12 @@ def label_split(
         claims_dir=str(out_dir / PROGRESS),
         cache_keys=bool(cfg.encoder_cache.enabled),
     )
-    source = LabellingSource(ds, spec, streaming=bool(cfg.streaming))
+    source = LabellingSource(ds, spec, streaming=bool(cfg.streaming))  # map-style: plans the units
+    spec.shard_size = plan["shard_size"] = split_shard_size(
+        source.num_units, int(cfg.shard_size), int(cfg.min_shards), int(cfg.batch_size)
+    )
+    check_plan(out_dir, plan)
+    labels_meta = {**plan, "columns_added": list(LABEL_COLUMNS)}
     if source.num_units is not None:
         record_extent(out_dir, source.num_units, source.skipped_in_planning, spec.shard_size)
     else:

@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForCondi
 
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
-from distil.data.label_plan import Clip, LabellingSpec, pack_units
+from distil.data.label_plan import Clip, LabellingSpec, pack_units, split_shard_size
 from distil.data.label_store import SUCCESS, LabellingStateError, ShardWriter, build_prompt
 from distil.data.text import corpus_wer, english_normalizer, sample_wer
 from distil.datamodules.labelling import LabellingSource, ShardBatches
@@ -382,8 +382,18 @@ def test_rank_split_is_a_partition_of_pending_shards(corpus):
 
 
 def test_two_cpu_processes_give_the_same_dataset(tmp_path, tiny_random_dir, corpus, reference):
-    """The CPU default (`devices=auto`): forked single-threaded ranks, each writing its own shards."""
-    _, summary = run(tmp_path, tiny_random_dir, corpus, "trainer.accelerator=cpu", "trainer.devices=2")
+    """The CPU default (`devices=auto`): forked single-threaded ranks, each writing its own shards. The split
+    (14 units) is far smaller than `shard_size`, and `min_shards` still cuts it into shards for both ranks:
+    ceil(14 / 4) = 4 units each, the reference's layout."""
+    _, summary = run(
+        tmp_path,
+        tiny_random_dir,
+        corpus,
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "shard_size=1000",
+        "min_shards=4",
+    )
     split = summary["splits"]["custom/train"]
     out = split_out(summary)
     assert split["status"] == "complete" and (out / SUCCESS).exists()
@@ -394,6 +404,29 @@ def test_two_cpu_processes_give_the_same_dataset(tmp_path, tiny_random_dir, corp
     assert split["this_run"]["audio_seconds"] == pytest.approx(
         reference[1]["splits"]["custom/train"]["this_run"]["audio_seconds"]
     )
+
+
+def test_small_splits_are_cut_into_min_shards_shards_of_at_least_a_batch():
+    assert split_shard_size(1065, 1000, 16, 16) == 67  # the 8x demo's espeak split: 16 shards, not 1000 + 65
+    assert split_shard_size(114, 1000, 16, 16) == 16  # never below a batch: 8 shards of 16 (the last of 2)
+    assert split_shard_size(5, 1000, 16, 16) == 16  # smaller than a batch: one shard
+    assert split_shard_size(1_000_000, 1000, 16, 16) == 1000  # big splits keep shard_size
+    assert split_shard_size(14, 4, 16, 4) == 4
+    assert split_shard_size(None, 1000, 16, 16) == 1000  # a stream: its length is not known up front
+
+
+def test_finished_labels_are_reused_under_another_shard_layout_but_not_resumed(
+    tmp_path, tiny_random_dir, corpus, reference
+):
+    """The layout decides only how unfinished work resumes: a finished split is reused whatever it is now; an
+    unfinished one is refused under another layout (its shards would not line up), naming the keys."""
+    shutil.copytree(reference[2].parent.parent.parent, tmp_path / "pseudo_labels")
+    _, summary = run(tmp_path, tiny_random_dir, corpus, "shard_size=2")
+    assert summary["splits"]["custom/train"]["this_run"] is None
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        run(tmp_path / "b", tiny_random_dir, corpus, callbacks=[KillAfterShards(1)])
+    with pytest.raises(LabellingStateError, match="shard_size differ.*min_shards and batch_size"):
+        run(tmp_path / "b", tiny_random_dir, corpus, "shard_size=2")
 
 
 def test_parallelism_rule():

@@ -33,6 +33,7 @@ streaming mode too, and gives the same units.
 
 from __future__ import annotations
 
+import math
 import random
 import zlib
 from collections.abc import Callable, Iterable, Iterator
@@ -132,6 +133,17 @@ def pack_units(
             current_limit = draw.uniform(min_seconds, max_seconds)
     if current:
         yield close()
+
+
+def split_shard_size(units: int | None, shard_size: int, min_shards: int, batch_size: int) -> int:
+    """Units per shard for a split of `units` units: `shard_size`, but a smaller split is cut into about
+    `min_shards` shards (of at least one batch), so that every process and job gets a share: ranks take whole
+    shards, and a 1,065-unit split with `shard_size` 1000 left one of two CPU processes idle after 65 units.
+    A function of the data and the config only, so every job, rank and rerun derives the same layout; a stream
+    (`units` unknown until its end) keeps `shard_size`."""
+    if units is None:
+        return shard_size
+    return max(1, min(shard_size, max(batch_size, math.ceil(units / min_shards))))
 
 
 def chunk_shards(units: Iterable[Unit], shard_size: int) -> Iterator[tuple[int, list[Unit]]]:

@@ -249,14 +249,17 @@ def _set_options(options: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(options, resolve=True).items() if v is not None}
 
 
-def check_plan(out_dir: Path, plan: dict) -> None:
+def check_plan(out_dir: Path, plan: dict, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse to resume or reuse `out_dir` if its recorded plan differs from `plan` (keys in `ignore` aside)."""
     path = out_dir / PROGRESS / "plan.json"
     if path.exists():
         old = read_json(path)
-        if old != json.loads(json.dumps(plan, default=str)):
-            changed = sorted(
-                k for k in set(old) | set(plan) if old.get(k) != json.loads(json.dumps(plan.get(k)))
-            )
+        changed = sorted(
+            k
+            for k in set(old) | set(plan)
+            if k not in ignore and old.get(k) != json.loads(json.dumps(plan.get(k), default=str))
+        )
+        if changed:
             if "input" in changed:
                 raise LabellingStateError(
                     f"the input of {out_dir} changed since it was labelled: {plan['dataset']['path']} split "
@@ -264,8 +267,13 @@ def check_plan(out_dir: Path, plan: dict) -> None:
                     "(its id/text column differs). The labels there belong to the old data: delete the "
                     "directory (or set output_dir) to relabel, or restore the data to resume."
                 )
+            layout = (
+                " (the shard layout follows shard_size, min_shards and batch_size: set them as before)"
+                if "shard_size" in changed
+                else ""
+            )
             raise LabellingStateError(
-                f"{out_dir} holds labels made with different settings ({', '.join(changed)} differ). "
+                f"{out_dir} holds labels made with different settings ({', '.join(changed)} differ{layout}). "
                 "Rerun with the same settings to resume, or delete the directory (or set output_dir) to relabel."
             )
     else:
