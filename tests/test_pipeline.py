@@ -73,12 +73,12 @@ def test_every_recipe_composes_every_stage(recipe, tmp_path):
         default_corpus = compose_stage("corpus", [], cfg.paths)
     assert stages["train"].name == cfg.recipe.experiment
     assert stages["init_student"].teacher.name == stages["pseudo_label"].teacher.name
-    if recipe == "demo_long":  # four times the demo's training clips, the same test sets
+    scale = {"demo_long": 4, "demo_xl": 8}.get(recipe)  # times the demo's training clips, the same test sets
+    if scale:
         for engine, spec in stages["corpus"].corpora.items():
-            assert spec.sizes.get("train", 0) == 4 * default_corpus.corpora[engine].sizes.get("train", 0), (
-                engine
-            )
-            assert spec.sizes.get("test") == default_corpus.corpora[engine].sizes.get("test"), engine
+            demo_sizes = default_corpus.corpora[engine].sizes
+            assert spec.sizes.get("train", 0) == scale * demo_sizes.get("train", 0), engine
+            assert spec.sizes.get("test") == demo_sizes.get("test"), engine
 
 
 def test_comparison_table_formats_missing_values():
