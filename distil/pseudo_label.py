@@ -152,9 +152,8 @@ def label_split(
     packing = bool(cfg.packing.enabled)
     plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry))
     if (out_dir / SUCCESS).exists():
-        check_plan(
-            out_dir, plan, ignore=("shard_size",)
-        )  # finished labels: the shard layout no longer matters
+        # Finished labels: the shard layout no longer matters (the split is reused under any shard settings).
+        check_plan(out_dir, plan, ignore=("shard_size",))
         summary = read_json(out_dir / "summary.json")
         log.info("%s/%s already labelled in %s", entry.name, split, out_dir)
         return {**summary, "status": "complete", "output_dir": str(out_dir), "this_run": None}
