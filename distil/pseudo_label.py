@@ -254,6 +254,9 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"
         )
+    for key in ("shard_size", "min_shards", "batch_size"):  # they set the shard layout (split_shard_size)
+        if int(cfg[key]) < 1:
+            raise DataConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.packing.enabled:
         check_packing_limits(cfg.packing.min_seconds, cfg.packing.max_seconds)
     if cfg.encoder_cache.enabled:

@@ -637,6 +637,19 @@ def test_bad_packing_limits_are_reported_before_the_teacher_loads(tmp_path, corp
         pseudo_label(cfg, run_dir=tmp_path / "run")
 
 
+@pytest.mark.parametrize("key", ["shard_size", "min_shards", "batch_size"])
+def test_a_shard_layout_setting_below_one_is_reported_before_the_teacher_loads(
+    tmp_path, corpus, monkeypatch, key
+):
+    def no_teacher(*a, **k):
+        raise AssertionError("teacher resolved before the shard settings were checked")
+
+    monkeypatch.setattr("distil.whisper.models.resolve_model", no_teacher)
+    cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, f"{key}=0")
+    with pytest.raises(DataConfigError, match=rf"^{key} must be >= 1, got 0$"):
+        pseudo_label(cfg, run_dir=tmp_path / "run")
+
+
 def test_language_for_english_only_teacher_is_an_error(tmp_path, tiny_random_dir, corpus, monkeypatch):
     def no_weights(*a, **k):
         raise AssertionError("weights loaded before the generation settings were checked")
