@@ -6,8 +6,9 @@
   tensorboard/                   every numeric metric as a TensorBoard scalar
 Sections: each `_target_` node of the eval config (conf/eval/*.yaml: short-form WER per set, long-form
 (chunked and/or sequential), speculative decoding, latency, noise robustness; null turns one off) is built
-with Hydra and run in order (distil.evaluation.sections). A set that cannot be evaluated (missing file, no
-references, bad audio) gets an error entry and the other sets still run.
+with Hydra and run in order (distil.evaluation.sections). A set that cannot be evaluated (missing file, bad
+audio, missing column) gets an error entry, the other sets still run, and the command then exits non-zero
+naming it (a set without references is scored as "no references", not an error).
 """
 
 from __future__ import annotations
@@ -84,7 +85,24 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     write_tensorboard(out, metrics)
     write_atomic(out / "metrics.json", json.dumps(metrics, indent=2, default=str) + "\n")
     log.info("metrics written to %s", out / "metrics.json")
+    failed = failed_sets(metrics)
+    if failed:  # the other sets' results are written; exit status 0 would say the evaluation is complete
+        name, error = next(iter(failed.items()))
+        raise EvalInputError(
+            f"{len(failed)} eval set(s) failed: {', '.join(failed)} (first: {name}: {error}); the other sets' "
+            f"results are in {out / 'metrics.json'}. Fix or remove the set{'s' if len(failed) > 1 else ''}"
+        )
     return metrics
+
+
+def failed_sets(metrics: dict) -> dict[str, str]:
+    """`{<section>.<set>: error}` of every short-form or long-form set that could not be evaluated."""
+    failed = {}
+    for section in ("short_form", "long_form"):
+        for name, entry in ((metrics.get(section) or {}).get("sets") or {}).items():
+            if isinstance(entry, dict) and entry.get("status") == "error":
+                failed[f"{section}.{name}"] = entry.get("error", "")
+    return failed
 
 
 def primary_metric(metrics: dict) -> float | None:

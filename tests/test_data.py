@@ -109,3 +109,65 @@ def test_stable_ids_and_duration_column():
     entry = DatasetEntry(name="m", path="/x")
     assert duration_column(entry, ["audio", "duration"]) == "duration"
     assert duration_column(entry, ["audio"]) is None
+
+
+def _audio_folder(root, split, names, metadata="csv"):
+    """`root/split/` as people keep their data: wav files beside a metadata file (datasets' audiofolder)."""
+    import soundfile as sf
+
+    (root / split / "sub").mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for i, name in enumerate(names):
+        sf.write(str(root / split / name), rng.uniform(-0.1, 0.1, 800 * (i + 1)).astype(np.float32), 8000)
+    if metadata == "csv":
+        lines = ["file_name,transcription"] + [f"{n},words of {n}" for n in names]
+        (root / split / "metadata.csv").write_text("\n".join(lines) + "\n")
+    elif metadata == "jsonl":
+        rows = [f'{{"file_name": "{n}", "transcription": "words of {n}"}}' for n in names]
+        (root / split / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize("metadata", ["csv", "jsonl"])
+@pytest.mark.parametrize("streaming", [False, True])
+def test_an_audio_folder_is_read_with_its_metadata(tmp_path, metadata, streaming):
+    _audio_folder(tmp_path / "mine", "train", ["a.wav", "sub/b.wav"], metadata)
+    entry = DatasetEntry(
+        name="mine", path=str(tmp_path / "mine"), text_column="transcription", id_column=None
+    )
+    ds = load_split(entry, "train", streaming=streaming, cache_dir=str(tmp_path / "cache"))
+    rows = list(ds)
+    validate_columns(entry, "train", column_names(ds))
+    assert [r["transcription"] for r in rows] == ["words of a.wav", "words of sub/b.wav"]
+    assert rows[1]["audio"]["path"] == str(tmp_path / "mine" / "train" / "sub" / "b.wav")
+    assert len(decode_audio(rows[1]["audio"])) == 3200  # 1600 samples at 8 kHz, resampled to 16 kHz
+
+
+def test_audio_only_folders_flat_folders_and_unreadable_layouts(tmp_path):
+    _audio_folder(tmp_path / "raw", "train", ["x.wav", "y.wav"], metadata=None)
+    entry = DatasetEntry(name="raw", path=str(tmp_path / "raw"), text_column=None, id_column=None)
+    rows = list(load_split(entry, "train"))
+    assert [r["file_name"] for r in rows] == ["x.wav", "y.wav"] and rows[0]["audio"]["bytes"] is None
+    # A flat folder (no split directories) is split `train`, as datasets' audiofolder reads it.
+    flat = DatasetEntry(name="flat", path=str(tmp_path / "raw" / "train"), text_column=None, id_column=None)
+    assert len(load_split(flat, "train")) == 2
+
+    _audio_folder(tmp_path / "mine", "train", ["a.wav"])
+    mine = DatasetEntry(name="mine", path=str(tmp_path / "mine"), text_column="transcription", id_column=None)
+    with pytest.raises(DataConfigError, match=r"no split 'test'; its audio-folder splits are \['train'\]"):
+        load_split(mine, "test")
+    (tmp_path / "mine" / "train" / "metadata.csv").write_text("file_name,transcription\nghost.wav,boo\n")
+    with pytest.raises(
+        DataConfigError, match=r"1 file\(s\) named in .*metadata.csv do not exist.*'ghost.wav'"
+    ):
+        load_split(mine, "train")
+    (tmp_path / "mine" / "train" / "metadata.csv").write_text("path,transcription\na.wav,boo\n")
+    with pytest.raises(DataConfigError, match=r"metadata.csv has no column 'file_name'"):
+        load_split(mine, "train")
+
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    junk = DatasetEntry(name="junk", path=str(tmp_path / "junk"))
+    with pytest.raises(
+        DataConfigError, match=r"cannot read split 'train' of .*junk \(it holds: notes.txt;.*audiofolder"
+    ):
+        load_split(junk, "train")

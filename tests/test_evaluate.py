@@ -176,7 +176,9 @@ def test_bad_sets_are_reported_and_the_others_still_evaluated(tiny_random_dir, c
     cfg.eval.sets.blip = {"path": str(corpora / "blip"), "split": "test"}
     cfg.eval.sets.missing = {"path": str(corpora / "does_not_exist"), "split": "test"}
     cfg.eval.sets.badcol = {"path": str(corpora / "espeak"), "split": "test", "text_column": "transcript"}
-    metrics = evaluate(cfg, tmp_path)
+    with pytest.raises(EvalInputError, match=r"3 eval set\(s\) failed: short_form.blip, short_form.missing"):
+        evaluate(cfg, tmp_path)  # the other sets are evaluated and written, and the command fails
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     sets = metrics["short_form"]["sets"]
     assert sets["flite"]["status"] == "ok"
     assert metrics["speculative"]["status"] == "skipped"  # no assistant configured

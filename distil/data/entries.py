@@ -16,9 +16,13 @@ A stage's `data` config holds a list of entries::
         samples: 1.0                     # mixing weight (training): a number shared evenly by the splits,
                                          # or one per split: [100, 360, 500] / {train.clean.100: 100, ...}
 
-Local directories are read in this order: a `save_to_disk` dataset (or DatasetDict), a directory per split
-(`<path>/<split>/*.parquet` - the corpus layout and the pseudo-label layout), then `data_dir=<path>` with the
-builder's own split inference. Anything else is a Hub id, loaded with `load_dataset(path, config, split=...)`.
+Local directories are read in this order: a `save_to_disk` dataset (or DatasetDict); an audio folder per split
+(`<path>/<split>/` holding audio files and a `metadata.csv` / `metadata.jsonl` whose `file_name` column names
+them: the `datasets` audiofolder convention; without a metadata file, audio only); a directory of table files per
+split (`<path>/<split>/*.parquet|arrow|jsonl|csv` - the corpus layout and the pseudo-label layout); a flat audio
+folder as split `train`; then the builder's own split inference (`load_dataset(<path>)`, e.g. a cloned Hub
+dataset). What none of these reads is refused in one line naming what the directory holds. A path that does not
+exist locally and does not start with `/`, `.` or `~` is a Hub id, loaded with `load_dataset(path, config, ...)`.
 Audio is always cast to `Audio(decode=False)`: datasets' decoder needs torchcodec, so stages decode with
 `distil.data.audio.decode_audio`.
 """
@@ -37,6 +41,13 @@ from distil.utils.errors import InputError
 
 # File extensions a local split directory may hold, mapped to the datasets builder that reads them.
 BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json": "json", ".csv": "csv"}
+# An audio folder: audio files beside an optional metadata table (datasets' audiofolder convention).
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
+METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+LAYOUTS = (
+    "a save_to_disk dataset; <dir>/<split>/ with audio files and a metadata.csv or metadata.jsonl (file_name + "
+    "text columns: the audiofolder layout); <dir>/<split>/*.parquet|arrow|jsonl|csv; or a Hub dataset id"
+)
 
 
 class DataConfigError(InputError):
@@ -139,15 +150,63 @@ def stable_id(name: str, split: str, index: int) -> str:
     return f"{name}:{split}:{index}"
 
 
-def _split_files(directory: Path) -> list[str]:
+def _split_files(directory: Path, tables_only: bool = False) -> list[str]:
     """Data files of one split. Columnar formats win over json/csv, so sidecar files (e.g. the pseudo-label
-    stage's `summary.json`, `skipped.jsonl`) next to parquet shards are not mistaken for data."""
+    stage's `summary.json`, `skipped.jsonl`) next to parquet shards are not mistaken for data; an audio folder's
+    metadata file is not a table of its own (`tables_only`: only files that are no audio folder's metadata)."""
     files = [p for p in directory.iterdir() if p.is_file() and not p.name.startswith((".", "_"))]
+    if tables_only:
+        files = [p for p in files if p.name not in METADATA_FILES]
     for suffixes in ((".parquet",), (".arrow",), (".jsonl", ".json"), (".csv",)):
         chosen = sorted(str(p) for p in files if p.suffix in suffixes)
         if chosen:
             return chosen
     return []
+
+
+def _audio_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def _is_audio_folder(directory: Path) -> bool:
+    return any((directory / m).is_file() for m in METADATA_FILES) or bool(_audio_files(directory))
+
+
+def _load_audio_folder(entry: DatasetEntry, directory: Path, split: str, cache_dir: str | None):
+    """One split of an audio folder as a table with an `Audio(decode=False)` column of file paths.
+
+    datasets' own `audiofolder` builder encodes audio through torchcodec even when nothing is decoded, so the
+    metadata table is read with the csv/json builder and `file_name` becomes the audio column, as audiofolder
+    does. Without a metadata file every audio file below the directory is one row (audio only: no text).
+    """
+    metadata = next((directory / m for m in METADATA_FILES if (directory / m).is_file()), None)
+    if metadata is None:
+        files = _audio_files(directory)
+        return datasets.Dataset.from_dict(
+            {
+                entry.audio_column: [{"bytes": None, "path": str(f)} for f in files],
+                "file_name": [str(f.relative_to(directory)) for f in files],
+            }
+        ).cast_column(entry.audio_column, Audio(decode=False))
+    builder = "csv" if metadata.suffix == ".csv" else "json"
+    table = datasets.load_dataset(
+        builder, data_files={split: str(metadata)}, split=split, cache_dir=cache_dir
+    )
+    if "file_name" not in table.column_names:
+        raise DataConfigError(
+            f"dataset {entry.name!r}: {metadata} has no column 'file_name' (columns: {table.column_names}); "
+            "an audio folder's metadata names each audio file, relative to its directory, in 'file_name'"
+        )
+    missing = [n for n in table["file_name"] if not (directory / str(n)).is_file()]
+    if missing:
+        raise DataConfigError(
+            f"dataset {entry.name!r}: {len(missing)} file(s) named in {metadata} do not exist under {directory}, "
+            f"e.g. {missing[0]!r}; fix file_name or add the files"
+        )
+    paths = [{"bytes": None, "path": str(directory / str(n))} for n in table["file_name"]]
+    if entry.audio_column in table.column_names:
+        table = table.remove_columns(entry.audio_column)
+    return table.add_column(entry.audio_column, paths).cast_column(entry.audio_column, Audio(decode=False))
 
 
 def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, cache_dir: str | None):
@@ -162,6 +221,13 @@ def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, ca
         return ds.to_iterable_dataset() if streaming else ds
     if (root / split / "state.json").exists():
         ds = datasets.load_from_disk(str(root / split))
+        return ds.to_iterable_dataset() if streaming else ds
+    if (
+        (root / split).is_dir()
+        and not _split_files(root / split, tables_only=True)
+        and _is_audio_folder(root / split)
+    ):
+        ds = _load_audio_folder(entry, root / split, split, cache_dir)
         return ds.to_iterable_dataset() if streaming else ds
     if (root / split).is_dir():
         files = _split_files(root / split)
@@ -178,14 +244,30 @@ def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, ca
             f"dataset {entry.name!r}: {root} is a single saved Dataset without splits; save a DatasetDict or "
             f"put it under {root / split}"
         )
-    try:
-        return datasets.load_dataset(
-            str(root), data_dir=None, split=split, streaming=streaming, cache_dir=cache_dir
-        )
-    except ValueError as err:  # datasets says "Unknown split" with the available ones
+    if split == "train" and not _split_files(root, tables_only=True) and _is_audio_folder(root):
+        ds = _load_audio_folder(entry, root, split, cache_dir)  # one flat folder: audiofolder calls it train
+        return ds.to_iterable_dataset() if streaming else ds
+    folders = sorted(
+        d.name for d in root.iterdir() if d.is_dir() and any((d / m).is_file() for m in METADATA_FILES)
+    )
+    if folders:
         raise DataConfigError(
-            f"dataset {entry.name!r} ({root}): cannot load split {split!r}: {err} (set {entry.key}.splits)"
-        ) from err
+            f"dataset {entry.name!r} ({root}) has no split {split!r}; its audio-folder splits are {folders} "
+            f"(set {entry.key}.splits)"
+        )
+    try:  # e.g. a Hub dataset's files cloned (data/train-*.parquet): the builder infers the splits
+        ds = datasets.load_dataset(str(root), split=split, streaming=streaming, cache_dir=cache_dir)
+        problem = None if entry.audio_column in column_names(ds) else f"no column {entry.audio_column!r}"
+    except Exception as err:  # noqa: BLE001 - whatever the builder says, the answer is the same line
+        ds, problem = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+    if problem is None:
+        return ds
+    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name[0] != ".")
+    shown = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")
+    raise DataConfigError(
+        f"dataset {entry.name!r}: cannot read split {split!r} of {root} (it holds: {shown or 'nothing'}; "
+        f"{problem}); distil reads {LAYOUTS} (set {entry.key}.path or {entry.key}.splits)"
+    )
 
 
 def load_split(

@@ -246,6 +246,9 @@ class EvalRun:
         return bool(self.ecfg.get("fail_fast", False))
 
     def named_set(self, section: str, name: str | None) -> dict:
+        """`eval.<section>.set`: a set of `eval.sets` by name; null is the first (so own sets need no rename)."""
+        if name is None and self.sets:
+            return next(iter(self.sets.values()))
         if not name or name not in self.sets:
             raise EvalInputError(f"eval.{section}.set={name!r} is not one of eval.sets ({sorted(self.sets)})")
         return self.sets[name]
