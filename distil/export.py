@@ -1,4 +1,4 @@
-"""Export a Whisper model to CTranslate2, the format faster-whisper runs (`distil-export model=... quantization=int8`).
+"""Stage 5: export a Whisper model to CTranslate2, the format faster-whisper runs (`distil-export model=... quantization=int8`).
 
     distil-export model=path model.path=<run dir>/best quantization=int8
     distil-export model=checkpoint model.path=<run dir>/checkpoints/last.ckpt model.base=<student dir>

@@ -33,7 +33,7 @@ def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
         "pseudo_label": [f"teacher={cfg.recipe.teacher}", *(cfg.recipe.get("pseudo_label") or [])],
         "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
         "train": _train_choices(cfg),
-        "evaluate": [],
+        "evaluate": list(cfg.recipe.get("evaluate") or []),
     }[stage]
     if stage == "train" and cfg.train.wer_threshold is not None:
         shared.append(f"data.wer_threshold={cfg.train.wer_threshold}")
@@ -233,20 +233,32 @@ def format_comparison(rows: dict[str, dict[str, Any]]) -> str:
 
 def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     """The stages `distil-pipeline` would run: each one's command line and where it writes; training's run
-    directory, devices and precision. Composes configs only (no model, no data)."""
+    directory, devices and precision; labelling's and training's GPU memory, disk and tokens (estimated from the
+    model dimensions: distil.training.sizing). Composes configs only (no model, no data, no network)."""
     from distil.train import default_out_dir, override_dirname
+    from distil.training.sizing import estimate_labelling, estimate_training
     from distil.utils.launch import train_plan
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
         raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
     stages: dict[str, Any] = {}
+    hours = cfg.get("audio_hours") or cfg.recipe.get("audio_hours")
+    unit_seconds = None
     for stage in cfg.stages:
         overrides = stage_overrides(cfg, stage)
         entry: dict[str, Any] = {"command": " ".join([f"distil-{stage.replace('_', '-')}", *overrides])}
         stage_cfg = compose_stage(stage, overrides, cfg.paths)
+        if (
+            "estimate" in stage_cfg
+        ):  # the recipe's data size, and training samples as long as the labelled units
+            stage_cfg.estimate.audio_hours = hours
+            if stage == "train" and unit_seconds:
+                stage_cfg.estimate.unit_seconds = unit_seconds
         if stage == "pseudo_label":
             entry["output_dir"] = str(stage_cfg.output_dir)
+            entry["estimate"] = estimate_labelling(stage_cfg)
+            unit_seconds = entry["estimate"].get("unit_seconds")
         elif stage == "init_student":
             entry["student_dir"] = str(stage_cfg.student.init_dir)
         elif stage == "train":
@@ -256,6 +268,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
                 )
             plan = train_plan(stage_cfg)
             entry.update({k: plan[k] for k in ("run_directory", "resume", "trainer", "model")})
+            entry["estimate"] = estimate_training(stage_cfg)
         elif stage == "evaluate":
             roles = ["teacher", "student"] + (
                 [f"student-ct2-{cfg.deploy_compute_type}"] if cfg.get("deploy_compute_type") else []

@@ -98,13 +98,31 @@ def _teacher_record(cfg: DictConfig) -> tuple[str, dict]:
 def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
     """Load and check every dataset split before the teacher is touched."""
     entries = dataset_entries(cfg.data.datasets)
+    without_speaker = cfg.packing.get("without_speaker")
+    if without_speaker not in (None, "clips"):
+        raise DataConfigError(
+            f"packing.without_speaker must be null (refuse) or clips, got {without_speaker!r}"
+        )
     loaded = []
     for entry in entries:
         for split in entry.splits:
             ds = load_split(entry, split, streaming=cfg.streaming, cache_dir=cfg.get("cache_dir"))
-            validate_columns(entry, split, column_names(ds), need_speaker=cfg.packing.enabled)
+            need_speaker = cfg.packing.enabled and without_speaker is None
+            validate_columns(entry, split, column_names(ds), need_speaker=need_speaker)
+            if cfg.packing.enabled and entry.speaker_column is None and split == entry.splits[0]:
+                log.warning(
+                    "dataset %r has no speaker column: its clips are labelled one by one, not packed "
+                    "(packing.without_speaker=clips)",
+                    entry.name,
+                )
             loaded.append((entry, split, ds))
     return loaded
+
+
+def packs(cfg: DictConfig, entry: DatasetEntry) -> bool:
+    """Whether this dataset's clips are packed: packing is on and it says who speaks (packing never crosses a
+    speaker change; `packing.without_speaker=clips` labels speakerless datasets clip by clip)."""
+    return bool(cfg.packing.enabled) and entry.speaker_column is not None
 
 
 def _trainer(cfg: DictConfig, run_dir: Path, callbacks: list, work_items: int | None = None) -> L.Trainer:
@@ -149,8 +167,8 @@ def label_split(
 ) -> dict:
     out_dir = split_dir(cfg.output_dir, entry.name, split)
     language = entry.language or cfg.generation.language
-    packing = bool(cfg.packing.enabled)
-    plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry))
+    packing = packs(cfg, entry)
+    plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry), packing)
     if (out_dir / SUCCESS).exists():
         # Finished labels: the shard layout no longer matters (the split is reused under any shard settings).
         check_plan(out_dir, plan, ignore=("shard_size",))
@@ -297,6 +315,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
     if cfg.get("dry_run"):
+        from distil.training.sizing import estimate_labelling
         from distil.utils.launch import launcher_plan, model_plan, print_dry_run, trainer_plan
 
         plan = {
@@ -313,6 +332,7 @@ def main(cfg: DictConfig) -> float | None:
             "trainer": {**trainer_plan(cfg.trainer), "threads_per_process": cfg.get("threads_per_process")},
             "run_directory": str(hydra_output_dir()),
             "launcher": launcher_plan(cfg, "distil-pseudo-label"),
+            "estimate": estimate_labelling(cfg),
         }
         print_dry_run("distil-pseudo-label", plan)
         return None

@@ -252,9 +252,15 @@ def main(cfg: DictConfig) -> float | None:
         cfg.out_dir = str(default_out_dir(cfg.students_root_dir, HydraConfig.get().job.override_dirname))
         OmegaConf.set_struct(cfg, True)
     if cfg.get("dry_run"):
+        from distil.training.sizing import estimate_training
         from distil.utils.launch import launcher_plan, print_dry_run, train_plan
 
-        print_dry_run("distil-train", {**train_plan(cfg), "launcher": launcher_plan(cfg, "distil-train")})
+        plan = {
+            **train_plan(cfg),
+            "launcher": launcher_plan(cfg, "distil-train"),
+            "estimate": estimate_training(cfg),
+        }
+        print_dry_run("distil-train", plan)
         return None
     # Lightning's DDP launcher re-runs this command in the other processes (LOCAL_RANK/RANK set): they share
     # the Hydra run directory, which rank 0 alone writes.

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -142,3 +145,19 @@ def atomic_writes(kill_before=None) -> Iterator[list[Path]]:
         yield calls
     finally:
         io.os.replace = real_replace
+
+
+def command(name: str) -> list[str]:
+    """`distil-<name>` as installed next to this Python (else `python -m distil.<module>`)."""
+    script = Path(sys.executable).parent / f"distil-{name}"
+    return [str(script)] if script.exists() else [sys.executable, "-m", f"distil.{name.replace('-', '_')}"]
+
+
+def cli(name: str, *args: str, home: Path, timeout: float = 180, check: bool = True):
+    env = {**os.environ, "DISTIL_HOME": str(home), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [*command(name), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=home
+    )
+    if check:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc

@@ -11,34 +11,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from helpers import TINY_CORPUS, write_split
+from helpers import TINY_CORPUS, cli, command, write_split
 
 from distil.collect import collect
 
 TEACHER = "whisper-tiny-random"
-
-
-def command(name: str) -> list[str]:
-    """`distil-<name>` as installed next to this Python (else `python -m distil.<module>`)."""
-    script = Path(sys.executable).parent / f"distil-{name}"
-    return [str(script)] if script.exists() else [sys.executable, "-m", f"distil.{name.replace('-', '_')}"]
-
-
-def cli(name: str, *args: str, home: Path, timeout: float = 180, check: bool = True):
-    env = {**os.environ, "DISTIL_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [*command(name), *args], capture_output=True, text=True, env=env, timeout=timeout, cwd=home
-    )
-    if check:
-        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return proc
 
 
 def dry_run(name: str, *args: str, home: Path) -> dict:

@@ -752,3 +752,18 @@ def test_a_kill_at_each_write_point_resumes_to_identical_output(
         assert (out / "skipped.jsonl").read_text() == (expected / "skipped.jsonl").read_text()
         leftovers = [p for p in out.rglob("*") if ".tmp" in p.name]
         assert not leftovers, f"kill before {name}: {leftovers}"
+
+
+def test_a_dataset_without_speakers_is_refused_or_labelled_clip_by_clip(tmp_path, tiny_random_dir, corpus):
+    """Packing never crosses a speaker change, so a dataset without a speaker column cannot be packed: refused
+    before the teacher loads, or (packing.without_speaker=clips) labelled one clip per unit, with a warning."""
+    no_speaker = ("packing.enabled=true", "data.datasets.0.speaker_column=null")
+    with pytest.raises(DataConfigError, match="needs a speaker column"):
+        run(tmp_path / "refused", tmp_path / "no-model", corpus, *no_speaker)
+    cfg, summary = run(tmp_path, tiny_random_dir, corpus, *no_speaker, "packing.without_speaker=clips")
+    rows = read_rows(split_out(summary))
+    assert len(rows) == len(SPEAKERS) and "packed_ids" not in rows[0]  # one clip a unit
+    plan = json.loads((split_out(summary) / "_progress" / "plan.json").read_text())
+    assert plan["packing"] is None
+    with pytest.raises(DataConfigError, match="packing.without_speaker must be"):
+        run(tmp_path / "typo", tiny_random_dir, corpus, *no_speaker, "packing.without_speaker=yes")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -96,7 +97,17 @@ def test_run_dir_and_ckpt_path(tmp_path):
     assert default_out_dir(tmp_path, "") == tmp_path
     assert default_out_dir(tmp_path, a) == tmp_path / "loss.kl_weight=0"
     long_a, long_b = default_out_dir(tmp_path, long_a), default_out_dir(tmp_path, long_b)
-    assert long_a != long_b and long_a.parent == tmp_path and len(long_a.name) <= 120  # one safe directory
+    assert long_a != long_b and long_a.parent == tmp_path and len(long_a.name) <= 200  # one safe directory
+    # A long path value shrinks to its last part and a hash, so the overrides after it stay readable.
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        named = override_dirname(["data.datasets.0.path=/data/some/long/place/my_corpus", "loss.kl_weight=0"])
+        other = override_dirname(
+            ["data.datasets.0.path=/data/other/long/place/my_corpus", "loss.kl_weight=0"]
+        )
+    named, other = default_out_dir(tmp_path, named).name, default_out_dir(tmp_path, other).name
+    assert (
+        re.fullmatch(r"data.datasets.0.path=my_corpus-[0-9a-f]{8},loss.kl_weight=0", named) and named != other
+    )
     assert resolve_ckpt_path("last", tmp_path) is None
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.ckpt").write_bytes(b"x")

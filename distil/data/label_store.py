@@ -222,14 +222,17 @@ def input_fingerprint(ds, entry: DatasetEntry) -> str:
     return f"sha256:{digest.hexdigest()}"
 
 
-def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict, input_hash: str) -> dict:
-    """Everything that decides the labels and the shard layout; a resumed run must match it."""
+def plan_record(
+    cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict, input_hash: str, packing: bool
+) -> dict:
+    """Everything that decides the labels and the shard layout; a resumed run must match it. `packing`: whether
+    this split's clips are packed (not for a dataset without speakers under packing.without_speaker=clips)."""
     return {
         "teacher": teacher,
         "input": input_hash,
         "generation": OmegaConf.to_container(cfg.generation, resolve=True),
         "dtype": cfg.dtype,
-        "packing": _set_options(cfg.packing) if cfg.packing.enabled else None,
+        "packing": _set_options(cfg.packing) if packing else None,
         "shard_size": int(cfg.shard_size),
         "dataset": {
             "name": entry.name,
@@ -246,7 +249,10 @@ def plan_record(cfg: DictConfig, entry: DatasetEntry, split: str, teacher: dict,
 
 def _set_options(options: DictConfig) -> dict:
     """The options that are set: one left at null is left out, so labels made before it existed still match."""
-    return {k: v for k, v in OmegaConf.to_container(options, resolve=True).items() if v is not None}
+    options = OmegaConf.to_container(options, resolve=True)
+    # without_speaker says which datasets pack, not how: theirs record packing: null.
+    options.pop("without_speaker", None)
+    return {k: v for k, v in options.items() if v is not None}
 
 
 def check_plan(out_dir: Path, plan: dict, ignore: tuple[str, ...] = ()) -> None:

@@ -55,7 +55,7 @@ class Sample:
 
 def set_entry(name: str, entry: DictConfig | dict, section: str = "sets") -> dict:
     raw = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
-    out = {**SET_DEFAULTS, "name": name, "section": section, **raw}
+    out = {**SET_DEFAULTS, "name": name, "section": section, **raw, "id_column_set": "id_column" in raw}
     if not out.get("path"):
         raise EvalInputError(
             f"eval.{section}.{name} has no path (a local corpus directory or a Hub dataset id)"
@@ -95,6 +95,9 @@ def load_samples(
     data_entry = _dataset_entry(entry)
     try:
         ds = load_split(data_entry, entry["split"], streaming=False)
+        if not entry.get("id_column_set") and data_entry.id_column not in ds.column_names:
+            entry = {**entry, "id_column": None}  # the default `id` is optional: generated ids instead
+            data_entry.id_column = None
         validate_columns(data_entry, entry["split"], ds.column_names)
     except FileNotFoundError as err:
         raise EvalInputError(

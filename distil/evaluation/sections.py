@@ -14,11 +14,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from distil.data.audio import AudioDecodeError, add_noise
+from distil.data.audio import add_noise
 from distil.data.text import corpus_wer, get_normalizer
 from distil.evaluation.ct2_backend import CT2Model
 from distil.evaluation.data import EvalInputError, has_references, load_samples, set_entry
 from distil.evaluation.scoring import averages, prediction_rows, score
+from distil.utils.errors import InputError
 from distil.utils.io import write_jsonl
 from distil.whisper.generation import generation_kwargs, transcribe
 from distil.whisper.loading import LoadedModel, load_model
@@ -38,7 +39,10 @@ def _run_guarded(what: str, fail_fast: bool, fn, *args, **kwargs) -> dict:
         if fail_fast:
             raise
         log.error(
-            "%s failed: %s", what, err, exc_info=not isinstance(err, (EvalInputError, AudioDecodeError))
+            "%s failed: %s",
+            what,
+            err,
+            exc_info=not isinstance(err, InputError),  # input: one line, no traceback
         )
         return _error_entry(err)
 

@@ -20,7 +20,7 @@ CONF_DIR = PACKAGE_DIR / "conf"
 # The source checkout (for the git revision in run_info.json); None when distil runs from a wheel.
 REPO_ROOT: Path | None = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / ".git").exists() else None
 
-MAX_DIRNAME = 120
+MAX_DIRNAME = 200  # file systems allow 255 bytes
 
 # One id per process, so two runs started in the same second (a SLURM array, `shard.index` jobs) never share a
 # run directory: `${now:...}-${run_id:}` in conf/hydra/default.yaml. Constant within a process, so every read
@@ -32,11 +32,21 @@ OmegaConf.register_new_resolver("run_id", lambda: RUN_ID, replace=True, use_cach
 
 
 def safe_dirname(text: str) -> str:
-    """`text` (e.g. Hydra's `job.override_dirname`) as one directory name: no separators, at most 120 chars.
+    """`text` (e.g. Hydra's `job.override_dirname`) as one directory name: no separators, at most 200 chars.
 
-    Long names (overrides holding paths) keep a readable prefix plus a hash of the whole text, so they stay unique.
+    A path value (`data.datasets.0.path=/long/path/to/corpus`) is shortened to its last part plus a hash of the
+    whole path, so the overrides after it in the name stay readable; a name still too long keeps a readable
+    prefix plus a hash of the whole text. Either way different overrides give different names.
     """
-    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", text)
+    items = re.split(r",(?=[A-Za-z_+~][\w.@/+~-]*=)", text)  # `key=value` items (values may hold commas)
+    short = []
+    for item in items:
+        key, sep, value = item.partition("=")
+        if sep and "/" in value and len(value) > 24:
+            tail = Path(value.strip("'\"").rstrip("/")).name
+            value = f"{tail}-{hashlib.sha1(value.encode()).hexdigest()[:8]}"
+        short.append(f"{key}{sep}{value}")
+    name = re.sub(r"[^A-Za-z0-9._=,+-]", "_", ",".join(short))
     if len(name) > MAX_DIRNAME:
         name = name[: MAX_DIRNAME - 10] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
     return name
