@@ -252,3 +252,51 @@ def test_mse_supervises_the_last_teacher_layer_of_each_block(student_dir, tiny_d
     module = make(student_dir, tiny_dir, mse_weight=1.0)
     n_dec = module.teacher.config.decoder_layers
     assert module.layer_pairs["decoder"] == [(0, 0), (1, n_dec)]  # 1 student layer <-> the last teacher layer
+
+
+def _four_steps(module: WhisperDistiller, batch) -> list[dict[str, float]]:
+    """Four AdamW steps on one batch (seeded, CPU, fp32): each step's loss terms."""
+    torch.manual_seed(0)
+    module.train()
+    optimizer = torch.optim.AdamW([p for p in module.student.parameters() if p.requires_grad], lr=1e-3)
+    history = []
+    for _ in range(4):
+        loss, parts = module.compute_loss(batch)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        history.append({k: round(float(v), 4) for k, v in parts.items()})
+    return history
+
+
+# Pinned per-step losses of a 4-step tiny-random run (as torchtune pins its recipes' losses): a refactor of the
+# loss code must reproduce them. Recorded on the CPU in fp32; a deliberate change of the maths updates them.
+PINNED = {
+    "kd": [
+        {"ce": 10.5807, "kl": 0.0061, "loss": 8.4707},
+        {"ce": 10.1602, "kl": 0.0102, "loss": 8.1384},
+        {"ce": 9.9355, "kl": 0.0126, "loss": 7.9611},
+        {"ce": 9.7437, "kl": 0.0134, "loss": 7.8084},
+    ],
+    "kd_mse": [
+        {"ce": 10.5807, "kl": 0.0061, "mse": 0.0341, "loss": 8.5048},
+        {"ce": 10.1652, "kl": 0.0089, "mse": 0.0466, "loss": 8.1876},
+        {"ce": 9.935, "kl": 0.0104, "mse": 0.0513, "loss": 8.0097},
+        {"ce": 9.7402, "kl": 0.011, "mse": 0.0503, "loss": 7.8535},
+    ],
+    "sft": [
+        {"ce": 10.5807, "loss": 10.5807},
+        {"ce": 10.1607, "loss": 10.1607},
+        {"ce": 9.9373, "loss": 9.9373},
+        {"ce": 9.7471, "loss": 9.7471},
+    ],
+}
+
+
+@pytest.mark.parametrize("loss", sorted(PINNED))
+def test_pinned_losses_of_a_four_step_run(loss, student_dir, tiny_dir, batch):
+    kwargs = {"kd": {}, "kd_mse": {"mse_weight": 1.0}, "sft": {"kl_weight": 0.0}}[loss]
+    history = _four_steps(make(student_dir, tiny_dir, freeze_encoder=False, **kwargs), batch)
+    assert len(history) == len(PINNED[loss])
+    for step, pinned in zip(history, PINNED[loss], strict=True):
+        assert step == {k: pytest.approx(v, rel=1e-3, abs=2e-4) for k, v in pinned.items()}
