@@ -108,7 +108,9 @@ def test_train_config_and_every_experiment_instantiate(
     cfg = _compose("train", overrides)
     datamodule, module, callbacks, loggers = _train_parts(cfg, tiny_dir, tiny_student, tmp_path / "run")
     assert isinstance(datamodule, SpeechDataModule) and isinstance(module, WhisperDistiller)
-    assert module.kl_weight == cfg.loss.kl_weight and module.optimizer_factory.keywords["lr"] == cfg.optim.lr
+    weights = {key: term.weight for key, term in module.loss_terms.items()}
+    assert weights == {k: t.weight for k, t in cfg.loss.terms.items() if t.weight != 0}
+    assert module.optimizer_factory.keywords["lr"] == cfg.optim.lr
     assert datamodule.batch_size == cfg.data.batch_size and datamodule.label_source == cfg.loss.labels
     trainer = instantiate(cfg.trainer, logger=loggers, callbacks=callbacks, default_root_dir=str(tmp_path))
     assert isinstance(trainer, L.Trainer) and trainer.max_steps == cfg.trainer.max_steps

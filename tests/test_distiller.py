@@ -53,6 +53,13 @@ def batch(tiny_dir, tokenizer):
     return out
 
 
+CE = {"_target_": "distil.training.loss_terms.CrossEntropy", "weight": 0.8}
+KL = {"_target_": "distil.training.loss_terms.ForwardKL", "weight": 1.0, "temperature": 2.0}
+MSE = {"_target_": "distil.training.loss_terms.HiddenStateMSE", "weight": 1.0}
+SFT = {"ce": {**CE, "weight": 1.0}}  # conf/loss/sft.yaml
+KD_MSE = {"ce": CE, "kl": KL, "mse": MSE}  # conf/loss/kd_mse.yaml
+
+
 def make(student_dir, teacher_dir, **kw) -> WhisperDistiller:
     torch.manual_seed(0)
     return WhisperDistiller(student_dir, teacher_dir, **kw).eval()
@@ -67,7 +74,8 @@ def test_shared_encoder_equals_separate_encoders(student_dir, tiny_dir, batch):
         loss_separate, parts_separate = separate.compute_loss(batch)
     torch.testing.assert_close(loss_shared, loss_separate, rtol=1e-6, atol=1e-6)
     assert set(parts_shared) == {"ce", "kl", "loss"}
-    assert shared.ce_weight == 0.8  # reference default with KL
+    assert shared.loss_terms["ce"].weight == 0.8  # reference default with KL
+    assert shared.hparams["loss_terms"] == {"ce": CE, "kl": KL}  # checkpoints record the terms
 
 
 def test_label_position_logits_equal_full_logits(student_dir, tiny_dir, batch):
@@ -90,12 +98,12 @@ def test_teacher_sees_the_student_decoder_inputs(tiny_dir, batch):
 
 
 def test_methods_load_the_teacher_only_when_needed(student_dir, tiny_dir, batch):
-    sft = make(student_dir, tiny_dir, kl_weight=0.0)
-    assert sft.teacher is None and sft.ce_weight == 1.0
+    sft = make(student_dir, tiny_dir, loss_terms=SFT)
+    assert sft.teacher is None and sft.loss_terms["ce"].weight == 1.0
     with torch.no_grad():
         loss, parts = sft.compute_loss(batch)
     assert set(parts) == {"ce", "loss"} and torch.isfinite(loss)
-    mse = make(student_dir, tiny_dir, mse_weight=1.0)
+    mse = make(student_dir, tiny_dir, loss_terms=KD_MSE)
     with torch.no_grad():
         _, parts = mse.compute_loss(batch)
     assert (
@@ -187,7 +195,7 @@ def test_incompatible_student_is_rejected(tiny_dir, tmp_path):
     WhisperForConditionalGeneration(WhisperConfig.from_pretrained(other)).save_pretrained(other)
     with pytest.raises(DistillationSetupError, match="vocabulary .*width d_model 32"):
         WhisperDistiller(str(other), tiny_dir)
-    WhisperDistiller(str(other), tiny_dir, kl_weight=0.0)  # no teacher, no check
+    WhisperDistiller(str(other), tiny_dir, loss_terms=SFT)  # no teacher, no check
 
 
 def test_optimizer_groups_exclude_bias_and_layernorm(student_dir, tiny_dir):
@@ -214,7 +222,7 @@ def test_fingerprint_changes_with_weights(student_dir, tiny_dir):
 
 
 def test_unfrozen_encoder_trains_and_dropout_override(student_dir, tiny_dir, batch):
-    module = make(student_dir, tiny_dir, freeze_encoder=False, dropout=0.1, mse_weight=1.0).train()
+    module = make(student_dir, tiny_dir, freeze_encoder=False, dropout=0.1, loss_terms=KD_MSE).train()
     assert not module.share_encoder and module.student.config.dropout == 0.1
     loss, parts = module.compute_loss(batch)
     loss.backward()
@@ -234,13 +242,13 @@ def test_freeze_encoder_auto_freezes_only_an_identical_encoder(student_dir, tiny
     assert full.freeze_encoder and full.share_encoder
     assert not any(p.requires_grad for p in full.student.model.encoder.parameters())
     # Without a teacher (CE only), the student's own record of how it was built decides.
-    assert make(student_dir, None, kl_weight=0.0).freeze_encoder
+    assert make(student_dir, None, loss_terms=SFT).freeze_encoder
 
     shrunk = str(init_student(tiny_dir, tmp_path / "enc1", encoder_layers=1, decoder_layers=1))
-    auto = make(shrunk, tiny_dir, mse_weight=1.0)
+    auto = make(shrunk, tiny_dir, loss_terms=KD_MSE)
     assert not auto.freeze_encoder and not auto.share_encoder
     assert all(p.requires_grad for p in auto.student.model.encoder.parameters())
-    assert not make(shrunk, None, kl_weight=0.0).freeze_encoder
+    assert not make(shrunk, None, loss_terms=SFT).freeze_encoder
     with pytest.warns(UserWarning, match="not identical"):
         forced = make(shrunk, tiny_dir, freeze_encoder=True)
     assert forced.freeze_encoder and not forced.share_encoder
@@ -249,7 +257,7 @@ def test_freeze_encoder_auto_freezes_only_an_identical_encoder(student_dir, tiny
 
 
 def test_mse_supervises_the_last_teacher_layer_of_each_block(student_dir, tiny_dir):
-    module = make(student_dir, tiny_dir, mse_weight=1.0)
+    module = make(student_dir, tiny_dir, loss_terms=KD_MSE)
     n_dec = module.teacher.config.decoder_layers
     assert module.layer_pairs["decoder"] == [(0, 0), (1, n_dec)]  # 1 student layer <-> the last teacher layer
 
@@ -295,8 +303,8 @@ PINNED = {
 
 @pytest.mark.parametrize("loss", sorted(PINNED))
 def test_pinned_losses_of_a_four_step_run(loss, student_dir, tiny_dir, batch):
-    kwargs = {"kd": {}, "kd_mse": {"mse_weight": 1.0}, "sft": {"kl_weight": 0.0}}[loss]
-    history = _four_steps(make(student_dir, tiny_dir, freeze_encoder=False, **kwargs), batch)
+    terms = {"kd": {"ce": CE, "kl": KL}, "kd_mse": KD_MSE, "sft": SFT}[loss]
+    history = _four_steps(make(student_dir, tiny_dir, freeze_encoder=False, loss_terms=terms), batch)
     assert len(history) == len(PINNED[loss])
     for step, pinned in zip(history, PINNED[loss], strict=True):
         assert step == {k: pytest.approx(v, rel=1e-3, abs=2e-4) for k, v in pinned.items()}

@@ -9,8 +9,6 @@ import torch
 from distil.training.losses import (
     IGNORE_INDEX,
     cross_entropy,
-    distillation_loss,
-    effective_ce_weight,
     hidden_layer_pairs,
     hidden_mse,
     kl_divergence,
@@ -231,46 +229,51 @@ def test_hidden_mse_matches_hand_computation():
         hidden_mse(student, teacher, [(0, 7)])
 
 
-def test_effective_ce_weight():
-    assert effective_ce_weight(None, 1.0) == 0.8
-    assert effective_ce_weight(None, 0.0) == 1.0
-    assert effective_ce_weight(0.5, 0.0) == 0.5
-    assert effective_ce_weight(0.0, 1.0) == 0.0
+def _step(student, teacher, labels, hidden_terms=()):
+    from distil.training.loss_terms import StepOutputs
+
+    return StepOutputs(student, labels, labels, torch.zeros(1), teacher, list(hidden_terms))
 
 
-def test_total_loss_equals_hand_computation(batch):
+def test_loss_terms_equal_hand_computation(batch):
+    from distil.training.loss_terms import CrossEntropy, ForwardKL, HiddenStateMSE
+
     student, teacher, labels = batch
     g = torch.Generator().manual_seed(2)
     s_hidden = [torch.randn(B, T, 3, generator=g) for _ in range(3)]
     t_hidden = [torch.randn(B, T, 3, generator=g) for _ in range(5)]
     enc_s = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
     enc_t = [torch.randn(B, 6, 3, generator=g) for _ in range(2)]
-    dec_pairs = hidden_layer_pairs(2, 4)
     hidden_terms = [
         (enc_s, enc_t, [(0, 0), (1, 1)], None),
-        (s_hidden, t_hidden, dec_pairs, labels != IGNORE_INDEX),
+        (s_hidden, t_hidden, hidden_layer_pairs(2, 4), labels != IGNORE_INDEX),
     ]
-
-    total, parts = distillation_loss(
-        student, labels, teacher, kl_weight=1.0, mse_weight=0.3, temperature=2.0, hidden_terms=hidden_terms
-    )
-    ce, kl = manual_ce(student, labels), manual_kl(student, teacher, labels, 2.0)
+    step = _step(student, teacher, labels, hidden_terms)
+    assert CrossEntropy(0.8)(step).item() == pytest.approx(manual_ce(student, labels), rel=1e-5)
+    kl = ForwardKL(1.0, temperature=2.0)(step).item()
+    assert kl == pytest.approx(manual_kl(student, teacher, labels, 2.0), rel=1e-5)
     # The reference's scale: the per-pair terms summed over both stacks, divided by the label-token count.
     n_tokens = int((labels != IGNORE_INDEX).sum())
     mse = (hidden_mse(*hidden_terms[0]).item() + hidden_mse(*hidden_terms[1]).item()) / n_tokens
-    assert total.item() == pytest.approx(0.8 * ce + 1.0 * kl + 0.3 * mse, rel=1e-5)
-    assert parts["ce"].item() == pytest.approx(ce, rel=1e-5)
-    assert parts["kl"].item() == pytest.approx(kl, rel=1e-5)
-    assert parts["mse"].item() == pytest.approx(mse, rel=1e-5)
-    assert parts["loss"].item() == pytest.approx(total.item())
+    assert HiddenStateMSE(0.3)(step).item() == pytest.approx(mse, rel=1e-5)
 
 
-def test_loss_without_teacher_is_plain_cross_entropy(batch):
-    student, _, labels = batch
-    total, parts = distillation_loss(student, labels, None, kl_weight=0.0)
-    assert total.item() == pytest.approx(manual_ce(student, labels), rel=1e-5)
-    assert set(parts) == {"ce", "loss"}
-    with pytest.raises(ValueError, match="teacher_logits"):
-        distillation_loss(student, labels, None, kl_weight=1.0)
-    with pytest.raises(ValueError, match="hidden"):
-        distillation_loss(student, labels, None, kl_weight=0.0, mse_weight=1.0)
+def test_loss_terms_are_built_from_configs_and_need_what_they_say():
+    from distil.training.loss_terms import build_terms, term_config
+    from distil.training.teacher import DistillationSetupError
+
+    kd = {
+        "ce": {"_target_": "distil.training.loss_terms.CrossEntropy", "weight": 0.8},
+        "kl": {"_target_": "distil.training.loss_terms.ForwardKL", "weight": 0.0, "temperature": 2.0},
+        "mse": {"_target_": "distil.training.loss_terms.HiddenStateMSE", "weight": 0.3},
+    }
+    terms = build_terms(kd)
+    assert list(terms) == ["ce", "mse"]  # a zero weight leaves its term (and what it needs) out
+    assert not terms["ce"].needs_teacher and terms["mse"].needs_teacher and terms["mse"].needs_hidden_states
+    assert term_config(terms["mse"]) == kd["mse"]  # what checkpoints record rebuilds the term
+    with pytest.raises(DistillationSetupError, match="no term with a non-zero weight"):
+        build_terms({"ce": {**kd["ce"], "weight": 0}})
+    with pytest.raises(DistillationSetupError, match="temperature must be > 0"):
+        build_terms({"kl": {**kd["kl"], "weight": 1.0, "temperature": 0}})
+    with pytest.raises(DistillationSetupError, match="loss.terms.x builds a dict"):
+        build_terms({"x": {"_target_": "builtins.dict", "weight": 1}})

@@ -1,8 +1,9 @@
 """`WhisperDistiller`: the Lightning module that trains a student Whisper against a frozen teacher.
 
-Loss (distil.training.losses): `ce_weight * CE(labels) + kl_weight * KL_T(teacher || student) + mse_weight * MSE(hidden)`
-over label positions only. Methods are just weights: finetune / sft (kl_weight 0, no teacher loaded),
-kd (CE + KL), kd_mse (+ hidden-state MSE).
+Loss: the sum of its weighted terms (distil.training.loss_terms, listed by conf/loss/*.yaml: CE on the labels, KL
+to the teacher at a temperature, hidden-state MSE, ...) over label positions only. The step computes only what
+the terms need (teacher logits, hidden states) and the teacher is loaded only when a term needs it: finetune /
+sft (CE only, no teacher), kd (CE + KL), kd_mse (+ hidden-state MSE).
 
 Speed-critical choices, all exact (same loss as the straightforward computation):
 - With `freeze_encoder` and a student encoder identical to the teacher's (checked once, weight by weight),
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
@@ -27,7 +28,8 @@ import torch
 
 from distil.data.encoder_cache import EncoderCache
 from distil.evaluation.scoring import validation_metrics
-from distil.training.losses import IGNORE_INDEX, distillation_loss, effective_ce_weight, hidden_layer_pairs
+from distil.training.loss_terms import LossTerm, StepOutputs, build_terms, term_config
+from distil.training.losses import IGNORE_INDEX, hidden_layer_pairs
 from distil.training.optim import build_optimizers
 from distil.training.teacher import (
     DistillationSetupError,
@@ -44,6 +46,12 @@ from distil.whisper.student import encoder_is_full_copy
 
 log = logging.getLogger(__name__)
 
+# The reference recipe's loss: 0.8 CE on the pseudo-labels + KL to the teacher at T = 2 (conf/loss/kd.yaml).
+DEFAULT_TERMS = {
+    "ce": {"_target_": "distil.training.loss_terms.CrossEntropy", "weight": 0.8},
+    "kl": {"_target_": "distil.training.loss_terms.ForwardKL", "weight": 1.0, "temperature": 2.0},
+}
+
 
 class NonFiniteLossError(FloatingPointError):
     """The training loss became NaN or infinite; the message names the step and the batch's samples."""
@@ -55,10 +63,7 @@ class WhisperDistiller(L.LightningModule):
         student_dir: str,
         teacher_dir: str | None = None,
         *,
-        ce_weight: float | None = None,
-        kl_weight: float = 1.0,
-        mse_weight: float = 0.0,
-        temperature: float = 2.0,
+        loss_terms: Mapping[str, LossTerm | Mapping[str, Any]] | None = None,
         freeze_encoder: bool | str = "auto",
         freeze_embed_positions: bool = False,
         freeze_embed_tokens: bool = False,
@@ -76,28 +81,29 @@ class WhisperDistiller(L.LightningModule):
         full_logits: bool = False,
         fused_optimizer: bool | None = None,
     ):
-        """`optimizer(params, ...)` and `scheduler(optimizer)` are partials (Hydra `_partial_: true`, see
+        """`loss_terms`: `{key: LossTerm or its config}` (conf/loss/*.yaml `terms`); default: 0.8 CE + KL at T = 2.
+        `optimizer(params, ...)` and `scheduler(optimizer)` are partials (Hydra `_partial_: true`, see
         conf/train.yaml `module.optimizer` / `module.scheduler`); defaults: AdamW at 1e-4, constant rate."""
         super().__init__()
-        self.save_hyperparameters(ignore=["optimizer", "scheduler"])
+        self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss_terms"])
+        terms = build_terms(DEFAULT_TERMS if loss_terms is None else dict(loss_terms))
+        self.hparams["loss_terms"] = {
+            key: term_config(term) for key, term in terms.items()
+        }  # as plain configs
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
         self.val_set_names = list(val_set_names)
         self.val_languages = list(val_languages) or [None] * len(self.val_set_names)
-        self.kl_weight = float(kl_weight)
-        self.mse_weight = float(mse_weight)
-        self.ce_weight = effective_ce_weight(ce_weight, self.kl_weight)
-        self.temperature = float(temperature)
         self.full_logits = full_logits
         self.encoder_cache: EncoderCache | None = None
         self.student = load_whisper(student_dir, dropout)
 
-        needs_teacher = self.kl_weight != 0 or self.mse_weight != 0
+        needs_teacher = [key for key, term in terms.items() if term.needs_teacher]
         teacher = None
         if needs_teacher:
             if not teacher_dir:
                 raise DistillationSetupError(
-                    "kl_weight/mse_weight > 0 need a teacher (teacher_dir is not set)"
+                    f"loss term(s) {needs_teacher} need a teacher (teacher_dir is not set)"
                 )
             teacher = load_whisper(teacher_dir).eval().requires_grad_(False)
             check_compatible(self.student.config, teacher.config)
@@ -136,6 +142,9 @@ class WhisperDistiller(L.LightningModule):
                 "decoder": hidden_layer_pairs(s_cfg.decoder_layers, t_cfg.decoder_layers),
             }
 
+        self.loss_terms = torch.nn.ModuleDict(terms)  # a term's own parameters train and checkpoint with it
+        for term in terms.values():
+            term.setup(self)
         if gradient_checkpointing:
             self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self._val_outputs: dict[int, dict[str, tuple[str, str]]] = {}
@@ -191,9 +200,12 @@ class WhisperDistiller(L.LightningModule):
         return s_out.last_hidden_state, t_out.last_hidden_state, term
 
     def compute_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted sum of the loss terms and each term's value (detached, for logging)."""
+        terms = self.loss_terms
         labels = batch["labels"].to(self.device)
         decoder_input_ids = batch["decoder_input_ids"].to(self.device)
-        need_hidden = self.mse_weight != 0
+        need_hidden = any(t.needs_hidden_states for t in terms.values())
+        need_teacher_logits = any(t.needs_teacher_logits for t in terms.values())
         enc_s, enc_t, enc_term = self._encode(batch, need_hidden)
         # Right-padded inputs under a causal mask: real positions never see padding, so no mask is needed
         # (and sdpa keeps its fast path). Padding positions are excluded from every loss term.
@@ -211,7 +223,7 @@ class WhisperDistiller(L.LightningModule):
                 self.student.proj_out(s_dec.last_hidden_state[keep])[None],
                 labels[keep][None],
             )
-        t_logits, hidden_terms = None, []
+        step = StepOutputs(s_logits, sel_labels, labels, enc_s, load_tokenizer=lambda: self.tokenizer)
         teacher = self.teacher
         if teacher is not None:
             with torch.no_grad():
@@ -221,29 +233,24 @@ class WhisperDistiller(L.LightningModule):
                     use_cache=False,
                     output_hidden_states=need_hidden,
                 )
-                if self.kl_weight != 0:
+                if need_teacher_logits:
                     hidden = (
                         t_dec.last_hidden_state if self.full_logits else t_dec.last_hidden_state[keep][None]
                     )
-                    t_logits = teacher.proj_out(hidden)
+                    step.teacher_logits = teacher.proj_out(hidden)
             if need_hidden:
-                if enc_term is not None:
-                    hidden_terms.append(enc_term)
                 mask = batch.get("decoder_attention_mask")
                 mask = mask.to(self.device) if mask is not None else None
-                hidden_terms.append(
-                    (s_dec.hidden_states, t_dec.hidden_states, self.layer_pairs["decoder"], mask)
-                )
-        return distillation_loss(
-            s_logits,
-            sel_labels,
-            t_logits,
-            ce_weight=self.ce_weight,
-            kl_weight=self.kl_weight,
-            mse_weight=self.mse_weight,
-            temperature=self.temperature,
-            hidden_terms=hidden_terms,
-        )
+                decoder_term = (s_dec.hidden_states, t_dec.hidden_states, self.layer_pairs["decoder"], mask)
+                step.hidden_terms = [t for t in (enc_term, decoder_term) if t is not None]
+        total = s_logits.sum().float() * 0.0  # keeps the graph connected when every term is empty
+        parts: dict[str, torch.Tensor] = {}
+        for key, term in terms.items():
+            value = term(step)
+            total = total + term.weight * value
+            parts[key] = value.detach()
+        parts["loss"] = total.detach()
+        return total, parts
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         loss, parts = self.compute_loss(batch)
@@ -328,9 +335,10 @@ class WhisperDistiller(L.LightningModule):
         return bool(fused)
 
     def configure_optimizers(self):
-        return build_optimizers(
-            self.optimizer_factory, self.scheduler_factory, self.student, self._use_fused()
-        )
+        trained = torch.nn.ModuleList(
+            [self.student, self.loss_terms]
+        )  # a term may train parameters of its own
+        return build_optimizers(self.optimizer_factory, self.scheduler_factory, trained, self._use_fused())
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None

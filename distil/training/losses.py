@@ -1,7 +1,7 @@
-"""Distillation losses: CE on (pseudo-)labels, temperature-scaled KL to the teacher, hidden-state MSE.
+"""Distillation losses, the maths: CE on (pseudo-)labels, temperature-scaled KL to the teacher, hidden-state MSE.
 
-`L = ce_weight * CE + kl_weight * KL (+ mse_weight * MSE)` (Distil-Whisper; reference defaults
-ce_weight 0.8, or 1.0 when kl_weight = 0, kl_weight 1.0, temperature 2.0).
+Pure functions of tensors; the loss terms that weight and combine them are distil.training.loss_terms
+(Distil-Whisper's recipe: 0.8 CE + 1.0 KL at temperature 2.0, conf/loss/kd.yaml).
 
 Logits are `[batch, time, vocab]` aligned with `labels` `[batch, time]` (logit `t` predicts label `t`;
 see distil.data.targets), and positions whose label is -100 (padding, prompt) are excluded everywhere.
@@ -18,16 +18,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
-DEFAULT_CE_WEIGHT = 0.8
-DEFAULT_KL_WEIGHT = 1.0
 DEFAULT_TEMPERATURE = 2.0
-
-
-def effective_ce_weight(ce_weight: float | None, kl_weight: float) -> float:
-    """The CE weight to use: an explicit value wins; otherwise 0.8 with KD and 1.0 without (kl_weight 0)."""
-    if ce_weight is not None:
-        return float(ce_weight)
-    return 1.0 if kl_weight == 0 else DEFAULT_CE_WEIGHT
 
 
 def _select(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -157,7 +148,7 @@ def hidden_mse(
     """Sum over `layer_pairs` of the MSE between student and teacher hidden states `[B, T, D]`.
 
     As the reference: each pair's term is the mean over positions and the hidden dimension, and the
-    terms are summed (`distillation_loss` then divides by the label-token count). `mask` `[B, T]`
+    terms are summed (`HiddenStateMSE` then divides by the label-token count). `mask` `[B, T]`
     (bool or 0/1) restricts the positions: the decoder's padding is left out (the reference includes it).
     """
     if not layer_pairs:
@@ -188,46 +179,3 @@ def hidden_mse(
 HiddenTerm = tuple[
     Sequence[torch.Tensor], Sequence[torch.Tensor], Sequence[tuple[int, int]], torch.Tensor | None
 ]
-
-
-def distillation_loss(
-    student_logits: torch.Tensor,
-    labels: torch.Tensor,
-    teacher_logits: torch.Tensor | None = None,
-    *,
-    ce_weight: float | None = None,
-    kl_weight: float = DEFAULT_KL_WEIGHT,
-    mse_weight: float = 0.0,
-    temperature: float = DEFAULT_TEMPERATURE,
-    hidden_terms: Sequence[HiddenTerm] = (),
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """`ce_weight * CE + kl_weight * KL + mse_weight * MSE` and its parts (detached, for logging).
-
-    `ce_weight=None` means the reference default (`effective_ce_weight`). `hidden_terms` is one
-    `(student_hidden, teacher_hidden, layer_pairs, mask)` tuple per stack (encoder, decoder); MSE is the
-    sum of their `hidden_mse` divided by the number of label tokens, the reference's scale (its loss is
-    summed over tokens and the whole gradient divided by that count), so `mse_weight` {0.3, 1, 3} means
-    what it means in the paper. Terms with a zero weight are not computed.
-    """
-    ce_w = effective_ce_weight(ce_weight, kl_weight)
-    total = _zero(student_logits).float()
-    parts: dict[str, torch.Tensor] = {}
-    if ce_w != 0:
-        ce = cross_entropy(student_logits, labels)
-        total = total + ce_w * ce
-        parts["ce"] = ce.detach()
-    if kl_weight != 0:
-        if teacher_logits is None:
-            raise ValueError("kl_weight > 0 needs teacher_logits; set kl_weight=0 to train without a teacher")
-        kl = kl_divergence(student_logits, teacher_logits, labels, temperature)
-        total = total + kl_weight * kl
-        parts["kl"] = kl.detach()
-    if mse_weight != 0:
-        if not hidden_terms:
-            raise ValueError("mse_weight > 0 needs hidden_terms (student and teacher hidden states)")
-        n_tokens = max(int((labels != IGNORE_INDEX).sum()), 1)
-        mse = sum(hidden_mse(*term) for term in hidden_terms) / n_tokens
-        total = total + mse_weight * mse
-        parts["mse"] = mse.detach()
-    parts["loss"] = total.detach()
-    return total, parts
