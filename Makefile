@@ -12,7 +12,7 @@ DEBIAN_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k f
 FESTIVAL_VOICES := /usr/share/festival/voices/english/kal_diphone /usr/share/festival/voices/english/ked_diphone \
 	/usr/share/festival/voices/us/cmu_us_slt_arctic_hts
 
-.PHONY: setup system-packages demo test test-slow lint format clean-venv
+.PHONY: setup system-packages demo test test-unit test-slow lint format clean-venv
 
 setup: system-packages $(STAMP)
 
@@ -37,6 +37,10 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q $(ARGS)
+
+# The edit-test loop: pure tests only (no model, no audio synthesis), about half a minute.
+test-unit: setup
+	$(PY) -m pytest -q -m unit $(ARGS)
 
 test-slow: setup
 	$(PY) -m pytest -q -m "slow or not slow" $(ARGS)

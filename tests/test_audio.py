@@ -6,6 +6,8 @@ import soundfile as sf
 
 from distil.data.audio import AudioDecodeError, add_noise, decode_audio, encode_flac
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 
 def _tone(sr, seconds=0.5, freq=440.0):
     t = np.arange(int(sr * seconds)) / sr

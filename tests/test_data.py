@@ -16,6 +16,8 @@ from distil.data.entries import (
     validate_columns,
 )
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 
 def _rows(n, prefix):
     rng = np.random.default_rng(0)

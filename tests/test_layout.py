@@ -5,7 +5,11 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import distil
+
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
 
 PACKAGE = Path(distil.__file__).resolve().parent
 COMMANDS = {

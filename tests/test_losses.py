@@ -15,6 +15,8 @@ from distil.training.losses import (
     supervised_teacher_layers,
 )
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 B, T, V = 2, 4, 7
 
 

@@ -14,6 +14,8 @@ from distil.pipeline import dry_run_plan
 from distil.utils.paths import CONF_DIR
 from distil.whisper.dimensions import WHISPER_DIMENSIONS, model_dimensions
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 GIB = 2**30
 
 

@@ -17,6 +17,8 @@ from distil.data.targets import (
     strip_timestamps,
 )
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 # Fake vocabulary laid out like Whisper's: text ids < eot, specials from eot up, timestamps last.
 EOT, SOT, EN, TRANSCRIBE, TRANSLATE, SOP, NOTS = 100, 101, 102, 103, 104, 105, 106
 TS0 = 107  # <|0.00|>

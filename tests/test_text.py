@@ -11,6 +11,8 @@ from distil.data.text import (
     sample_wer,
 )
 
+pytestmark = pytest.mark.unit  # no model, no audio synthesis: `make test-unit`
+
 
 @pytest.mark.parametrize(
     "text, expected",
