@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from distil.utils.errors import ConfigError
+
 DEFAULT_METRIC_ENDINGS = (".wer", ".wer_macro", ".wer_sample_weighted")
 MAX_DEFAULT_LINES = 6
 
@@ -63,7 +65,7 @@ def collect(multirun_dir: str | Path) -> list[dict]:
         raise FileNotFoundError(f"multirun directory {root} does not exist")
     jobs = job_dirs(root)
     if not jobs:
-        raise ValueError(
+        raise ConfigError(
             f"{root} holds no job directories (expected <n>/.hydra/overrides.yaml and <n>/metrics.json)"
         )
     rows = []

@@ -60,6 +60,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         raise EvalInputError(f"backend={backend!r}: use one of {list(BACKENDS)}")
     if backend == "ctranslate2":
         check_quantization(compute_type)  # before any work
+    # Every set's keys are checked before the model loads (a misspelt key is refused by name).
+    sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
+    long_form = ecfg.get("long_form") or {}
+    for name, e in (long_form.get("sets") or {}).items():
+        set_entry(name, e, "long_form.sets")
     lm = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
     if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
         lm = load_ct2(lm, out / f"ctranslate2-{compute_type}", compute_type)
@@ -70,7 +75,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         "backend": backend,
     }
 
-    sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
     run = EvalRun(lm, ecfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
     for key in ecfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
         node = ecfg[key]

@@ -12,7 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from distil.utils.errors import one_line_errors
+from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper import ct2_import
@@ -40,11 +40,11 @@ def import_model(
             out = Path(models_root).expanduser() / Path(ct2_dir).expanduser().resolve().name
         return ct2_import.import_ct2(source, out, force=force)
     if out is not None:
-        raise ValueError(
+        raise ConfigError(
             "`out` applies to `ct2_dir` imports; teachers are imported into ${paths.models}/<teacher.name>"
         )
     if teacher is None:
-        raise ValueError("nothing to import: give a teacher config (teacher=tiny_en) or ct2_dir=/path")
+        raise ConfigError("nothing to import: give a teacher config (teacher=tiny_en) or ct2_dir=/path")
     return Path(resolve_model(teacher, models_root, force=force))
 
 

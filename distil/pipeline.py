@@ -18,7 +18,7 @@ from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
 from distil.evaluation.report import write_report
-from distil.utils.errors import one_line_errors
+from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 
@@ -67,7 +67,7 @@ def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes) the teacher/student comparison and report.md."""
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -241,7 +241,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
 
     unknown = [s for s in cfg.stages if s not in STAGES]
     if unknown:
-        raise ValueError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
     stages: dict[str, Any] = {}
     hours = cfg.get("audio_hours") or cfg.recipe.get("audio_hours")
     unit_seconds = None

@@ -37,7 +37,7 @@ from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
-from distil.utils.errors import InputError, instantiate, one_line_errors
+from distil.utils.errors import ConfigError, InputError, instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_atomic, write_json_atomic
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
@@ -91,7 +91,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))
     if cfg.loss.labels not in ("pseudo", "text"):
-        raise ValueError(f"loss.labels must be 'pseudo' or 'text', got {cfg.loss.labels!r}")
+        raise ConfigError(f"loss.labels must be 'pseudo' or 'text', got {cfg.loss.labels!r}")
 
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     student_dir = resolve_student(cfg, teacher_dir)

@@ -377,3 +377,24 @@ def test_a_capped_set_is_spread_over_the_split(tmp_path):
     samples, _ = load_samples(set_entry("grouped", {"path": str(tmp_path), "split": "test"}), max_samples=4)
     assert [s.id for s in samples] == ["spk0-0", "spk0-2", "spk1-5", "spk1-7"]
     assert [s.reference for s in samples] == ["row 0", "row 2", "row 5", "row 7"]
+
+
+def test_an_unknown_key_of_an_eval_set_is_refused_by_name_before_the_model_loads(tmp_path, monkeypatch):
+    import distil.evaluate as evaluate_module
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model loaded before the eval sets were checked")
+
+    monkeypatch.setattr(evaluate_module, "load_model", no_model)
+    cfg = OmegaConf.create(
+        {
+            "model": {"name": "m", "path": str(tmp_path)},
+            "eval": {"sets": {"mine": {"path": str(tmp_path), "split": "test", "max_sample": 3}}},
+        }
+    )
+    with pytest.raises(EvalInputError, match=r"eval.sets.mine has unknown key\(s\) \['max_sample'\]"):
+        evaluate(cfg, tmp_path / "out")
+    cfg.eval.sets.mine.pop("max_sample")
+    cfg.eval.long_form = {"sets": {"talks": {"path": str(tmp_path), "chunk": 5}}}
+    with pytest.raises(EvalInputError, match=r"eval.long_form.sets.talks has unknown key\(s\) \['chunk'\]"):
+        evaluate(cfg, tmp_path / "out")

@@ -165,9 +165,9 @@ def test_resolve_layers_counts_lists_and_negative_indices():
         ([-7], ValueError, "out of range"),
         ([5, -1], ValueError, "more than once"),
         ([], ValueError, "empty"),
-        ("2", TypeError, "layer count"),
-        (True, TypeError, "layer count"),
-        ([0, 1.5], TypeError, "integers"),
+        ("2", ValueError, "layer count"),
+        (True, ValueError, "layer count"),
+        ([0, 1.5], ValueError, "integers"),
         (7, ValueError, "at most"),
     ],
 )

@@ -15,7 +15,7 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from distil.utils.errors import InputError
+from distil.utils.errors import ConfigError, InputError
 
 SAMPLING_RATE = 16_000  # Whisper's input rate; every decoder and feature extractor here uses it
 
@@ -117,7 +117,7 @@ NOISE_TYPES = ("white", "pink", "brown")
 def make_noise(kind: str, n_samples: int, seed: int) -> np.ndarray:
     """Deterministic unit-RMS noise of `kind` ("white", "pink" 1/f, "brown" 1/f^2), float32."""
     if kind not in NOISE_TYPES:
-        raise ValueError(f"unknown noise type {kind!r}; choose one of {NOISE_TYPES}")
+        raise ConfigError(f"unknown noise type {kind!r}; choose one of {NOISE_TYPES}")
     if n_samples <= 0:
         return np.zeros(0, dtype=np.float32)
     white = np.random.default_rng(seed).standard_normal(n_samples)

@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from distil.utils.errors import ConfigError
+
 IGNORE_INDEX = -100
 WHISPER_MAX_LABEL_LENGTH = 448
 
@@ -60,7 +62,7 @@ class SpecialTokens:
         for name, token in _NAMED.items():
             idx = tokenizer.convert_tokens_to_ids(token)
             if idx is None or idx == tokenizer.unk_token_id and token != tokenizer.unk_token:
-                raise ValueError(f"tokenizer has no {token} token; is it a Whisper tokenizer?")
+                raise ConfigError(f"tokenizer has no {token} token; is it a Whisper tokenizer?")
             ids[name] = int(idx)
         prefix = {
             int(idx)
@@ -164,7 +166,7 @@ def build_targets(
     Both random draws are always made, so changing one probability does not shift the other's draws.
     """
     if max_label_length < 2:
-        raise ValueError(f"max_label_length must be at least 2, got {max_label_length}")
+        raise ConfigError(f"max_label_length must be at least 2, got {max_label_length}")
     ids = [int(i) for i in label_ids]
     if ids and ids[0] == special.startofprev:
         if special.sot not in ids:

@@ -11,6 +11,7 @@ import numpy as np
 import soundfile as sf
 
 from distil.data.audio import SAMPLING_RATE, resample
+from distil.utils.errors import ConfigError
 
 ENGINES = ("espeak-ng", "flite", "festival")  # each engine's program has the engine's name
 DEBIAN_PACKAGES = "espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts"
@@ -23,7 +24,7 @@ class TTSUnavailable(RuntimeError):
 
 def require_engine(engine: str) -> str:
     if engine not in ENGINES:
-        raise ValueError(f"unknown TTS engine {engine!r}; choose one of {ENGINES}")
+        raise ConfigError(f"unknown TTS engine {engine!r}; choose one of {ENGINES}")
     exe = shutil.which(engine)
     if exe is None:
         raise TTSUnavailable(

@@ -20,6 +20,7 @@ from distil.data.targets import (
     sample_rng,
 )
 from distil.datamodules.filters import DataError, drop_reason
+from distil.utils.errors import ConfigError
 from distil.whisper.generation import is_multilingual_vocabulary
 
 log = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ class SpeechCollator:
         encoder_cache: EncoderCache | None = None,
     ):
         if label_source not in LABEL_SOURCES:
-            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+            raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
         self.feature_extractor = feature_extractor
         self.tokenizer = tokenizer
         self.special = SpecialTokens.from_tokenizer(tokenizer)

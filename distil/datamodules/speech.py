@@ -51,6 +51,7 @@ from distil.datamodules.mixture import (
 )
 from distil.datamodules.sources import filter_source, open_train_split, split_fingerprint
 from distil.datamodules.validation import load_validation_sets, validation_entries
+from distil.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +110,7 @@ class SpeechDataModule(L.LightningDataModule):
         super().__init__()
         self.cache_dir = cache_dir  # datasets' arrow cache for map-style loading
         if label_source not in LABEL_SOURCES:
-            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
+            raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
         if stopping_strategy not in STOPPING_STRATEGIES:
             raise DataError(
                 f"data.stopping_strategy must be one of {STOPPING_STRATEGIES}, got {stopping_strategy!r}"

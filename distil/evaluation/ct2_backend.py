@@ -22,6 +22,7 @@ import numpy as np
 
 from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import feature_batches, time_batches
+from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
 from distil.whisper.generation import check_prompt, transcribe_by_duration
 from distil.whisper.loading import LoadedModel
@@ -188,7 +189,7 @@ class CT2Model:
             def run(wave):
                 return model.transcribe(wave, **common, **settings)
         else:
-            raise ValueError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
+            raise ConfigError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
         texts = []
         for wave in waves:
             segments, _ = run(np.asarray(wave, np.float32))

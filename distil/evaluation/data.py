@@ -53,8 +53,17 @@ class Sample:
         return len(self.audio) / SAMPLING_RATE
 
 
+KNOWN_KEYS = {"path", "name", *SET_DEFAULTS} - {"section"}
+
+
 def set_entry(name: str, entry: DictConfig | dict, section: str = "sets") -> dict:
+    """An eval set's settings with the defaults filled in; a key the schema does not know is refused by name."""
     raw = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else dict(entry)
+    unknown = sorted(set(raw) - KNOWN_KEYS)
+    if unknown:
+        raise EvalInputError(
+            f"eval.{section}.{name} has unknown key(s) {unknown}; known keys: {sorted(KNOWN_KEYS - {'name'})}"
+        )
     out = {**SET_DEFAULTS, "name": name, "section": section, **raw, "id_column_set": "id_column" in raw}
     if not out.get("path"):
         raise EvalInputError(
@@ -63,15 +72,19 @@ def set_entry(name: str, entry: DictConfig | dict, section: str = "sets") -> dic
     return out
 
 
-def _dataset_entry(entry: dict):
-    """The `distil.data.entries` view of an eval set, so loading and column checks are the shared ones."""
-    from distil.data.entries import DatasetEntry
+@dataclass
+class EvalSetEntry(DatasetEntry):
+    """The `distil.data.entries` view of an eval set, so loading and column checks are the shared ones; error
+    messages name the eval config key to fix."""
 
-    class EvalSetEntry(DatasetEntry):
-        @property
-        def key(self) -> str:  # error messages name the eval config key to fix
-            return f"eval.{entry['section']}.{entry['name']}"
+    config_key: str = ""
 
+    @property
+    def key(self) -> str:
+        return self.config_key
+
+
+def _dataset_entry(entry: dict) -> EvalSetEntry:
     return EvalSetEntry(
         name=entry["name"],
         path=str(entry["path"]),
@@ -83,6 +96,7 @@ def _dataset_entry(entry: dict):
         speaker_column=entry.get("speaker_column"),
         duration_column=entry.get("duration_column"),
         language=entry.get("language"),
+        config_key=f"eval.{entry['section']}.{entry['name']}",
     )
 
 

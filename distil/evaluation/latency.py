@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from distil.data.audio import SAMPLING_RATE
+from distil.utils.errors import ConfigError
 
 
 def count_real_tokens(
@@ -133,7 +134,7 @@ def feature_batches(
 ) -> list[tuple[torch.Tensor, float]]:
     """(log-mel features, audio seconds) of consecutive batches of `waves`, computed before any timing."""
     if not waves:
-        raise ValueError("latency needs at least one audio sample")
+        raise ConfigError("latency needs at least one audio sample")
     batches = []
     for start in range(0, len(waves), batch_size):
         chunk = [np.asarray(w, dtype=np.float32) for w in waves[start : start + batch_size]]

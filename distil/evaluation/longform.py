@@ -24,6 +24,7 @@ from transformers.models.whisper.tokenization_whisper import _find_longest_commo
 
 from distil.data.audio import SAMPLING_RATE
 from distil.data.text import Normalizer, corpus_wer, identity
+from distil.utils.errors import ConfigError
 
 WINDOW_S = 30.0  # Whisper's receptive field
 
@@ -68,7 +69,7 @@ def chunk_bounds(
     chunk, stride = int(round(chunk_length_s * sr)), int(round(stride_s * sr))
     step = chunk - 2 * stride
     if step <= 0:
-        raise ValueError(
+        raise ConfigError(
             f"chunk_length_s={chunk_length_s} must be more than twice stride_length_s={stride_s} "
             "(the chunks would not advance)"
         )
@@ -147,7 +148,7 @@ def transcribe_chunked(
     from transformers import pipeline
 
     if chunk_length_s > WINDOW_S:
-        raise ValueError(f"chunk_length_s={chunk_length_s} exceeds Whisper's {WINDOW_S:.0f} s window")
+        raise ConfigError(f"chunk_length_s={chunk_length_s} exceeds Whisper's {WINDOW_S:.0f} s window")
     stride = default_stride(chunk_length_s) if stride_length_s is None else stride_length_s
     chunk_bounds(SAMPLING_RATE, chunk_length_s, stride)  # validates chunk vs stride before any decoding
     ensure_pad_token(processor)

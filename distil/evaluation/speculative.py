@@ -18,6 +18,7 @@ import torch
 
 from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import synchronize, timed_generate
+from distil.utils.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def make_assistant(teacher, student) -> tuple[torch.nn.Module, bool]:
     from transformers import WhisperForCausalLM
 
     if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"the assistant's vocabulary ({student.config.vocab_size}) differs from the teacher's "
             f"({teacher.config.vocab_size}): speculative decoding needs a student distilled from this teacher"
         )
@@ -61,7 +62,7 @@ def make_assistant(teacher, student) -> tuple[torch.nn.Module, bool]:
     missing, unexpected = decoder.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "proj_out.weight"]  # tied to the token embedding
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"cannot build a decoder-only assistant: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
     decoder.tie_weights()
@@ -87,7 +88,7 @@ def speculative_benchmark(
     identical to the teacher's greedy output (expected: 1.0).
     """
     if not waves:
-        raise ValueError("speculative decoding benchmark needs at least one audio sample")
+        raise ConfigError("speculative decoding benchmark needs at least one audio sample")
     kwargs = {"do_sample": False, "num_beams": 1, **(generate_kwargs or {})}
     fe = processor.feature_extractor
     features = [

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from distil.utils.errors import ConfigError
+
 IGNORE_INDEX = -100
 DEFAULT_TEMPERATURE = 2.0
 
@@ -59,7 +61,7 @@ def kl_divergence(
     factor keeps gradient magnitudes comparable across temperatures (Hinton et al., 2015).
     """
     if temperature <= 0:
-        raise ValueError(f"temperature must be positive, got {temperature}")
+        raise ConfigError(f"temperature must be positive, got {temperature}")
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             f"student logits {tuple(student_logits.shape)} and teacher logits "
@@ -125,7 +127,7 @@ def supervised_teacher_layers(n_student: int, n_teacher: int) -> list[int]:
     was copied from (that pairing would only pull each layer to stay a copy).
     """
     if not 1 <= n_student <= n_teacher:
-        raise ValueError(f"a student with {n_student} layers cannot emulate a {n_teacher}-layer teacher")
+        raise ConfigError(f"a student with {n_student} layers cannot emulate a {n_teacher}-layer teacher")
     layers = np.linspace(n_teacher // n_student - 1, n_teacher - 1, n_student, dtype=int)
     layers[-1] = n_teacher - 1
     return [int(t) for t in layers]

@@ -17,6 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from distil.utils.errors import ConfigError
+
 SCHEDULES = ("constant", "linear")
 
 
@@ -58,14 +60,14 @@ def effective_batch_size(
         ("trainer.accumulate_grad_batches", accumulate_grad_batches),
     ):
         if int(value) < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise ConfigError(f"{name} must be a positive integer, got {value!r}")
     return int(batch_size) * int(devices) * int(num_nodes) * int(accumulate_grad_batches)
 
 
 def lr_lambda(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
     """Multiplier of the peak learning rate at optimiser step `step` (0-based)."""
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
     if schedule == "constant":
@@ -78,9 +80,9 @@ def build_scheduler(
     optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str = "constant"
 ) -> torch.optim.lr_scheduler.LambdaLR:
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
+        raise ConfigError(f"optim.schedule must be one of {SCHEDULES}, got {schedule!r}")
     if schedule == "linear" and total_steps <= 0:
-        raise ValueError("the linear schedule decays to 0 at trainer.max_steps; set trainer.max_steps > 0")
+        raise ConfigError("the linear schedule decays to 0 at trainer.max_steps; set trainer.max_steps > 0")
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_lambda(step, warmup_steps, total_steps, schedule)
     )

@@ -19,6 +19,10 @@ class InputError(ValueError):
     """Bad input: the message names the file, column or key and what to do."""
 
 
+class ConfigError(InputError):
+    """A configuration value of the wrong kind or out of range (the message names the key and what it takes)."""
+
+
 def one_line_errors(main: Callable[..., Any]) -> Callable[..., Any]:
     """Wrap a command's body: an `InputError` becomes `error: <message>` on stderr and exit status 1.
 

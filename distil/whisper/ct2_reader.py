@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distil.utils.errors import InputError
+from distil.utils.errors import ConfigError, InputError
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ PACKAGED_CHECKPOINTS = {"tiny.en": _tiny_en_source, "base": _base_source}
 
 def packaged_source(checkpoint: str) -> CT2Source:
     if checkpoint not in PACKAGED_CHECKPOINTS:
-        raise ValueError(
+        raise ConfigError(
             f"unknown packaged CTranslate2 checkpoint {checkpoint!r}; available: {sorted(PACKAGED_CHECKPOINTS)}"
         )
     return PACKAGED_CHECKPOINTS[checkpoint]()

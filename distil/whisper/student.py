@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from omegaconf import ListConfig, OmegaConf
 
+from distil.utils.errors import ConfigError
 from distil.utils.io import atomic_directory
 
 STUDENT_INFO_FILE = "distil_student.json"
@@ -38,14 +39,14 @@ def layer_map(n_teacher: int, n_student: int) -> list[int]:
     `n_teacher - 1` (32 -> 2: [0, 31]; 32 -> 4: [0, 10, 20, 31]; n -> n: identity).
     """
     if isinstance(n_teacher, bool) or isinstance(n_student, bool):
-        raise TypeError("layer counts must be integers, not booleans")
+        raise ConfigError("layer counts must be integers, not booleans")
     n_teacher, n_student = int(n_teacher), int(n_student)
     if n_teacher < 1:
-        raise ValueError(f"the teacher must have at least one layer, got n_teacher={n_teacher}")
+        raise ConfigError(f"the teacher must have at least one layer, got n_teacher={n_teacher}")
     if n_student < 1:
-        raise ValueError(f"a student needs at least one layer, got n_student={n_student}")
+        raise ConfigError(f"a student needs at least one layer, got n_student={n_student}")
     if n_student > n_teacher:
-        raise ValueError(
+        raise ConfigError(
             f"cannot build a student with {n_student} layers from a teacher with {n_teacher}: "
             "students copy teacher layers, so use at most the teacher's layer count"
         )
@@ -66,27 +67,27 @@ def resolve_layers(spec: LayerSpec, n_teacher: int, what: str = "layers") -> lis
     if isinstance(spec, ListConfig):
         spec = OmegaConf.to_container(spec)
     if isinstance(spec, bool):
-        raise TypeError(f"{what}: expected a layer count or a list of layer indices, got {spec!r}")
+        raise ConfigError(f"{what}: expected a layer count or a list of layer indices, got {spec!r}")
     if isinstance(spec, (int, np.integer)):
         return layer_map(n_teacher, int(spec))
     if isinstance(spec, str) or not isinstance(spec, Sequence):
-        raise TypeError(f"{what}: expected a layer count or a list of layer indices, got {spec!r}")
+        raise ConfigError(f"{what}: expected a layer count or a list of layer indices, got {spec!r}")
     if len(spec) == 0:
-        raise ValueError(f"{what}: the list of layers to copy is empty; a student needs at least one layer")
+        raise ConfigError(f"{what}: the list of layers to copy is empty; a student needs at least one layer")
     out = []
     for raw in spec:
         if isinstance(raw, bool) or not isinstance(raw, (int, np.integer)):
-            raise TypeError(f"{what}: layer indices must be integers, got {raw!r} in {list(spec)}")
+            raise ConfigError(f"{what}: layer indices must be integers, got {raw!r} in {list(spec)}")
         idx = int(raw)
         if not -n_teacher <= idx < n_teacher:
-            raise ValueError(
+            raise ConfigError(
                 f"{what}: layer index {idx} is out of range for a teacher with {n_teacher} layers "
                 f"(valid: 0..{n_teacher - 1} or -{n_teacher}..-1)"
             )
         out.append(idx % n_teacher)
     duplicates = sorted({i for i in out if out.count(i) > 1})
     if duplicates:
-        raise ValueError(
+        raise ConfigError(
             f"{what}: teacher layer(s) {duplicates} are listed more than once in {list(spec)} "
             f"(after normalising negative indices: {out}); each teacher layer can be copied once"
         )
@@ -107,7 +108,7 @@ def student_name(encoder_layers: LayerSpec = None, decoder_layers: LayerSpec = 2
             return f"{prefix}{int(spec)}"
         if isinstance(spec, Sequence) and not isinstance(spec, str):
             return prefix + "".join(f"_m{-int(i)}" if int(i) < 0 else f"_{int(i)}" for i in spec)
-        raise TypeError(f"{prefix}oder_layers: expected a layer count or a list of indices, got {spec!r}")
+        raise ConfigError(f"{prefix}oder_layers: expected a layer count or a list of indices, got {spec!r}")
 
     parts = [] if encoder_layers is None else [part("enc", encoder_layers)]
     if decoder_layers is None:
@@ -224,7 +225,7 @@ def init_student(
         )
     config = WhisperConfig.from_pretrained(teacher_dir)
     if config.model_type != "whisper":
-        raise ValueError(f"{teacher_dir} holds a {config.model_type!r} model, not Whisper")
+        raise ConfigError(f"{teacher_dir} holds a {config.model_type!r} model, not Whisper")
     encoder_map = resolve_layers(encoder_layers, config.encoder_layers, "encoder_layers")
     decoder_map = resolve_layers(decoder_layers, config.decoder_layers, "decoder_layers")
     info = _student_info(teacher_dir.resolve(), encoder_map, decoder_map, config)
