@@ -81,14 +81,14 @@ def main() -> None:
     )
     systems = {}  # (model, backend) -> (transcribe(batch) -> texts, latency(batch sizes) -> dict)
     for role, model_dir in (("teacher", teacher_dir), ("student", student_dir)):
-        lm = load_model({"path": str(model_dir), "name": role}, device="cpu", dtype="float32")
-        gen = generation_kwargs(lm.model, "en", None, args.max_new_tokens)
+        whisper = load_model({"path": str(model_dir), "name": role}, device="cpu", dtype="float32")
+        gen = generation_kwargs(whisper.model, "en", None, args.max_new_tokens)
         systems[(role, "PyTorch fp32")] = (
-            lambda b, lm=lm: lm.transcribe(waves, b, "en", None, args.max_new_tokens),
-            lambda sizes, lm=lm, gen=gen: measure_latency(lm.model, lm.processor, waves, sizes, 1, 1, gen),
+            lambda b, whisper=whisper: whisper.transcribe(waves, b, "en", None, args.max_new_tokens),
+            lambda sizes, whisper=whisper, gen=gen: measure_latency(whisper.model, whisper.processor, waves, sizes, 1, 1, gen),
         )
         for q in args.compute_types:
-            ct2 = load_ct2(lm, work / f"{role}-ct2-{q}", q, threads=args.threads)
+            ct2 = load_ct2(whisper, work / f"{role}-ct2-{q}", q, threads=args.threads)
             systems[(role, f"CTranslate2 {q}")] = (
                 lambda b, ct2=ct2: ct2.transcribe(waves, b, "en", None, args.max_new_tokens),
                 lambda sizes, ct2=ct2: ct2.measure_latency(

@@ -51,9 +51,9 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
     out.mkdir(parents=True, exist_ok=True)
-    ecfg = cfg.eval
-    if ecfg.get("seed") is not None:
-        torch.manual_seed(int(ecfg.seed))
+    eval_cfg = cfg.eval
+    if eval_cfg.get("seed") is not None:
+        torch.manual_seed(int(eval_cfg.seed))
     models_root = OmegaConf.select(cfg, "paths.models")
     backend, compute_type = cfg.get("backend", "pytorch"), str(cfg.get("compute_type", "int8"))
     if backend not in BACKENDS:
@@ -61,28 +61,30 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     if backend == "ctranslate2":
         check_quantization(compute_type)  # before any work
     # Every set's keys are checked before the model loads (a misspelt key is refused by name).
-    sets = {name: set_entry(name, e) for name, e in (ecfg.get("sets") or {}).items()}
-    long_form = ecfg.get("long_form") or {}
+    sets = {name: set_entry(name, e) for name, e in (eval_cfg.get("sets") or {}).items()}
+    long_form = eval_cfg.get("long_form") or {}
     for name, e in (long_form.get("sets") or {}).items():
         set_entry(name, e, "long_form.sets")
-    lm = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
+    whisper = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
     if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
-        lm = load_ct2(lm, out / f"ctranslate2-{compute_type}", compute_type)
-    log.info("evaluating %s (%s)", lm.name, lm.path)
+        whisper = load_ct2(whisper, out / f"ctranslate2-{compute_type}", compute_type)
+    log.info("evaluating %s (%s)", whisper.name, whisper.path)
     metrics: dict[str, Any] = {
-        "model": lm.info(),
-        "device": lm.device_info() if backend == "ctranslate2" else device_info(lm.model.device),
+        "model": whisper.info(),
+        "device": whisper.device_info() if backend == "ctranslate2" else device_info(whisper.model.device),
         "backend": backend,
     }
 
-    run = EvalRun(lm, ecfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
-    for key in ecfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
-        node = ecfg[key]
+    run = EvalRun(
+        whisper, eval_cfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root
+    )
+    for key in eval_cfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
+        node = eval_cfg[key]
         if isinstance(node, DictConfig) and "_target_" in node:
-            log.info("%s: %s ...", lm.name, key)
+            log.info("%s: %s ...", whisper.name, key)
             started = time.perf_counter()
             result = instantiate(node)(run)
-            log.info("%s: %s done in %.0f s", lm.name, key, time.perf_counter() - started)
+            log.info("%s: %s done in %.0f s", whisper.name, key, time.perf_counter() - started)
             if result is not None:
                 metrics[key] = result
 

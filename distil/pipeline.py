@@ -108,11 +108,11 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         results["init_student"] = str(init_student_from_config(stage_cfg))
     train_summary = None
     if "train" in cfg.stages:
-        from distil.train import default_out_dir, override_dirname, train
+        from distil.train import override_dirname, resolve_out_dir, train
 
         stage_cfg, _, overrides = run("train")
-        if stage_cfg.get("out_dir") is None:  # the directory `distil-train <overrides>` would use
-            stage_cfg.out_dir = str(default_out_dir(stage_cfg.students_root_dir, override_dirname(overrides)))
+        # The directory `distil-train <overrides>` would use.
+        stage_cfg.out_dir = resolve_out_dir(stage_cfg, override_dirname(overrides))
         train_summary = train(stage_cfg)
         results["train"] = train_summary
     if "evaluate" in cfg.stages:
@@ -161,13 +161,11 @@ def _quoted(path: str | Path) -> str:
 def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | None:
     """The distilled student to evaluate: the best export of this run's training, else its last export."""
     if train_summary is None:
-        from distil.train import default_out_dir, override_dirname
+        from distil.train import override_dirname, resolve_out_dir
 
         overrides = stage_overrides(cfg, "train")
         train_cfg = compose_stage("train", overrides, cfg.paths)
-        out_dir = train_cfg.get("out_dir") or default_out_dir(
-            train_cfg.students_root_dir, override_dirname(overrides)
-        )
+        out_dir = resolve_out_dir(train_cfg, override_dirname(overrides))
         exports = {k: Path(out_dir) / k for k in ("best", "last")}
         exports = {k: str(v) for k, v in exports.items() if (v / "config.json").is_file()}
     else:
@@ -235,7 +233,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     """The stages `distil-pipeline` would run: each one's command line and where it writes; training's run
     directory, devices and precision; labelling's and training's GPU memory, disk and tokens (estimated from the
     model dimensions: distil.training.sizing). Composes configs only (no model, no data, no network)."""
-    from distil.train import default_out_dir, override_dirname
+    from distil.train import override_dirname, resolve_out_dir
     from distil.training.sizing import estimate_labelling, estimate_training
     from distil.utils.launch import train_plan
 
@@ -262,10 +260,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
         elif stage == "init_student":
             entry["student_dir"] = str(stage_cfg.student.init_dir)
         elif stage == "train":
-            if stage_cfg.get("out_dir") is None:
-                stage_cfg.out_dir = str(
-                    default_out_dir(stage_cfg.students_root_dir, override_dirname(overrides))
-                )
+            stage_cfg.out_dir = resolve_out_dir(stage_cfg, override_dirname(overrides))
             plan = train_plan(stage_cfg)
             entry.update({k: plan[k] for k in ("run_directory", "resume", "trainer", "model")})
             entry["estimate"] = estimate_training(stage_cfg)

@@ -59,6 +59,14 @@ def default_out_dir(students_root_dir: str | Path, override_dirname: str) -> Pat
     )
 
 
+def resolve_out_dir(cfg: DictConfig, overrides_dirname: str) -> str:
+    """The run directory: `out_dir` when set, else `students_root_dir` plus the sub-directory named after the
+    command-line overrides (`overrides_dirname`: Hydra's `job.override_dirname`, or `override_dirname(...)`)."""
+    if cfg.get("out_dir"):
+        return str(cfg.out_dir)
+    return str(default_out_dir(cfg.students_root_dir, overrides_dirname))
+
+
 def override_dirname(overrides: Sequence[str]) -> str:
     """Hydra's `job.override_dirname` of `distil-train <overrides>` (inside an initialised Hydra, e.g. compose)."""
     from hydra import compose
@@ -249,7 +257,7 @@ def main(cfg: DictConfig) -> float | None:
 
     if cfg.get("out_dir") is None:
         OmegaConf.set_struct(cfg, False)
-        cfg.out_dir = str(default_out_dir(cfg.students_root_dir, HydraConfig.get().job.override_dirname))
+        cfg.out_dir = resolve_out_dir(cfg, HydraConfig.get().job.override_dirname)
         OmegaConf.set_struct(cfg, True)
     if cfg.get("dry_run"):
         from distil.training.sizing import estimate_training

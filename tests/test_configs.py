@@ -153,15 +153,15 @@ def _check_model_source(node, where: str) -> None:
     assert isinstance(model_source(node), ModelSource), where
 
 
-def _check_sections(ecfg, where: str) -> list[str]:
+def _check_sections(eval_cfg, where: str) -> list[str]:
     """Every `_target_` node of an eval config builds a section whose function takes exactly its keys."""
     import inspect
 
     from distil.utils.errors import instantiate
 
     found = []
-    for key in ecfg:
-        node = ecfg[key]
+    for key in eval_cfg:
+        node = eval_cfg[key]
         if OmegaConf.is_dict(node) and "_target_" in node:
             section = instantiate(node)
             assert section.func.__module__ == "distil.evaluation.sections", where

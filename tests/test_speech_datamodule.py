@@ -423,7 +423,7 @@ def test_streaming_ranks_and_workers_each_read_only_their_part(tmp_path, tiny_di
     import datasets
     import pyarrow.parquet as pq
 
-    from distil.datamodules import sources
+    from distil.datamodules import training_splits as sources
     from distil.datamodules.mixture import TrainStream
 
     monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0.05)

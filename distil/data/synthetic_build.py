@@ -261,13 +261,13 @@ def plan_all(cfg: Mapping[str, Any]) -> dict[str, Plan]:
 
 def noise_variants(cfg: Mapping[str, Any], names: Sequence[str]) -> list[tuple[str, Noise]]:
     """(corpus, Noise) pairs asked for by `noise.{type, snr_db, corpora}`; empty when snr_db is null."""
-    ncfg = dict(cfg.get("noise") or {})
-    levels = [float(x) for x in _as_list(ncfg.get("snr_db"))]
-    kinds = [str(x) for x in _as_list(ncfg.get("type", "white"))]
+    noise_cfg = dict(cfg.get("noise") or {})
+    levels = [float(x) for x in _as_list(noise_cfg.get("snr_db"))]
+    kinds = [str(x) for x in _as_list(noise_cfg.get("type", "white"))]
     for kind in kinds:
         if kind not in NOISE_TYPES:
             raise CorpusConfigError(f"noise.type: unknown noise type {kind!r}; choose from {NOISE_TYPES}")
-    targets = [str(x) for x in _as_list(ncfg.get("corpora"))] or list(names)
+    targets = [str(x) for x in _as_list(noise_cfg.get("corpora"))] or list(names)
     unknown = sorted(set(targets) - set(names))
     if unknown:
         raise CorpusConfigError(f"noise.corpora: {unknown} are not configured corpora ({list(names)})")

@@ -49,7 +49,7 @@ from distil.datamodules.mixture import (
     _MapMixture,
     _StreamMixture,
 )
-from distil.datamodules.sources import filter_source, open_train_split, split_fingerprint
+from distil.datamodules.training_splits import filter_source, open_train_split, split_fingerprint
 from distil.datamodules.validation import load_validation_sets, validation_entries
 from distil.utils.errors import ConfigError
 

@@ -12,7 +12,7 @@ import torch
 from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split, spread_subset
 from distil.datamodules.filters import DataError
 from distil.datamodules.mixture import _ListDataset, _MapRows, canonical_row
-from distil.datamodules.sources import check_columns
+from distil.datamodules.training_splits import check_columns
 
 log = logging.getLogger(__name__)
 

@@ -159,7 +159,7 @@ class CT2Model:
         return self._faster_whisper
 
     def transcribe_long(
-        self, waves: Sequence[np.ndarray], algorithm: str, lcfg, language: str | None, task: str | None
+        self, waves: Sequence[np.ndarray], algorithm: str, long_cfg, language: str | None, task: str | None
     ) -> tuple[list[str], dict]:
         """Transcripts of whole recordings through faster-whisper, and the settings it ran with."""
         from faster_whisper import BatchedInferencePipeline
@@ -167,14 +167,14 @@ class CT2Model:
         model = self.faster_whisper()
         common = {"language": language, "task": task or "transcribe", "beam_size": 1}
         if algorithm == "chunked":
-            chunk, batch_size = int(lcfg.chunk_length_s), int(lcfg.batch_size)
+            chunk, batch_size = int(long_cfg.chunk_length_s), int(long_cfg.batch_size)
             pipeline = BatchedInferencePipeline(model)
             settings = {"segmentation": "silero-vad", "chunk_length_s": chunk, "batch_size": batch_size}
 
             def run(wave):
                 return pipeline.transcribe(wave, chunk_length=chunk, batch_size=batch_size, **common)
         elif algorithm == "sequential":
-            seq = lcfg.sequential
+            seq = long_cfg.sequential
             # faster-whisper measures the compression ratio on the text, as OpenAI does (threshold 2.4);
             # the PyTorch backend's threshold is on token bytes (transformers), so it does not carry over.
             settings = {
@@ -198,22 +198,24 @@ class CT2Model:
         return texts, {"runtime": "faster-whisper", **settings}
 
 
-def load_ct2(lm: LoadedModel, out_dir: str | Path, compute_type: str, threads: int | None = None) -> CT2Model:
+def load_ct2(
+    whisper: LoadedModel, out_dir: str | Path, compute_type: str, threads: int | None = None
+) -> CT2Model:
     """Export the loaded model into `out_dir` (reused when it is already its export) and load it on the CPU."""
     import ctranslate2
     import torch
 
     threads = int(threads or torch.get_num_threads())
-    source = Path(lm.path)
+    source = Path(whisper.path)
     with tempfile.TemporaryDirectory(prefix="distil-ct2-source-") as tmp:
-        if lm.kind != "hf" or not source.is_dir():  # a training checkpoint: its weights as a directory
+        if whisper.kind != "hf" or not source.is_dir():  # a training checkpoint: its weights as a directory
             source = Path(tmp)
-            lm.model.save_pretrained(source)
-            lm.processor.save_pretrained(source)
-        export_ct2(source, out_dir, compute_type, source_name=lm.path, force=True)
+            whisper.model.save_pretrained(source)
+            whisper.processor.save_pretrained(source)
+        export_ct2(source, out_dir, compute_type, source_name=whisper.path, force=True)
     model = ctranslate2.models.Whisper(
         str(out_dir), device="cpu", compute_type=compute_type, intra_threads=threads
     )
     restore_float_mode()
-    name = f"{lm.name} (ctranslate2 {compute_type})"
-    return CT2Model(model, lm.processor, name, str(out_dir), compute_type, threads, lm.info())
+    name = f"{whisper.name} (ctranslate2 {compute_type})"
+    return CT2Model(model, whisper.processor, name, str(out_dir), compute_type, threads, whisper.info())

@@ -47,15 +47,17 @@ def _run_guarded(what: str, fail_fast: bool, fn, *args, **kwargs) -> dict:
         return _error_entry(err)
 
 
-def evaluate_short_set(lm: LoadedModel | CT2Model, entry: dict, ecfg, out_dir: Path) -> dict:
-    samples, problems = load_samples(entry, ecfg.get("max_samples"), ecfg.get("skip_bad_audio", False))
-    predictions = lm.transcribe(  # a PyTorch LoadedModel or a CTranslate2 CT2Model
+def evaluate_short_set(whisper: LoadedModel | CT2Model, entry: dict, eval_cfg, out_dir: Path) -> dict:
+    samples, problems = load_samples(
+        entry, eval_cfg.get("max_samples"), eval_cfg.get("skip_bad_audio", False)
+    )
+    predictions = whisper.transcribe(  # a PyTorch LoadedModel or a CTranslate2 CT2Model
         [s.audio for s in samples],
-        int(ecfg.batch_size),
+        int(eval_cfg.batch_size),
         entry["language"],
         entry["task"],
-        int(ecfg.max_new_tokens),
-        int(ecfg.get("num_beams", 1)),
+        int(eval_cfg.max_new_tokens),
+        int(eval_cfg.get("num_beams", 1)),
     )
     rel = Path("predictions") / "short_form" / f"{entry['name']}.jsonl"
     write_jsonl(out_dir / rel, prediction_rows(samples, predictions, entry["language"]))
@@ -74,10 +76,12 @@ def evaluate_short_set(lm: LoadedModel | CT2Model, entry: dict, ecfg, out_dir: P
     }
 
 
-def evaluate_long_set(lm: LoadedModel | CT2Model, entry: dict, lcfg, ecfg, out_dir: Path) -> dict:
+def evaluate_long_set(
+    whisper: LoadedModel | CT2Model, entry: dict, long_cfg, eval_cfg, out_dir: Path
+) -> dict:
     from distil.evaluation.longform import longform_metrics, repeated_ngrams
 
-    samples, problems = load_samples(entry, None, ecfg.get("skip_bad_audio", False))
+    samples, problems = load_samples(entry, None, eval_cfg.get("skip_bad_audio", False))
     waves = [s.audio for s in samples]
     normalizer = get_normalizer(entry["language"])
     result: dict[str, Any] = {
@@ -86,15 +90,15 @@ def evaluate_long_set(lm: LoadedModel | CT2Model, entry: dict, lcfg, ecfg, out_d
         "audio_seconds": sum(s.duration for s in samples),
         "skipped_bad_audio": problems,
     }
-    for algorithm in lcfg.algorithms:
+    for algorithm in long_cfg.algorithms:
         if algorithm not in ("chunked", "sequential"):
             raise EvalInputError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
-        if isinstance(lm, CT2Model):  # deployed: faster-whisper's own long-form algorithms
-            predictions, settings = lm.transcribe_long(
-                waves, algorithm, lcfg, entry["language"], entry["task"]
+        if isinstance(whisper, CT2Model):  # deployed: faster-whisper's own long-form algorithms
+            predictions, settings = whisper.transcribe_long(
+                waves, algorithm, long_cfg, entry["language"], entry["task"]
             )
         else:
-            predictions, settings = _pytorch_long_form(lm, waves, algorithm, lcfg, entry)
+            predictions, settings = _pytorch_long_form(whisper, waves, algorithm, long_cfg, entry)
         rel = Path("predictions") / "long_form" / f"{entry['name']}.{algorithm}.jsonl"
         write_jsonl(out_dir / rel, prediction_rows(samples, predictions, entry["language"]))
         entry_out: dict[str, Any] = {"settings": settings, "predictions": str(rel)}
@@ -106,7 +110,9 @@ def evaluate_long_set(lm: LoadedModel | CT2Model, entry: dict, lcfg, ecfg, out_d
     return result
 
 
-def _pytorch_long_form(lm: LoadedModel, waves, algorithm: str, lcfg, entry: dict) -> tuple[list[str], dict]:
+def _pytorch_long_form(
+    whisper: LoadedModel, waves, algorithm: str, long_cfg, entry: dict
+) -> tuple[list[str], dict]:
     from distil.evaluation.longform import (
         SequentialOptions,
         default_stride,
@@ -114,52 +120,58 @@ def _pytorch_long_form(lm: LoadedModel, waves, algorithm: str, lcfg, entry: dict
         transcribe_sequential,
     )
 
-    gen = generation_kwargs(lm.model, entry["language"], entry["task"], lcfg.get("max_new_tokens", 444), 1)
+    gen = generation_kwargs(
+        whisper.model, entry["language"], entry["task"], long_cfg.get("max_new_tokens", 444), 1
+    )
     if algorithm == "chunked":
-        chunk = float(lcfg.chunk_length_s)
-        stride = lcfg.get("stride_length_s")
+        chunk = float(long_cfg.chunk_length_s)
+        stride = long_cfg.get("stride_length_s")
         stride = default_stride(chunk) if stride is None else float(stride)
         predictions = transcribe_chunked(
-            lm.model, lm.processor, waves, chunk, stride, int(lcfg.batch_size), gen
+            whisper.model, whisper.processor, waves, chunk, stride, int(long_cfg.batch_size), gen
         )
         return predictions, {
             "chunk_length_s": chunk,
             "stride_length_s": stride,
-            "batch_size": int(lcfg.batch_size),
+            "batch_size": int(long_cfg.batch_size),
         }
-    seq = OmegaConf.to_container(lcfg.sequential, resolve=True)
+    seq = OmegaConf.to_container(long_cfg.sequential, resolve=True)
     batch_size = int(seq.pop("batch_size", 1))
     gen_seq = {k: v for k, v in gen.items() if k != "max_new_tokens"}  # per-window limit is the model's
     options = SequentialOptions(temperature=tuple(seq.pop("temperature")), **seq)
-    predictions = transcribe_sequential(lm.model, lm.processor, waves, options, batch_size, gen_seq)
-    return predictions, OmegaConf.to_container(lcfg.sequential, resolve=True)
+    predictions = transcribe_sequential(whisper.model, whisper.processor, waves, options, batch_size, gen_seq)
+    return predictions, OmegaConf.to_container(long_cfg.sequential, resolve=True)
 
 
-def evaluate_noise(lm: LoadedModel, entry: dict, ncfg, ecfg, out_dir: Path) -> dict:
+def evaluate_noise(whisper: LoadedModel, entry: dict, noise_cfg, eval_cfg, out_dir: Path) -> dict:
     from distil.data.audio import make_noise
 
-    samples, _ = load_samples(entry, ncfg.get("samples"), ecfg.get("skip_bad_audio", False))
+    samples, _ = load_samples(entry, noise_cfg.get("samples"), eval_cfg.get("skip_bad_audio", False))
     if not has_references(samples):
         raise EvalInputError(f"noise robustness needs references; set {entry['name']!r} has none")
     gen = generation_kwargs(
-        lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, ecfg.get("num_beams", 1)
+        whisper.model, entry["language"], entry["task"], eval_cfg.max_new_tokens, eval_cfg.get("num_beams", 1)
     )
     normalizer = get_normalizer(entry["language"])
     refs = [s.reference for s in samples]
-    clean = transcribe(lm.model, lm.processor, [s.audio for s in samples], int(ecfg.batch_size), gen)
+    clean = transcribe(
+        whisper.model, whisper.processor, [s.audio for s in samples], int(eval_cfg.batch_size), gen
+    )
     out: dict[str, Any] = {
         "set": entry["name"],
         "samples": len(samples),
         "clean": corpus_wer(refs, clean, normalizer).wer,
     }
-    for kind in ncfg.types:
+    for kind in noise_cfg.types:
         out[kind] = {}
-        for snr in ncfg.snr_db:
+        for snr in noise_cfg.snr_db:
             noisy = [
-                add_noise(s.audio, make_noise(kind, len(s.audio), int(ncfg.get("seed", 0)) + i), float(snr))
+                add_noise(
+                    s.audio, make_noise(kind, len(s.audio), int(noise_cfg.get("seed", 0)) + i), float(snr)
+                )
                 for i, s in enumerate(samples)
             ]
-            predictions = transcribe(lm.model, lm.processor, noisy, int(ecfg.batch_size), gen)
+            predictions = transcribe(whisper.model, whisper.processor, noisy, int(eval_cfg.batch_size), gen)
             out[kind][f"{float(snr):g}"] = corpus_wer(refs, predictions, normalizer).wer
             rel = Path("predictions") / "noise" / f"{entry['name']}.{kind}.snr{float(snr):g}.jsonl"
             write_jsonl(out_dir / rel, prediction_rows(samples, predictions, entry["language"]))
@@ -167,25 +179,25 @@ def evaluate_noise(lm: LoadedModel, entry: dict, ncfg, ecfg, out_dir: Path) -> d
     return out
 
 
-def evaluate_latency(lm: LoadedModel | CT2Model, entry: dict, lat, ecfg) -> dict:
+def evaluate_latency(whisper: LoadedModel | CT2Model, entry: dict, lat, eval_cfg) -> dict:
     from distil.evaluation.latency import measure_latency
 
-    samples, _ = load_samples(entry, lat.get("samples"), ecfg.get("skip_bad_audio", False))
-    if isinstance(lm, CT2Model):
-        result = lm.measure_latency(
+    samples, _ = load_samples(entry, lat.get("samples"), eval_cfg.get("skip_bad_audio", False))
+    if isinstance(whisper, CT2Model):
+        result = whisper.measure_latency(
             [s.audio for s in samples],
             list(lat.batch_sizes),
             int(lat.warmup),
             int(lat.get("repeats", 1)),
             entry["language"],
             entry["task"],
-            int(ecfg.max_new_tokens),
+            int(eval_cfg.max_new_tokens),
         )
         return {"status": "ok", "set": entry["name"], **result}
-    gen = generation_kwargs(lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, 1)
+    gen = generation_kwargs(whisper.model, entry["language"], entry["task"], eval_cfg.max_new_tokens, 1)
     result = measure_latency(
-        lm.model,
-        lm.processor,
+        whisper.model,
+        whisper.processor,
         [s.audio for s in samples],
         list(lat.batch_sizes),
         int(lat.warmup),
@@ -196,7 +208,7 @@ def evaluate_latency(lm: LoadedModel | CT2Model, entry: dict, lat, ecfg) -> dict
 
 
 def evaluate_speculative(
-    lm: LoadedModel, entry: dict, spec, ecfg, device, dtype, out_dir: Path, models_root=None
+    whisper: LoadedModel, entry: dict, spec, eval_cfg, device, dtype, out_dir: Path, models_root=None
 ) -> dict:
     from distil.evaluation.speculative import make_assistant, speculative_benchmark
 
@@ -207,11 +219,16 @@ def evaluate_speculative(
         }
     assistant_cfg = spec.assistant if isinstance(spec.assistant, DictConfig) else {"path": spec.assistant}
     student = load_model(assistant_cfg, device, dtype, models_root)
-    assistant, shares_encoder = make_assistant(lm.model, student.model)
-    samples, _ = load_samples(entry, spec.get("samples"), ecfg.get("skip_bad_audio", False))
-    gen = generation_kwargs(lm.model, entry["language"], entry["task"], ecfg.max_new_tokens, 1)
+    assistant, shares_encoder = make_assistant(whisper.model, student.model)
+    samples, _ = load_samples(entry, spec.get("samples"), eval_cfg.get("skip_bad_audio", False))
+    gen = generation_kwargs(whisper.model, entry["language"], entry["task"], eval_cfg.max_new_tokens, 1)
     result = speculative_benchmark(
-        lm.model, assistant, lm.processor, [s.audio for s in samples], gen, int(spec.get("warmup", 1))
+        whisper.model,
+        assistant,
+        whisper.processor,
+        [s.audio for s in samples],
+        gen,
+        int(spec.get("warmup", 1)),
     )
     rel = Path("predictions") / "speculative" / f"{entry['name']}.jsonl"
     rows = [
@@ -237,8 +254,8 @@ class EvalRun:
     """What every section is called with: the model under test, the eval config (`eval.*`), the short-form sets
     (`eval.sets`, which the other sections name by `set`), the output directory and how further models load."""
 
-    lm: LoadedModel | CT2Model
-    ecfg: DictConfig
+    whisper: LoadedModel | CT2Model
+    eval_cfg: DictConfig
     sets: dict[str, dict]
     out_dir: Path
     device: str = "auto"
@@ -247,7 +264,7 @@ class EvalRun:
 
     @property
     def fail_fast(self) -> bool:
-        return bool(self.ecfg.get("fail_fast", False))
+        return bool(self.eval_cfg.get("fail_fast", False))
 
     def named_set(self, section: str, name: str | None) -> dict:
         """`eval.<section>.set`: a set of `eval.sets` by name; null is the first (so own sets need no rename)."""
@@ -262,7 +279,9 @@ class EvalRun:
 
     def pytorch_only(self) -> dict | None:
         """The entry of a section that needs the PyTorch model, when the backend is CTranslate2."""
-        if isinstance(self.lm, CT2Model):  # faster-whisper has no assistant model; noise is a PyTorch probe
+        if isinstance(
+            self.whisper, CT2Model
+        ):  # faster-whisper has no assistant model; noise is a PyTorch probe
             return {
                 "status": "skipped",
                 "reason": "backend=ctranslate2 runs the short-form, long-form and latency",
@@ -280,7 +299,7 @@ def short_form(run: EvalRun) -> dict | None:
     if not run.sets:
         return None
     results = {
-        name: run.guarded(f"set {name}", evaluate_short_set, run.lm, entry, run.ecfg, run.out_dir)
+        name: run.guarded(f"set {name}", evaluate_short_set, run.whisper, entry, run.eval_cfg, run.out_dir)
         for name, entry in run.sets.items()
     }
     return {"sets": results, "average": averages(results)}
@@ -299,12 +318,18 @@ def long_form(
 ) -> dict:
     """Long-form WER of each recording set by each of `algorithms` (chunked: windows of `chunk_length_s`
     overlapping by `stride_length_s`, `batch_size` at a time; sequential: OpenAI's, with `sequential` settings)."""
-    lcfg = _settings(locals())
+    long_cfg = _settings(locals())
     long_sets = {name: set_entry(name, e, "long_form.sets") for name, e in (sets or {}).items()}
     return {
         "sets": {
             name: run.guarded(
-                f"long-form set {name}", evaluate_long_set, run.lm, entry, lcfg, run.ecfg, run.out_dir
+                f"long-form set {name}",
+                evaluate_long_set,
+                run.whisper,
+                entry,
+                long_cfg,
+                run.eval_cfg,
+                run.out_dir,
             )
             for name, entry in long_sets.items()
         }
@@ -324,10 +349,10 @@ def speculative(
     return run.pytorch_only() or run.guarded(
         "speculative decoding",
         lambda: evaluate_speculative(
-            run.lm,
+            run.whisper,
             run.named_set("speculative", set),
             spec,
-            run.ecfg,
+            run.eval_cfg,
             run.device,
             run.dtype,
             run.out_dir,
@@ -348,7 +373,7 @@ def latency(
     """RTFx and decoder tokens/s per batch size on `samples` of `set` (after `warmup` runs, `repeats` runs)."""
     lat = _settings(locals())
     return run.guarded(
-        "latency", lambda: evaluate_latency(run.lm, run.named_set("latency", set), lat, run.ecfg)
+        "latency", lambda: evaluate_latency(run.whisper, run.named_set("latency", set), lat, run.eval_cfg)
     )
 
 
@@ -362,7 +387,10 @@ def noise(
     seed: int = 0,
 ) -> dict:
     """WER on `samples` of `set` clean and with each noise type mixed in at each SNR (dB)."""
-    ncfg = _settings(locals())
+    noise_cfg = _settings(locals())
     return run.pytorch_only() or run.guarded(
-        "noise", lambda: evaluate_noise(run.lm, run.named_set("noise", set), ncfg, run.ecfg, run.out_dir)
+        "noise",
+        lambda: evaluate_noise(
+            run.whisper, run.named_set("noise", set), noise_cfg, run.eval_cfg, run.out_dir
+        ),
     )
