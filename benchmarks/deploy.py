@@ -85,7 +85,9 @@ def main() -> None:
         gen = generation_kwargs(whisper.model, "en", None, args.max_new_tokens)
         systems[(role, "PyTorch fp32")] = (
             lambda b, whisper=whisper: whisper.transcribe(waves, b, "en", None, args.max_new_tokens),
-            lambda sizes, whisper=whisper, gen=gen: measure_latency(whisper.model, whisper.processor, waves, sizes, 1, 1, gen),
+            lambda sizes, whisper=whisper, gen=gen: measure_latency(
+                whisper.model, whisper.processor, waves, sizes, 1, 1, gen
+            ),
         )
         for q in args.compute_types:
             ct2 = load_ct2(whisper, work / f"{role}-ct2-{q}", q, threads=args.threads)
