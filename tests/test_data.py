@@ -173,3 +173,20 @@ def test_audio_only_folders_flat_folders_and_unreadable_layouts(tmp_path):
         DataConfigError, match=r"cannot read split 'train' of .*junk \(it holds: notes.txt;.*audiofolder"
     ):
         load_split(junk, "train")
+
+
+def test_a_reader_is_chosen_by_inspection_or_by_name(tmp_path, layouts):
+    from distil.data.entries import READERS
+
+    _audio_folder(tmp_path / "mine", "train", ["a.wav"])
+    assert [r.name for r in READERS.values() if r.finds(tmp_path / "mine", "train")][:1] == ["audiofolder"]
+    assert [r.name for r in READERS.values() if r.finds(layouts / "parquet", "train")][:1] == ["tables"]
+    assert [r.name for r in READERS.values() if r.finds(layouts / "dict", "train")][:1] == ["saved"]
+    named = DatasetEntry(name="m", path=str(tmp_path / "mine"), text_column="transcription", id_column=None)
+    named.reader = "audiofolder"
+    assert len(load_split(named, "train")) == 1
+    named.reader = "parquet"
+    with pytest.raises(
+        DataConfigError, match=r"data.datasets\[0\].reader='parquet' is not one of \['audiofolder'"
+    ):
+        load_split(named, "train")

@@ -16,13 +16,13 @@ A stage's `data` config holds a list of entries::
         samples: 1.0                     # mixing weight (training): a number shared evenly by the splits,
                                          # or one per split: [100, 360, 500] / {train.clean.100: 100, ...}
 
-Local directories are read in this order: a `save_to_disk` dataset (or DatasetDict); an audio folder per split
-(`<path>/<split>/` holding audio files and a `metadata.csv` / `metadata.jsonl` whose `file_name` column names
-them: the `datasets` audiofolder convention; without a metadata file, audio only); a directory of table files per
-split (`<path>/<split>/*.parquet|arrow|jsonl|csv` - the corpus layout and the pseudo-label layout); a flat audio
-folder as split `train`; then the builder's own split inference (`load_dataset(<path>)`, e.g. a cloned Hub
-dataset). What none of these reads is refused in one line naming what the directory holds. A path that does not
-exist locally and does not start with `/`, `.` or `~` is a Hub id, loaded with `load_dataset(path, config, ...)`.
+Each layout is a `Reader` (`READERS`), asked in this order unless `reader:` names one: `saved` (a `save_to_disk`
+dataset or DatasetDict), `tables` (`<path>/<split>/*.parquet|arrow|jsonl|csv`, the corpus and pseudo-label
+layout), `audiofolder` (`<path>/<split>/` of audio files with a `metadata.csv` / `metadata.jsonl` whose
+`file_name` column names them: the `datasets` convention; audio only without one; a flat folder is `train`),
+`builder` (`load_dataset(<path>)`'s own inference, e.g. a cloned Hub dataset; what it cannot read is refused in
+one line naming what the directory holds). A path that does not exist locally and does not start with `/`, `.`
+or `~` is read by `hub`: `load_dataset(path, config, ...)`.
 Audio is always cast to `Audio(decode=False)`: datasets' decoder needs torchcodec, so stages decode with
 `distil.data.audio.decode_audio`.
 """
@@ -32,7 +32,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import datasets
 from datasets import Audio
@@ -67,6 +67,7 @@ class DatasetEntry:
     duration_column: str | None = "duration"
     language: str | None = None
     samples: float | list[float] | dict[str, float] = 1.0
+    reader: str | None = None  # a layout by name (distil.data.entries.READERS); null: the first that finds it
     index: int = 0  # position in `data.datasets`, for error messages naming the config key
 
     @property
@@ -209,27 +210,60 @@ def _load_audio_folder(entry: DatasetEntry, directory: Path, split: str, cache_d
     return table.add_column(entry.audio_column, paths).cast_column(entry.audio_column, Audio(decode=False))
 
 
-def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, cache_dir: str | None):
-    if (root / "dataset_dict.json").exists():
-        saved = datasets.load_from_disk(str(root))
-        if split not in saved:
-            raise DataConfigError(
-                f"dataset {entry.name!r} ({root}) has no split {split!r}; available: {sorted(saved)} "
-                f"(set {entry.key}.splits)"
-            )
-        ds = saved[split]
-        return ds.to_iterable_dataset() if streaming else ds
-    if (root / split / "state.json").exists():
-        ds = datasets.load_from_disk(str(root / split))
-        return ds.to_iterable_dataset() if streaming else ds
-    if (
-        (root / split).is_dir()
-        and not _split_files(root / split, tables_only=True)
-        and _is_audio_folder(root / split)
-    ):
-        ds = _load_audio_folder(entry, root / split, split, cache_dir)
-        return ds.to_iterable_dataset() if streaming else ds
-    if (root / split).is_dir():
+def _stream(ds, streaming: bool):
+    return ds.to_iterable_dataset() if streaming else ds
+
+
+class Reader:
+    """One layout of a dataset on disk (or on the Hub): `finds` says whether `root` holds `split` in it, `read`
+    loads that split. `load_split` asks the readers of `READERS` in order, or the one `data.datasets[i].reader`
+    names. A new layout is a subclass here, registered in `READERS`, with a test in tests/test_data.py."""
+
+    name: ClassVar[str]
+
+    def finds(self, root: Path, split: str) -> bool:
+        raise NotImplementedError
+
+    def read(self, entry: DatasetEntry, root: Path, split: str, streaming: bool, cache_dir: str | None):
+        raise NotImplementedError
+
+
+class SavedDataset(Reader):
+    """`DatasetDict.save_to_disk(<dir>)`, or one saved `Dataset` per split directory."""
+
+    name = "saved"
+
+    def finds(self, root: Path, split: str) -> bool:
+        if (root / "dataset_dict.json").exists() or (root / split / "state.json").exists():
+            return True
+        return (root / "state.json").exists() and not (root / split).is_dir()  # refused in `read`: no splits
+
+    def read(self, entry, root, split, streaming, cache_dir):
+        if (root / "dataset_dict.json").exists():
+            saved = datasets.load_from_disk(str(root))
+            if split not in saved:
+                raise DataConfigError(
+                    f"dataset {entry.name!r} ({root}) has no split {split!r}; available: {sorted(saved)} "
+                    f"(set {entry.key}.splits)"
+                )
+            return _stream(saved[split], streaming)
+        if (root / split / "state.json").exists():
+            return _stream(datasets.load_from_disk(str(root / split)), streaming)
+        raise DataConfigError(
+            f"dataset {entry.name!r}: {root} is a single saved Dataset without splits; save a DatasetDict or "
+            f"put it under {root / split}"
+        )
+
+
+class TableFiles(Reader):
+    """`<dir>/<split>/*.parquet|arrow|jsonl|csv`: the layout of distil's corpora and label store."""
+
+    name = "tables"
+
+    def finds(self, root: Path, split: str) -> bool:
+        return (root / split).is_dir() and not AudioFolder().finds(root, split)
+
+    def read(self, entry, root, split, streaming, cache_dir):
         files = _split_files(root / split)
         if not files:
             raise DataConfigError(
@@ -239,35 +273,87 @@ def _load_local(entry: DatasetEntry, root: Path, split: str, streaming: bool, ca
         return datasets.load_dataset(
             builder, data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
         )
-    if (root / "state.json").exists():
-        raise DataConfigError(
-            f"dataset {entry.name!r}: {root} is a single saved Dataset without splits; save a DatasetDict or "
-            f"put it under {root / split}"
+
+
+class AudioFolder(Reader):
+    """`<dir>/<split>/` of audio files with a metadata.csv/jsonl (datasets' audiofolder convention), or audio
+    only; a flat folder is split `train`. Also answers for a folder of audio-folder splits that lacks `split`."""
+
+    name = "audiofolder"
+
+    @staticmethod
+    def _is_one(directory: Path) -> bool:
+        return (
+            directory.is_dir()
+            and not _split_files(directory, tables_only=True)
+            and _is_audio_folder(directory)
         )
-    if split == "train" and not _split_files(root, tables_only=True) and _is_audio_folder(root):
-        ds = _load_audio_folder(entry, root, split, cache_dir)  # one flat folder: audiofolder calls it train
-        return ds.to_iterable_dataset() if streaming else ds
-    folders = sorted(
-        d.name for d in root.iterdir() if d.is_dir() and any((d / m).is_file() for m in METADATA_FILES)
-    )
-    if folders:
-        raise DataConfigError(
-            f"dataset {entry.name!r} ({root}) has no split {split!r}; its audio-folder splits are {folders} "
-            f"(set {entry.key}.splits)"
+
+    @staticmethod
+    def _splits(root: Path) -> list[str]:
+        return sorted(
+            d.name for d in root.iterdir() if d.is_dir() and any((d / m).is_file() for m in METADATA_FILES)
         )
-    try:  # e.g. a Hub dataset's files cloned (data/train-*.parquet): the builder infers the splits
-        ds = datasets.load_dataset(str(root), split=split, streaming=streaming, cache_dir=cache_dir)
-        problem = None if entry.audio_column in column_names(ds) else f"no column {entry.audio_column!r}"
-    except Exception as err:  # noqa: BLE001 - whatever the builder says, the answer is the same line
-        ds, problem = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-    if problem is None:
-        return ds
-    found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name[0] != ".")
-    shown = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")
-    raise DataConfigError(
-        f"dataset {entry.name!r}: cannot read split {split!r} of {root} (it holds: {shown or 'nothing'}; "
-        f"{problem}); distil reads {LAYOUTS} (set {entry.key}.path or {entry.key}.splits)"
-    )
+
+    def finds(self, root: Path, split: str) -> bool:
+        if (root / split).is_dir():
+            return self._is_one(root / split)
+        return (split == "train" and self._is_one(root)) or bool(self._splits(root))
+
+    def read(self, entry, root, split, streaming, cache_dir):
+        if (root / split).is_dir():
+            return _stream(_load_audio_folder(entry, root / split, split, cache_dir), streaming)
+        if split == "train" and self._is_one(root):
+            return _stream(_load_audio_folder(entry, root, split, cache_dir), streaming)
+        raise DataConfigError(
+            f"dataset {entry.name!r} ({root}) has no split {split!r}; its audio-folder splits are "
+            f"{self._splits(root)} (set {entry.key}.splits)"
+        )
+
+
+class InferredBuilder(Reader):
+    """Whatever `load_dataset(<dir>)` infers, e.g. a Hub dataset's repository cloned (`data/train-*.parquet`); the
+    last resort, so a directory in none of the layouts above is refused here in one line."""
+
+    name = "builder"
+
+    def finds(self, root: Path, split: str) -> bool:
+        return True
+
+    def read(self, entry, root, split, streaming, cache_dir):
+        try:
+            ds = datasets.load_dataset(str(root), split=split, streaming=streaming, cache_dir=cache_dir)
+            problem = None if entry.audio_column in column_names(ds) else f"no column {entry.audio_column!r}"
+        except Exception as err:  # noqa: BLE001 - whatever the builder says, the answer is the same line
+            ds, problem = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        if problem is None:
+            return ds
+        found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name[0] != ".")
+        shown = ", ".join(found[:8]) + (" ..." if len(found) > 8 else "")
+        raise DataConfigError(
+            f"dataset {entry.name!r}: cannot read split {split!r} of {root} (it holds: {shown or 'nothing'}; "
+            f"{problem}); distil reads {LAYOUTS} (set {entry.key}.path or {entry.key}.splits)"
+        )
+
+
+class HubDataset(Reader):
+    """A Hub dataset id: `load_dataset(path, config, split=...)` (the real code path; needs network)."""
+
+    name = "hub"
+
+    def finds(self, root: Path, split: str) -> bool:
+        return not root.exists()
+
+    def read(self, entry, root, split, streaming, cache_dir):
+        return datasets.load_dataset(
+            str(entry.path), entry.config, split=split, streaming=streaming, cache_dir=cache_dir
+        )
+
+
+# The readers `load_split` asks, in this order (the first that finds the split reads it).
+READERS: dict[str, Reader] = {
+    r.name: r for r in (SavedDataset(), TableFiles(), AudioFolder(), InferredBuilder(), HubDataset())
+}
 
 
 def load_split(
@@ -275,20 +361,25 @@ def load_split(
 ) -> datasets.Dataset | datasets.IterableDataset:
     """Load one split of a dataset entry with its audio column cast to `Audio(decode=False)`."""
     root = Path(str(entry.path)).expanduser()
-    if root.exists():
+    if entry.reader is not None:
+        if entry.reader not in READERS:
+            raise DataConfigError(
+                f"{entry.key}.reader={entry.reader!r} is not one of {sorted(READERS)} (or null)"
+            )
+        reader = READERS[entry.reader]
+    elif root.exists():
         if not root.is_dir():
             raise DataConfigError(
                 f"dataset {entry.name!r}: {root} is a file; {entry.key}.path must be a directory"
             )
-        ds = _load_local(entry, root, split, streaming, cache_dir)
+        reader = next(r for r in READERS.values() if r.name != "hub" and r.finds(root, split))
     elif str(entry.path).startswith(("/", ".", "~")):
         raise DataConfigError(
             f"dataset {entry.name!r}: local path {root} does not exist (set {entry.key}.path)"
         )
-    else:  # a Hub id: the real code path, used when the machine is online
-        ds = datasets.load_dataset(
-            str(entry.path), entry.config, split=split, streaming=streaming, cache_dir=cache_dir
-        )
+    else:
+        reader = READERS["hub"]
+    ds = reader.read(entry, root, split, streaming, cache_dir)
     names = column_names(ds)
     if entry.audio_column in names:
         ds = ds.cast_column(entry.audio_column, Audio(decode=False))

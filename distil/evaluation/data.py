@@ -26,7 +26,7 @@ SET_DEFAULTS = {
     **{
         f.name: f.default
         for f in fields(DatasetEntry)
-        if f.name in ("config", "audio_column", "text_column", "id_column", "speaker_column")
+        if f.name in ("config", "audio_column", "text_column", "id_column", "speaker_column", "reader")
     },
     "duration_column": None,
     "language": "en",
@@ -96,6 +96,7 @@ def _dataset_entry(entry: dict) -> EvalSetEntry:
         speaker_column=entry.get("speaker_column"),
         duration_column=entry.get("duration_column"),
         language=entry.get("language"),
+        reader=entry.get("reader"),
         config_key=f"eval.{entry['section']}.{entry['name']}",
     )
 
