@@ -247,9 +247,8 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
         overrides = stage_overrides(cfg, stage)
         entry: dict[str, Any] = {"command": " ".join([f"distil-{stage.replace('_', '-')}", *overrides])}
         stage_cfg = compose_stage(stage, overrides, cfg.paths)
-        if (
-            "estimate" in stage_cfg
-        ):  # the recipe's data size, and training samples as long as the labelled units
+        # The recipe's data size, and training samples as long as the labelled units.
+        if "estimate" in stage_cfg:
             stage_cfg.estimate.audio_hours = hours
             if stage == "train" and unit_seconds:
                 stage_cfg.estimate.unit_seconds = unit_seconds

@@ -109,7 +109,7 @@ def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
             ds = load_split(entry, split, streaming=cfg.streaming, cache_dir=cfg.get("cache_dir"))
             need_speaker = cfg.packing.enabled and without_speaker is None
             validate_columns(entry, split, column_names(ds), need_speaker=need_speaker)
-            if cfg.packing.enabled and entry.speaker_column is None and split == entry.splits[0]:
+            if cfg.packing.enabled and not packs(cfg, entry) and split == entry.splits[0]:
                 log.warning(
                     "dataset %r has no speaker column: its clips are labelled one by one, not packed "
                     "(packing.without_speaker=clips)",

@@ -165,12 +165,18 @@ def _split_files(directory: Path, tables_only: bool = False) -> list[str]:
     return []
 
 
-def _audio_files(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+def _audio_files(directory: Path):
+    """The audio files below `directory`, in file-system order (lazily: a check stops at the first)."""
+    return (p for p in directory.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS and p.is_file())
+
+
+def _metadata_file(directory: Path) -> Path | None:
+    """The audio folder's metadata table (metadata.csv or metadata.jsonl), if `directory` has one."""
+    return next((directory / m for m in METADATA_FILES if (directory / m).is_file()), None)
 
 
 def _is_audio_folder(directory: Path) -> bool:
-    return any((directory / m).is_file() for m in METADATA_FILES) or bool(_audio_files(directory))
+    return _metadata_file(directory) is not None or next(_audio_files(directory), None) is not None
 
 
 def _load_audio_folder(entry: DatasetEntry, directory: Path, split: str, cache_dir: str | None):
@@ -180,9 +186,9 @@ def _load_audio_folder(entry: DatasetEntry, directory: Path, split: str, cache_d
     metadata table is read with the csv/json builder and `file_name` becomes the audio column, as audiofolder
     does. Without a metadata file every audio file below the directory is one row (audio only: no text).
     """
-    metadata = next((directory / m for m in METADATA_FILES if (directory / m).is_file()), None)
+    metadata = _metadata_file(directory)
     if metadata is None:
-        files = _audio_files(directory)
+        files = sorted(_audio_files(directory))
         return datasets.Dataset.from_dict(
             {
                 entry.audio_column: [{"bytes": None, "path": str(f)} for f in files],
@@ -261,7 +267,7 @@ class TableFiles(Reader):
     name = "tables"
 
     def finds(self, root: Path, split: str) -> bool:
-        return (root / split).is_dir() and not AudioFolder().finds(root, split)
+        return (root / split).is_dir() and not AudioFolder.is_one(root / split)
 
     def read(self, entry, root, split, streaming, cache_dir):
         files = _split_files(root / split)
@@ -282,7 +288,8 @@ class AudioFolder(Reader):
     name = "audiofolder"
 
     @staticmethod
-    def _is_one(directory: Path) -> bool:
+    def is_one(directory: Path) -> bool:
+        """`directory` is one audio folder: audio or a metadata table, and no table files of its own."""
         return (
             directory.is_dir()
             and not _split_files(directory, tables_only=True)
@@ -291,19 +298,17 @@ class AudioFolder(Reader):
 
     @staticmethod
     def _splits(root: Path) -> list[str]:
-        return sorted(
-            d.name for d in root.iterdir() if d.is_dir() and any((d / m).is_file() for m in METADATA_FILES)
-        )
+        return sorted(d.name for d in root.iterdir() if d.is_dir() and _metadata_file(d) is not None)
 
     def finds(self, root: Path, split: str) -> bool:
         if (root / split).is_dir():
-            return self._is_one(root / split)
-        return (split == "train" and self._is_one(root)) or bool(self._splits(root))
+            return self.is_one(root / split)
+        return (split == "train" and self.is_one(root)) or bool(self._splits(root))
 
     def read(self, entry, root, split, streaming, cache_dir):
         if (root / split).is_dir():
             return _stream(_load_audio_folder(entry, root / split, split, cache_dir), streaming)
-        if split == "train" and self._is_one(root):
+        if split == "train" and self.is_one(root):
             return _stream(_load_audio_folder(entry, root, split, cache_dir), streaming)
         raise DataConfigError(
             f"dataset {entry.name!r} ({root}) has no split {split!r}; its audio-folder splits are "

@@ -279,9 +279,8 @@ class EvalRun:
 
     def pytorch_only(self) -> dict | None:
         """The entry of a section that needs the PyTorch model, when the backend is CTranslate2."""
-        if isinstance(
-            self.whisper, CT2Model
-        ):  # faster-whisper has no assistant model; noise is a PyTorch probe
+        # faster-whisper has no assistant model; noise is a PyTorch probe
+        if isinstance(self.whisper, CT2Model):
             return {
                 "status": "skipped",
                 "reason": "backend=ctranslate2 runs the short-form, long-form and latency",

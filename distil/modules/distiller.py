@@ -87,9 +87,8 @@ class WhisperDistiller(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss_terms"])
         terms = build_terms(DEFAULT_TERMS if loss_terms is None else dict(loss_terms))
-        self.hparams["loss_terms"] = {
-            key: term_config(term) for key, term in terms.items()
-        }  # as plain configs
+        # Recorded as plain configs (checkpoints load with weights_only).
+        self.hparams["loss_terms"] = {key: term_config(term) for key, term in terms.items()}
         self.optimizer_factory = optimizer or functools.partial(torch.optim.AdamW, lr=1e-4)
         self.scheduler_factory = scheduler
         self.val_set_names = list(val_set_names)
@@ -335,9 +334,8 @@ class WhisperDistiller(L.LightningModule):
         return bool(fused)
 
     def configure_optimizers(self):
-        trained = torch.nn.ModuleList(
-            [self.student, self.loss_terms]
-        )  # a term may train parameters of its own
+        # A loss term may have parameters of its own: they train with the student.
+        trained = torch.nn.ModuleList([self.student, self.loss_terms])
         return build_optimizers(self.optimizer_factory, self.scheduler_factory, trained, self._use_fused())
 
     def configure_gradient_clipping(

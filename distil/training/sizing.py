@@ -91,8 +91,10 @@ def training_memory(
     act = activation_bytes(precision)
     d, f, v = teacher.d_model, teacher.ffn_dim, teacher.vocab_size
     counts = parameters(teacher, student)
-    weights = counts["teacher"] + (0 if student.shares_encoder else _encoder_of(teacher, student))
-    weights += teacher.decoder_parameters(student.decoder_layers)
+    # Both models' weights, the teacher's encoder once when the student shares it.
+    weights = counts["teacher"] + counts["student"]
+    if student.shares_encoder:
+        weights -= teacher.encoder_parameters()
     frames = batch_size * MAX_SOURCE_POSITIONS
     tokens = batch_size * min(label_tokens, MAX_TARGET_POSITIONS)
     # The encoder output (fp32, read by both decoders), plus the widest encoder activation while it runs (not
@@ -111,10 +113,7 @@ def training_memory(
         "encoder": encoder,
         "decoder": decoder,
     }
-    out = {k: _gib(b) for k, b in terms.items()}
-    out["overhead"] = OVERHEAD_GIB
-    out["total"] = round(sum(terms.values()) / GIB + OVERHEAD_GIB, 1)
-    return out
+    return _memory_table(terms)
 
 
 def labelling_memory(
@@ -131,6 +130,11 @@ def labelling_memory(
         "encoder": batch_size * MAX_SOURCE_POSITIONS * (d + f) * wbytes,
         "logits": batch_size * teacher.vocab_size * 4 * 2,  # the step's logits and their fp32 scores
     }
+    return _memory_table(terms)
+
+
+def _memory_table(terms: dict[str, float]) -> dict[str, float]:
+    """Each term's bytes in GiB, the fixed overhead, and their total."""
     out = {k: _gib(b) for k, b in terms.items()}
     out["overhead"] = OVERHEAD_GIB
     out["total"] = round(sum(terms.values()) / GIB + OVERHEAD_GIB, 1)
