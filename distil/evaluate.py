@@ -25,6 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.evaluation.ct2_backend import BACKENDS, load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
+from distil.evaluation.pytorch_backend import PyTorchModel
+from distil.evaluation.scoring import failed_sets, primary_metric
 from distil.evaluation.sections import EvalRun
 from distil.utils.errors import instantiate, one_line_errors
 from distil.utils.io import write_atomic
@@ -41,12 +43,11 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 
     metrics.json: {"model": {...}, "device": {...}, "short_form": {"sets": {name: {...}}, "average": {...}},
     "long_form": {"sets": {name: {"chunked": {...}, "sequential": {...}}}}, "speculative": {...},
-    "latency": {...}, "noise": {...}, "backend": "pytorch" | "ctranslate2"}. Each set entry has "status": "ok" |
-    "no references" | "error". With backend=ctranslate2 (compute_type: its quantisation) the model is exported
-    into `out_dir/ctranslate2-<compute_type>` and the short-form sets, latency and long-form (faster-whisper's own
-    algorithms) run there; speculative decoding and noise are "skipped".
+    "latency": {...}, "noise": {...}, "backend": "pytorch" | "ctranslate2"}; each section also holds its
+    "headline" numbers. Each set entry has "status": "ok" | "no references" | "error". With backend=ctranslate2
+    (compute_type: its quantisation) the model is exported into `out_dir/ctranslate2-<compute_type>` and every
+    section runs there (long-form through faster-whisper's own algorithms) but speculative decoding ("skipped").
     """
-    from distil.evaluation.latency import device_info
     from distil.utils.runinfo import hydra_output_dir
 
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
@@ -65,26 +66,24 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     long_form = eval_cfg.get("long_form") or {}
     for name, e in (long_form.get("sets") or {}).items():
         set_entry(name, e, "long_form.sets")
-    whisper = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
+    loaded = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
     if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
-        whisper = load_ct2(whisper, out / f"ctranslate2-{compute_type}", compute_type)
-    log.info("evaluating %s (%s)", whisper.name, whisper.path)
-    metrics: dict[str, Any] = {
-        "model": whisper.info(),
-        "device": whisper.device_info() if backend == "ctranslate2" else device_info(whisper.model.device),
-        "backend": backend,
-    }
+        model = load_ct2(loaded, out / f"ctranslate2-{compute_type}", compute_type)
+    else:
+        model = PyTorchModel.of(loaded)
+    log.info("evaluating %s (%s)", model.name, model.path)
+    metrics: dict[str, Any] = {"model": model.info(), "device": model.device_info(), "backend": backend}
 
     run = EvalRun(
-        whisper, eval_cfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root
+        model, eval_cfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root
     )
     for key in eval_cfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
         node = eval_cfg[key]
         if isinstance(node, DictConfig) and "_target_" in node:
-            log.info("%s: %s ...", whisper.name, key)
+            log.info("%s: %s ...", model.name, key)
             started = time.perf_counter()
             result = instantiate(node)(run)
-            log.info("%s: %s done in %.0f s", whisper.name, key, time.perf_counter() - started)
+            log.info("%s: %s done in %.0f s", model.name, key, time.perf_counter() - started)
             if result is not None:
                 metrics[key] = result
 
@@ -99,28 +98,6 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
             f"results are in {out / 'metrics.json'}. Fix or remove the set{'s' if len(failed) > 1 else ''}"
         )
     return metrics
-
-
-def failed_sets(metrics: dict) -> dict[str, str]:
-    """`{<section>.<set>: error}` of every short-form or long-form set that could not be evaluated."""
-    failed = {}
-    for section in ("short_form", "long_form"):
-        for name, entry in ((metrics.get(section) or {}).get("sets") or {}).items():
-            if isinstance(entry, dict) and entry.get("status") == "error":
-                failed[f"{section}.{name}"] = entry.get("error", "")
-    return failed
-
-
-def primary_metric(metrics: dict) -> float | None:
-    """The number a Hydra sweeper optimises: short-form macro WER, else the first long-form WER."""
-    avg = (metrics.get("short_form") or {}).get("average") or {}
-    if avg.get("wer_macro") is not None:
-        return avg["wer_macro"]
-    for entry in ((metrics.get("long_form") or {}).get("sets") or {}).values():
-        for algo in ("chunked", "sequential"):
-            if isinstance(entry.get(algo), dict) and entry[algo].get("wer") is not None:
-                return entry[algo]["wer"]
-    return None
 
 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")

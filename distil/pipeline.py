@@ -17,7 +17,8 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
-from distil.evaluation.report import write_report
+from distil.evaluation.report import headline_table, write_report
+from distil.evaluation.scoring import headline_columns, headlines, primary_metric
 from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
@@ -137,9 +138,8 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
             stage_cfg, stage_dir, _ = run("evaluate", model + extra, tag=f"evaluate_{role}")
             evals[role] = evaluate(stage_cfg, stage_dir)
         results["evaluate"] = evals
-        comparison = compare(evals)
-        results["comparison"] = comparison
-        print(format_comparison(comparison))
+        results["comparison"] = compare(evals)
+        print(headline_table(evals))
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
             (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
@@ -173,60 +173,13 @@ def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | N
     return exports.get("best") or exports.get("last")
 
 
-def _get(tree: dict, *keys: str):
-    for key in keys:
-        if not isinstance(tree, dict) or key not in tree:
-            return None
-        tree = tree[key]
-    return tree
-
-
 def compare(evals: dict[str, dict]) -> dict[str, dict[str, Any]]:
-    """Teacher vs student headline numbers from their metrics.json."""
-    rows: dict[str, dict[str, Any]] = {}
-    for role, m in evals.items():
-        long_sets = _get(m, "long_form", "sets") or {}
-        chunked = [s.get("chunked", {}).get("wer") for s in long_sets.values() if isinstance(s, dict)]
-        sequential = [s.get("sequential", {}).get("wer") for s in long_sets.values() if isinstance(s, dict)]
-        rtfx = _rtfx_at_largest_batch(_get(m, "latency", "batch_sizes") or {})
-        rows[role] = {
-            "short_form_wer": _get(m, "short_form", "average", "wer_sample_weighted"),
-            "long_form_wer_chunked": _mean(chunked),
-            "long_form_wer_sequential": _mean(sequential),
-            "rtfx": rtfx,
-            "speculative_speedup": _get(m, "speculative", "speedup"),
-            "speculative_identical": _get(m, "speculative", "identical_fraction"),
-        }
-    return rows
-
-
-def _mean(values):
-    values = [v for v in values if isinstance(v, (int, float))]
-    return sum(values) / len(values) if values else None
-
-
-def _rtfx_at_largest_batch(by_batch_size: dict) -> float | None:
-    measured = [e for e in by_batch_size.values() if isinstance(e.get("rtfx"), (int, float))]
-    return max(measured, key=lambda e: e["batch_size"])["rtfx"] if measured else None
-
-
-def format_comparison(rows: dict[str, dict[str, Any]]) -> str:
-    columns = [
-        ("short_form_wer", "short-form WER %"),
-        ("long_form_wer_chunked", "long-form WER % (chunked)"),
-        ("long_form_wer_sequential", "long-form WER % (sequential)"),
-        ("rtfx", "RTFx"),
-        ("speculative_speedup", "speculative speed-up"),
-        ("speculative_identical", "speculative = teacher"),
-    ]
-    lines = [
-        "| model | " + " | ".join(title for _, title in columns) + " |",
-        "|---" * (len(columns) + 1) + "|",
-    ]
-    for role, row in rows.items():
-        cells = [("-" if row[k] is None else f"{row[k]:.2f}") for k, _ in columns]
-        lines.append(f"| {role} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    """Every model's headline numbers (its sections' `headline` in metrics.json), one row per model; a number
+    another model has and this one lacks is None."""
+    columns = headline_columns(evals)
+    return {
+        role: {key: headlines(m).get(key, {}).get("value") for key in columns} for role, m in evals.items()
+    }
 
 
 def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
@@ -283,7 +236,8 @@ def main(cfg: DictConfig) -> float | None:
         return None
     out = write_run_info(cfg)
     results = run_pipeline(cfg, hydra_output_dir() or out)
-    return _get(results, "comparison", "student", "short_form_wer")
+    student = (results.get("evaluate") or {}).get("student")
+    return primary_metric(student) if student else None
 
 
 if __name__ == "__main__":

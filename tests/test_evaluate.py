@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -13,10 +14,10 @@ import torch
 from omegaconf import OmegaConf
 
 from distil.data.audio import encode_flac
-from distil.evaluate import evaluate, primary_metric
+from distil.evaluate import evaluate
 from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
-from distil.evaluation.scoring import averages
+from distil.evaluation.scoring import averages, headlines, primary_metric
 from distil.whisper.loading import ModelLoadError, load_model
 
 SR = 16_000
@@ -164,7 +165,16 @@ def test_full_evaluation_writes_metrics_predictions_and_tensorboard(tiny_random_
 
     events = list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
     assert events, "no TensorBoard event file"
-    assert primary_metric(metrics) == avg["wer_macro"]
+    # the sweep objective is the first error rate among the sections' headlines: the short-form WER
+    assert primary_metric(metrics) == avg["wer_sample_weighted"]
+    assert metrics["short_form"]["headline"]["short_form_wer"]["value"] == avg["wer_sample_weighted"]
+    assert set(headlines(metrics)) == {
+        "short_form_wer",
+        "long_form_wer_chunked",
+        "long_form_wer_sequential",
+        "rtfx",
+        "noise_wer",
+    }
 
 
 def test_bad_sets_are_reported_and_the_others_still_evaluated(tiny_random_dir, corpora, tmp_path):
@@ -300,14 +310,15 @@ def test_macro_and_sample_weighted_averages_differ_as_labelled():
     assert avg["wer_sets"] == 2
 
 
-def test_ctranslate2_backend_matches_pytorch_at_float32_and_skips_other_sections(
+def test_ctranslate2_backend_matches_pytorch_at_float32_in_every_section_but_speculative(
     tiny_random_dir, corpora, tmp_path
 ):
     from distil.whisper.ct2_export import ExportInputError
 
     latency = {"set": "flite", "batch_sizes": [1, 2], "samples": 2, "warmup": 1}
     noise = {"set": "flite", "types": ["white"], "snr_db": [0], "samples": 2, "seed": 0}
-    cfg = eval_cfg(tiny_random_dir, corpora, latency=latency, noise=noise)
+    speculative = {"assistant": str(tiny_random_dir), "set": "flite", "samples": 1}
+    cfg = eval_cfg(tiny_random_dir, corpora, latency=latency, noise=noise, speculative=speculative)
     torch_metrics = evaluate(cfg, tmp_path / "pytorch")
     cfg.backend, cfg.compute_type = "ctranslate2", "float32"
     metrics = evaluate(cfg, tmp_path / "ct2")
@@ -323,7 +334,13 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_and_skips_other_sections
     for b, entry in metrics["latency"]["batch_sizes"].items():  # same schema, same token count
         assert set(entry) == set(torch_metrics["latency"]["batch_sizes"][b])
         assert entry["rtfx"] > 0 and entry["tokens"] == torch_metrics["latency"]["batch_sizes"][b]["tokens"]
-    assert metrics["noise"]["status"] == "skipped" and "noise" not in metrics["latency"]
+    # noise runs through the backend's own transcribe: the same noisy audio, the same transcripts
+    assert metrics["noise"]["white"] == torch_metrics["noise"]["white"] and "noise_wer" in headlines(metrics)
+    assert torch_metrics["speculative"]["status"] == "ok"
+    assert metrics["speculative"] == {
+        "status": "skipped",
+        "reason": "the ctranslate2 backend has no assisted generation",
+    }
 
     cfg.compute_type = "int3"
     with pytest.raises(ExportInputError, match="int3"):
@@ -398,3 +415,33 @@ def test_an_unknown_key_of_an_eval_set_is_refused_by_name_before_the_model_loads
     cfg.eval.long_form = {"sets": {"talks": {"path": str(tmp_path), "chunk": 5}}}
     with pytest.raises(EvalInputError, match=r"eval.long_form.sets.talks has unknown key\(s\) \['chunk'\]"):
         evaluate(cfg, tmp_path / "out")
+
+
+def test_contributing_example_section_runs(tiny_random_dir, corpora, tmp_path, monkeypatch):
+    """CONTRIBUTING.md's worked example of an evaluation section, run as written: a section added as one
+    function and one config node reaches metrics.json and the headlines with nothing else edited."""
+    import re
+    import sys
+    import types
+
+    import distil.evaluation.sections as sections
+
+    text = (Path(__file__).parents[1] / "CONTRIBUTING.md").read_text()
+    code = re.search(r"```python\n(.*?def by_length.*?)```", text, re.S).group(1)
+    module = types.ModuleType("contributing_example")
+    module.__dict__.update(vars(sections))
+    exec(compile(textwrap.dedent(code), "CONTRIBUTING.md", "exec"), module.__dict__)
+    monkeypatch.setitem(sys.modules, "contributing_example", module)
+
+    cfg = eval_cfg(tiny_random_dir, corpora)
+    cfg.eval.by_length = {
+        "_target_": "contributing_example.by_length",
+        "_partial_": True,
+        "set": "espeak",
+        "bins_s": [0, 2, 5, 10, 30],
+    }
+    metrics = evaluate(cfg, tmp_path)
+    result = metrics["by_length"]
+    assert result["status"] == "ok" and result["set"] == "espeak" and result["bins"]
+    assert all(re.fullmatch(r"\d+-\d+s", b) for b in result["bins"])
+    assert headlines(metrics)["short_clip_wer"]["value"] == next(iter(result["bins"].values()))

@@ -10,7 +10,9 @@ from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
 from transformers import AutoTokenizer
 
-from distil.pipeline import STAGES, compare, compose_stage, format_comparison, run_pipeline, stage_overrides
+from distil.evaluation.report import headline_table
+from distil.evaluation.scoring import headline, primary_metric
+from distil.pipeline import STAGES, compare, compose_stage, run_pipeline, stage_overrides
 from distil.utils.paths import CONF_DIR
 
 TINY_EVAL = [
@@ -81,11 +83,30 @@ def test_every_recipe_composes_every_stage(recipe, tmp_path):
             assert spec.sizes.get("test") == demo_sizes.get("test"), engine
 
 
-def test_comparison_table_formats_missing_values():
-    rows = compare({"teacher": {"short_form": {"average": {"wer_sample_weighted": 12.5}}}})
-    assert rows["teacher"]["short_form_wer"] == 12.5 and rows["teacher"]["rtfx"] is None
-    table = format_comparison(rows)
-    assert "| teacher | 12.50 | -" in table
+@pytest.mark.unit
+def test_comparison_reads_any_sections_headline_and_marks_what_a_model_lacks():
+    """A section the pipeline and the report have never heard of shows up by its headline alone."""
+    evals = {
+        "teacher": {
+            "model": {"parameters": 39e6, "decoder_layers": 4},
+            "short_form": {"headline": headline(short_form_wer=("short-form WER %", 12.5, "lower"))},
+            "accents": {"headline": headline(accent_gap=("accent WER gap %", 3.25, "lower"))},
+        },
+        "student": {
+            "model": {"parameters": 30e6, "decoder_layers": 2},
+            "latency": {"headline": headline(rtfx=("RTFx", 40.0, "higher"))},
+            "accents": {"headline": headline(accent_gap=("accent WER gap %", 4.5, "lower"))},
+        },
+    }
+    rows = compare(evals)
+    assert rows["teacher"] == {"short_form_wer": 12.5, "accent_gap": 3.25, "rtfx": None}
+    assert rows["student"] == {"short_form_wer": None, "accent_gap": 4.5, "rtfx": 40.0}
+    table = headline_table(evals)
+    assert "| model | parameters (M) | decoder layers | short-form WER % | accent WER gap % | RTFx |" in table
+    assert "| student | 30.0 | 2 | - | 4.50 | 40.00 |" in table
+    # the sweep objective: the first error rate (RTFx is better higher, so never the objective)
+    assert primary_metric(evals["student"]) == 4.5
+    assert primary_metric({"latency": evals["student"]["latency"]}) is None
 
 
 @pytest.fixture(scope="module")

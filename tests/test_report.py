@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from distil.evaluation.report import write_report
+from distil.evaluation.scoring import headline
 
 
 def metrics(params: float, dec: int, short: dict[str, float], long_wer: float, rtfx: float) -> dict:
@@ -21,9 +22,13 @@ def metrics(params: float, dec: int, short: dict[str, float], long_wer: float, r
         "short_form": {
             "sets": {name: {"status": "ok", "wer": wer} for name, wer in short.items()},
             "average": {"wer_sample_weighted": sum(short.values()) / len(short)},
+            "headline": headline(short_form_wer=("short-form WER %", sum(short.values()) / len(short), "lower")),
         },
-        "long_form": {"sets": {"longform": {"status": "ok", "chunked": long, "sequential": {**long, "wer": 9.5}}}},
-        "latency": {"batch_sizes": {
+        "long_form": {
+            "sets": {"longform": {"status": "ok", "chunked": long, "sequential": {**long, "wer": 9.5}}},
+            "headline": headline(long_form_wer_chunked=("long-form WER % (chunked)", long_wer, "lower")),
+        },
+        "latency": {"headline": headline(rtfx=("RTFx", 2 * rtfx, "higher")), "batch_sizes": {
             "1": {"batch_size": 1, "rtfx": rtfx, "tokens_per_second": 40.0, "tokens": 120, "decoder_ms_per_token": 5 * dec},
             "4": {"batch_size": 4, "rtfx": 2 * rtfx, "tokens_per_second": 80.0, "tokens": 120},
         }},
@@ -45,7 +50,10 @@ def constructed_run(tmp_path: Path) -> dict:
     pq.write_table(pa.table({"pl_wer": [0.0, 5.0, 12.5, None, 40.0]}), labels / "part-00000.parquet")
     teacher = metrics(37.8e6, 4, {"espeak": 20.3, "flite": 9.8}, 12.0, 11.0)
     student = metrics(33.0e6, 2, {"espeak": 25.1, "flite": 12.2}, 11.0, 14.0)
-    teacher["speculative"] = {"speedup": 1.4, "identical_fraction": 1.0}
+    teacher["speculative"] = {
+        "speedup": 1.4,
+        "identical_fraction": 1.0,
+    }  # no headline: left out of the first table
     return {
         "pseudo_label": {"splits": {"espeak/train": {"output_dir": str(labels)}}},
         "train": {
@@ -58,7 +66,13 @@ def constructed_run(tmp_path: Path) -> dict:
 
 def test_report_has_every_section_from_the_runs_own_files(tmp_path):
     report = write_report(tmp_path, constructed_run(tmp_path), wer_threshold=10.0).read_text()
-    assert "| teacher | 37.8 | 4 | 15.05 | 20.30 | 9.80 |" in report
+    # the headline table: size, then each section's headline numbers in section order
+    assert (
+        "| model | parameters (M) | decoder layers | short-form WER % | long-form WER % (chunked) | RTFx |"
+        in report
+    )
+    assert "| teacher | 37.8 | 4 | 15.05 | 12.00 | 22.00 |" in report
+    assert "| teacher | 20.30 | 9.80 |" in report  # short form, per set
     assert "| student | longform | sequential | 9.50 | 5.00 | 7.00 | 2.00 | 3 |" in report
     assert "| student | 4 | 28.00 | 80.0 | 120 | - | - | 1.44 |" in report  # no decoder timing at batch 4
     # the decoder's own speed per token: measured against the teacher's, and its bound (52 M / 36 M MACs)

@@ -16,12 +16,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
 from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import feature_batches, time_batches
+from distil.evaluation.longform import LongFormSettings
 from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
 from distil.whisper.generation import check_prompt, transcribe_by_duration
@@ -40,6 +41,7 @@ class CT2Model:
     threads: int
     source: dict  # the PyTorch model's info()
     kind: str = "ctranslate2"
+    supports_speculative: ClassVar[bool] = False  # faster-whisper has no assistant model
     _faster_whisper: Any = None  # faster_whisper.WhisperModel over the same directory, built on first use
 
     def info(self) -> dict:
@@ -159,7 +161,12 @@ class CT2Model:
         return self._faster_whisper
 
     def transcribe_long(
-        self, waves: Sequence[np.ndarray], algorithm: str, long_cfg, language: str | None, task: str | None
+        self,
+        waves: Sequence[np.ndarray],
+        algorithm: str,
+        settings: LongFormSettings,
+        language: str | None,
+        task: str | None,
     ) -> tuple[list[str], dict]:
         """Transcripts of whole recordings through faster-whisper, and the settings it ran with."""
         from faster_whisper import BatchedInferencePipeline
@@ -167,27 +174,27 @@ class CT2Model:
         model = self.faster_whisper()
         common = {"language": language, "task": task or "transcribe", "beam_size": 1}
         if algorithm == "chunked":
-            chunk, batch_size = int(long_cfg.chunk_length_s), int(long_cfg.batch_size)
+            chunk, batch_size = int(settings.chunk_length_s), int(settings.batch_size)
             pipeline = BatchedInferencePipeline(model)
-            settings = {"segmentation": "silero-vad", "chunk_length_s": chunk, "batch_size": batch_size}
+            used = {"segmentation": "silero-vad", "chunk_length_s": chunk, "batch_size": batch_size}
 
             def run(wave):
                 return pipeline.transcribe(wave, chunk_length=chunk, batch_size=batch_size, **common)
         elif algorithm == "sequential":
-            seq = long_cfg.sequential
+            seq = settings.sequential
             # faster-whisper measures the compression ratio on the text, as OpenAI does (threshold 2.4);
             # the PyTorch backend's threshold is on token bytes (transformers), so it does not carry over.
-            settings = {
+            used = {
                 "vad_filter": False,
                 "temperature": [float(t) for t in seq.temperature],
                 "compression_ratio_threshold": 2.4,
-                "log_prob_threshold": seq.get("logprob_threshold"),
-                "no_speech_threshold": seq.get("no_speech_threshold"),
-                "condition_on_previous_text": bool(seq.get("condition_on_prev_tokens", False)),
+                "log_prob_threshold": seq.logprob_threshold,
+                "no_speech_threshold": seq.no_speech_threshold,
+                "condition_on_previous_text": bool(seq.condition_on_prev_tokens),
             }
 
             def run(wave):
-                return model.transcribe(wave, **common, **settings)
+                return model.transcribe(wave, **common, **used)
         else:
             raise ConfigError(f"unknown long-form algorithm {algorithm!r}: use chunked or sequential")
         texts = []
@@ -195,7 +202,7 @@ class CT2Model:
             segments, _ = run(np.asarray(wave, np.float32))
             texts.append(" ".join(s.text.strip() for s in segments).strip())  # segments decode lazily
             restore_float_mode()
-        return texts, {"runtime": "faster-whisper", **settings}
+        return texts, {"runtime": "faster-whisper", **used}
 
 
 def load_ct2(

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -126,6 +126,41 @@ class SequentialOptions:
     no_speech_threshold: float | None = 0.6
     condition_on_prev_tokens: bool = False
     extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class LongFormSettings:
+    """How the long-form section decodes a recording (eval.long_form, less its sets and algorithms)."""
+
+    max_new_tokens: int = 444  # per chunk or window (Whisper's 448 minus the decoder prompt)
+    chunk_length_s: float = 30.0  # chunked: window length ...
+    stride_length_s: float | None = None  # ... overlapping by this on each side (null: chunk / 6)
+    batch_size: int = 8  # chunked: windows per forward pass, across the recording
+    sequential: SequentialOptions = field(default_factory=SequentialOptions)
+    sequential_batch_size: int = 1  # sequential: recordings per generate call
+
+    @classmethod
+    def from_config(cls, sequential: dict | None = None, **settings) -> LongFormSettings:
+        sequential = dict(sequential or {})
+        batch_size = int(sequential.pop("batch_size", 1))
+        known = {f.name for f in fields(SequentialOptions)} - {"extra"}
+        if set(sequential) - known:
+            raise ConfigError(
+                f"eval.long_form.sequential has unknown key(s) {sorted(set(sequential) - known)}; "
+                f"known: {sorted(known | {'batch_size'})}"
+            )
+        if "temperature" in sequential:
+            sequential["temperature"] = tuple(float(t) for t in sequential["temperature"])
+        stride = settings.get("stride_length_s")
+        return cls(
+            **{**settings, "stride_length_s": None if stride is None else float(stride)},
+            sequential=SequentialOptions(**sequential),
+            sequential_batch_size=batch_size,
+        )
+
+    @property
+    def stride(self) -> float:
+        return default_stride(self.chunk_length_s) if self.stride_length_s is None else self.stride_length_s
 
 
 def ensure_pad_token(processor) -> None:

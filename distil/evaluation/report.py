@@ -1,7 +1,8 @@
 """`report.md` (+ `plots/*.png`) of a pipeline run, built only from that run's own files.
 
-Sections: the teacher/student table (size, short-form WER per set, long-form WER with its error breakdown and
-repeated 5-grams, latency per batch size, speculative decoding, training time) and plots of WER per set,
+Sections: the teacher/student headline table (size, then every evaluation section's headline numbers), the
+details (short-form WER per set, long-form WER with its error breakdown and repeated 5-grams, latency per batch
+size, speculative decoding, training time) and plots of WER per set,
 the training curves (from the run's TensorBoard logs), latency, the pseudo-label WER histogram with the
 WER filter, and the long-form error breakdown. A section whose inputs are missing says so and why.
 """
@@ -12,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from distil.evaluation.scoring import headline_columns, headlines
 from distil.utils.io import write_atomic
 
 REPORT = "report.md"
-LOSS_TAGS = ("train/loss", "train/ce", "train/kl", "train/mse")  # WhisperDistiller's logged loss terms
+# WhisperDistiller logs `train/loss` and each loss term as `train/<name>`, beside these counters
+NOT_LOSS_TAGS = ("train/tokens", "train/data_epoch", "train/cached_encoder")
 
 
 def _get(tree: Any, *keys: str) -> Any:
@@ -44,21 +47,19 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
     if not evals:
         return _missing("no model was evaluated (the evaluate stage did not run or failed)")
     roles = list(evals)
+    parts = ["### Headline", headline_table(evals)]
     short_sets = sorted({s for m in evals.values() for s in (_get(m, "short_form", "sets") or {})})
     long_sets = sorted({s for m in evals.values() for s in (_get(m, "long_form", "sets") or {})})
-    head = ["model", "parameters (M)", "decoder layers", "short-form WER %"]
-    head += [f"{s} WER %" for s in short_sets]
-    rows = []
-    for role, m in evals.items():
-        row = [
-            role,
-            _num((_get(m, "model", "parameters") or 0) / 1e6, 1),
-            str(_get(m, "model", "decoder_layers")),
-        ]
-        row.append(_num(_get(m, "short_form", "average", "wer_sample_weighted")))
-        row += [_num(_get(m, "short_form", "sets", s, "wer")) for s in short_sets]
-        rows.append(row)
-    parts = ["### Short form", _table(head, rows)]
+    rows = [
+        [role, *(_num(_get(m, "short_form", "sets", s, "wer")) for s in short_sets)]
+        for role, m in evals.items()
+    ]
+    parts += ["### Short form, per set"]
+    parts += [
+        _table(["model", *(f"{s} WER %" for s in short_sets)], rows)
+        if short_sets
+        else _missing("no short-form set was evaluated")
+    ]
 
     rows = []
     for role in roles:
@@ -127,6 +128,23 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+def headline_table(evals: dict[str, dict]) -> str:
+    """One row per model: its size, then every section's headline numbers (one this model lacks: -)."""
+    columns = headline_columns(evals)
+    rows = []
+    for role, m in evals.items():
+        numbers = headlines(m)
+        rows.append(
+            [
+                role,
+                _num((_get(m, "model", "parameters") or 0) / 1e6, 1),
+                str(_get(m, "model", "decoder_layers")),
+            ]
+            + [_num(numbers.get(key, {}).get("value")) for key in columns]
+        )
+    return _table(["model", "parameters (M)", "decoder layers", *columns.values()], rows)
+
+
 def latency_rows(evals: dict[str, dict]) -> list[list[str]]:
     """One row per model and batch size: speed end to end, then the decoder's own per-token speed against
     the teacher's (measured) and against the ratio of their decoder arithmetic (the bound)."""
@@ -160,7 +178,8 @@ def training_scalars(tensorboard_dir: Path) -> dict[str, list[tuple[int, float]]
         acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
         acc.Reload()
         for tag in acc.Tags().get("scalars", []):
-            if tag in LOSS_TAGS or tag.startswith("val/wer"):
+            loss = tag.startswith("train/") and tag not in NOT_LOSS_TAGS
+            if loss or tag.startswith("val/wer"):
                 curves.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
     return {tag: sorted(set(points)) for tag, points in curves.items()}
 

@@ -94,3 +94,54 @@ def validation_metrics(
         metrics["val/wer_weighted"] = weighted_num / weighted_den
         metrics["val/wer_macro"] = sum(macro) / len(macro)
     return metrics
+
+
+def headline(**numbers: tuple[str, float | None, str]) -> dict:
+    """A section's headline numbers as metrics.json stores them: `key=(label, value, "lower" | "higher")`, the
+    last saying which way is better. The report, the pipeline's comparison and the sweep objective read every
+    section's headline without knowing the section."""
+    return {
+        key: {"label": label, "value": value, "better": better}
+        for key, (label, value, better) in numbers.items()
+    }
+
+
+def headlines(metrics: dict) -> dict[str, dict]:
+    """Every section's headline numbers in one metrics.json, in section order: {key: {label, value, better}}."""
+    out: dict[str, dict] = {}
+    for result in metrics.values():
+        if isinstance(result, dict) and isinstance(result.get("headline"), dict):
+            out.update(result["headline"])
+    return out
+
+
+def headline_columns(evals: dict[str, dict]) -> dict[str, str]:
+    """{key: label} of every headline number any of the models' metrics.json has, in section order."""
+    columns: dict[str, str] = {}
+    for metrics in evals.values():
+        columns.update({key: h["label"] for key, h in headlines(metrics).items() if key not in columns})
+    return columns
+
+
+def primary_metric(metrics: dict) -> float | None:
+    """The number a Hydra sweeper minimises: the first error rate among the headlines (short-form WER when that
+    section runs, else the long-form WER)."""
+    return next(
+        (
+            h["value"]
+            for h in headlines(metrics).values()
+            if h["better"] == "lower" and h["value"] is not None
+        ),
+        None,
+    )
+
+
+def failed_sets(metrics: dict) -> dict[str, str]:
+    """`{<section>.<set>: error}` of every set of any section that could not be evaluated."""
+    return {
+        f"{section}.{name}": entry.get("error", "")
+        for section, result in metrics.items()
+        if isinstance(result, dict) and isinstance(result.get("sets"), dict)
+        for name, entry in result["sets"].items()
+        if isinstance(entry, dict) and entry.get("status") == "error"
+    }
