@@ -122,11 +122,11 @@ def run_stage(
     cfg.dtype = dtype
     cfg.shard_size = shard_size
     cfg.trainer.devices = devices if devices == "auto" else int(devices)
-    cfg.output_dir = str(home / "out")
+    cfg.out_dir = str(home / "out")
     summary = pseudo_label(cfg, run_dir=home / "run")
     split = summary["splits"]["bench/train"]
     texts = {}
-    for f in sorted(Path(split["output_dir"]).glob("part-*.parquet")):
+    for f in sorted(Path(split["out_dir"]).glob("part-*.parquet")):
         t = pq.read_table(f, columns=["id", "pseudo_label"]).to_pydict()
         texts.update(zip(t["id"], t["pseudo_label"], strict=True))
     return split["this_run"]["audio_seconds_per_second"], texts

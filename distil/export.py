@@ -2,11 +2,11 @@
 
     distil-export model=path model.path=<run dir>/best quantization=int8
     distil-export model=checkpoint model.path=<run dir>/checkpoints/last.ckpt model.base=<student dir>
-    distil-export model=tiny_en quantization=float32 out=/srv/models/tiny-en-ct2
+    distil-export model=tiny_en quantization=float32 out_dir=/srv/models/tiny-en-ct2
 
 Reads top to bottom: check the quantisation, the model and the output directory (before any work), turn a
 training checkpoint into a Hugging Face directory, then convert (`distil.whisper.ct2_export`). The output,
-`out` or `<model>-ct2-<quantization>` beside the model, loads with `faster_whisper.WhisperModel(out)`;
+`out_dir` or `<model>-ct2-<quantization>` beside the model, loads with `faster_whisper.WhisperModel(out)`;
 exporting the same model and quantisation again does nothing.
 """
 
@@ -34,7 +34,7 @@ from distil.whisper.models import resolve_model
 
 
 def export(cfg: DictConfig) -> Path:
-    """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out`."""
+    """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out_dir`."""
     quantization, device = str(cfg.quantization), str(cfg.device)
     check_quantization(quantization, device)
     model, force = cfg.model, bool(cfg.force)
@@ -43,7 +43,7 @@ def export(cfg: DictConfig) -> Path:
         source = Path(resolve_model(model, cfg.paths.models))  # imports a packaged teacher on first use
         if not source.is_dir():
             raise ExportInputError(f"model {source} is not a local directory: download it first")
-        out = Path(cfg.out or f"{source}-ct2-{quantization}")
+        out = Path(cfg.out_dir or f"{source}-ct2-{quantization}")
         return export_ct2(source, out, quantization, device, force)
 
     ckpt = Path(str(path)).expanduser()
@@ -52,7 +52,7 @@ def export(cfg: DictConfig) -> Path:
             f"checkpoint {ckpt} must exist and model.base=<the student directory it was trained from> be set"
         )
     base = check_whisper_dir(model.base)
-    out = Path(cfg.out or ckpt.with_name(f"{ckpt.stem}-ct2-{quantization}"))
+    out = Path(cfg.out_dir or ckpt.with_name(f"{ckpt.stem}-ct2-{quantization}"))
     check_output(out)
     with tempfile.TemporaryDirectory(prefix="distil-export-") as tmp:
         hf_dir = export_student(ckpt, str(base), Path(tmp) / "student")

@@ -1,7 +1,7 @@
 """Import a teacher once (CTranslate2 package -> Hugging Face directory) and print where it is.
 
 python -m distil.import_model teacher=tiny_en          # or teacher=base, teacher=tiny_random
-python -m distil.import_model ct2_dir=/path/to/ct2 out=/path/to/hf_dir   # any CTranslate2 Whisper directory
+python -m distil.import_model ct2_dir=/path/to/ct2 out_dir=/path/to/hf_dir   # any CTranslate2 Whisper directory
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def import_model(
         return ct2_import.import_ct2(source, out, force=force)
     if out is not None:
         raise ConfigError(
-            "`out` applies to `ct2_dir` imports; teachers are imported into ${paths.models}/<teacher.name>"
+            "`out_dir` applies to `ct2_dir` imports; teachers are imported into ${paths.models}/<teacher.name>"
         )
     if teacher is None:
         raise ConfigError("nothing to import: give a teacher config (teacher=tiny_en) or ct2_dir=/path")
@@ -53,7 +53,7 @@ def import_model(
 def main(cfg: DictConfig) -> None:
     write_run_info(cfg)
     path = import_model(
-        cfg.teacher, cfg.get("ct2_dir"), cfg.get("out"), cfg.paths.models, bool(cfg.get("force"))
+        cfg.teacher, cfg.get("ct2_dir"), cfg.get("out_dir"), cfg.paths.models, bool(cfg.get("force"))
     )
     print(path)
 

@@ -206,7 +206,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
             if stage == "train" and unit_seconds:
                 stage_cfg.estimate.unit_seconds = unit_seconds
         if stage == "pseudo_label":
-            entry["output_dir"] = str(stage_cfg.output_dir)
+            entry["out_dir"] = str(stage_cfg.out_dir)
             entry["estimate"] = estimate_labelling(stage_cfg)
             unit_seconds = entry["estimate"].get("unit_seconds")
         elif stage == "init_student":

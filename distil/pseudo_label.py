@@ -1,7 +1,7 @@
 """Stage 1: the teacher pseudo-labels every clip (`python -m distil.pseudo_label teacher=... data=...`).
 
 For each dataset entry and split, the output is one Hugging Face dataset of parquet files at
-`<output_dir>/<dataset name>/<split>/` (default `${paths.pseudo_labels}/<teacher.name>/...`), holding every
+`<out_dir>/<dataset name>/<split>/` (default `${paths.pseudo_labels}/<teacher.name>/...`), holding every
 input column plus:
 
 - `whisper_transcript`: the label exactly as training tokenises it, special prefix and (with
@@ -165,7 +165,7 @@ def label_split(
     run_dir: Path,
     extra_callbacks: Sequence[Any] = (),
 ) -> dict:
-    out_dir = split_dir(cfg.output_dir, entry.name, split)
+    out_dir = split_dir(cfg.out_dir, entry.name, split)
     language = entry.language or cfg.generation.language
     packing = packs(cfg, entry)
     plan = plan_record(cfg, entry, split, teacher_meta, input_fingerprint(ds, entry), packing)
@@ -174,7 +174,7 @@ def label_split(
         check_plan(out_dir, plan, ignore=("shard_size",))
         summary = read_json(out_dir / "summary.json")
         log.info("%s/%s already labelled in %s", entry.name, split, out_dir)
-        return {**summary, "status": "complete", "output_dir": str(out_dir), "this_run": None}
+        return {**summary, "status": "complete", "out_dir": str(out_dir), "this_run": None}
     out_dir.mkdir(parents=True, exist_ok=True)
     done = complete_shards(out_dir)
     spec = LabellingSpec(
@@ -229,7 +229,7 @@ def label_split(
         return {
             "status": "incomplete",
             "missing_shards": missing,
-            "output_dir": str(out_dir),
+            "out_dir": str(out_dir),
             "this_run": this_run,
         }
     print(
@@ -237,7 +237,7 @@ def label_split(
         f"WER {summary['wer'] if summary['wer'] is None else round(summary['wer'], 2)}%, "
         f"{summary['skipped']} skipped (listed in {out_dir / 'skipped.jsonl'})"
     )
-    return {**summary, "status": "complete", "output_dir": str(out_dir), "this_run": this_run}
+    return {**summary, "status": "complete", "out_dir": str(out_dir), "this_run": this_run}
 
 
 def _check_encoder_cache(cfg: DictConfig, entries: Sequence[DatasetEntry]) -> None:
@@ -267,7 +267,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
     )
     run_dir.mkdir(parents=True, exist_ok=True)
     inputs = _load_inputs(cfg)  # missing columns are reported here, before the teacher is loaded
-    ensure_writable_directory(cfg.output_dir, "output_dir")  # a read-only output: before the teacher loads
+    ensure_writable_directory(cfg.out_dir, "out_dir")  # a read-only output: before the teacher loads
     if not 0 <= int(cfg.shard.index) < int(cfg.shard.count):
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"

@@ -78,7 +78,7 @@ def write_split(
     return out
 
 
-def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dict:
+def entry(name: str, root: Path, weight: float = 1.0, splits=("train",)) -> dict:
     return {
         "name": name,
         "path": str(root / name),
@@ -89,7 +89,7 @@ def entry(name: str, root: Path, samples: float = 1.0, splits=("train",)) -> dic
         "speaker_column": "speaker",
         "duration_column": "duration",
         "language": "en",
-        "samples": samples,
+        "weight": weight,
     }
 
 

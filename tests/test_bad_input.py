@@ -73,7 +73,7 @@ def test_an_unwritable_output_is_found_before_the_teacher_loads(tmp_path, monkey
                 "teacher=tiny_random",
                 "data=custom",
                 f"data.datasets.0.path={tmp_path / 'corpus' / 'c'}",
-                f"output_dir={tmp_path / 'blocker' / 'labels'}",
+                f"out_dir={tmp_path / 'blocker' / 'labels'}",
             ],
         )
 
@@ -81,7 +81,7 @@ def test_an_unwritable_output_is_found_before_the_teacher_loads(tmp_path, monkey
         raise AssertionError("the teacher was resolved before the output was checked")
 
     monkeypatch.setattr(stage, "_teacher_record", no_teacher)
-    with pytest.raises(OutputNotWritableError, match=rf"cannot create output_dir={tmp_path / 'blocker'}"):
+    with pytest.raises(OutputNotWritableError, match=rf"cannot create out_dir={tmp_path / 'blocker'}"):
         stage.pseudo_label(cfg, run_dir=tmp_path / "run")
 
 
@@ -90,9 +90,7 @@ def test_a_local_hub_teacher_is_named_after_its_directory(tmp_path):
         local = compose("pseudo_label", ["teacher=hub", f"teacher.path={tmp_path / 'my-whisper'}"])
         hub = compose("pseudo_label", ["teacher=hub", "teacher.path=openai/whisper-large-v3"])
     assert local.teacher.name == "my-whisper"  # not the absolute path, which would label into the model dir
-    assert (
-        Path(local.output_dir).name == "my-whisper" and Path(local.output_dir).parent.name == "pseudo_labels"
-    )
+    assert Path(local.out_dir).name == "my-whisper" and Path(local.out_dir).parent.name == "pseudo_labels"
     assert hub.teacher.name == "openai/whisper-large-v3"
 
 

@@ -190,3 +190,10 @@ def test_a_reader_is_chosen_by_inspection_or_by_name(tmp_path, layouts):
         DataConfigError, match=r"data.datasets\[0\].reader='parquet' is not one of \['audiofolder'"
     ):
         load_split(named, "train")
+
+
+def test_the_old_mixing_weight_key_gets_its_migration_line():
+    with pytest.raises(DataConfigError, match=r"data.datasets\[0\].samples is now data.datasets\[0\].weight"):
+        dataset_entries([{"name": "a", "path": "/data/a", "samples": 2.0}])
+    (entry,) = dataset_entries([{"name": "a", "path": "/data/a", "splits": ["x", "y"], "weight": [1, 3]}])
+    assert (entry.split_weight("x"), entry.split_weight("y")) == (1.0, 3.0)

@@ -316,7 +316,7 @@ def test_labelling_as_a_job_array_matches_one_job(home, tiny_random_dir):
     """`distil-pseudo-label -m hydra/launcher=slurm_local 'shard.index=range(0,3)' shard.count=3`: three
     submitit jobs label a shard each and the last one merges; the result is the single job's."""
     base = label_overrides(home, tiny_random_dir)
-    cli("pseudo-label", *base, f"output_dir={home}/single", home=home)
+    cli("pseudo-label", *base, f"out_dir={home}/single", home=home)
     cli(
         "pseudo-label",
         "-m",
@@ -324,7 +324,7 @@ def test_labelling_as_a_job_array_matches_one_job(home, tiny_random_dir):
         "shard.index=range(0,3)",
         "shard.count=3",
         *base,
-        f"output_dir={home}/array",
+        f"out_dir={home}/array",
         home=home,
     )
     assert len(list((multirun_dir(home, "pseudo_label") / ".submitit").glob("[0-9]*"))) == 3
@@ -339,7 +339,7 @@ def test_labelling_as_a_job_array_matches_one_job(home, tiny_random_dir):
 @pytest.mark.slow  # ~37 s: the default run's array test covers the merge by the last job
 def test_explicit_merge_names_missing_shards_then_merges(home, tiny_random_dir):
     base = label_overrides(home, tiny_random_dir)
-    out = f"output_dir={home}/labels"
+    out = f"out_dir={home}/labels"
     split = home / "labels" / "custom" / "train"
     cli(
         "pseudo-label",

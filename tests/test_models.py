@@ -201,17 +201,17 @@ def test_model_fingerprint(tiny_random_dir, tmp_path):
 
 def test_import_model_function(tiny_en_dir, model_cache):
     assert import_model(teacher_cfg("tiny_en"), models_root=model_cache) == tiny_en_dir
-    with pytest.raises(ValueError, match="`out` applies to `ct2_dir`"):
+    with pytest.raises(ValueError, match="`out_dir` applies to `ct2_dir`"):
         import_model(teacher_cfg("tiny_en"), out="/tmp/x")
 
 
 def test_import_model_cli_converts_a_ct2_dir(tiny_en_dir, tmp_path):
-    """`distil-import-model ct2_dir=... out=...` on the bundled tiny.en gives the same weights as the teacher."""
+    """`distil-import-model ct2_dir=... out_dir=...` on the bundled tiny.en gives the same weights as the teacher."""
     ct2_dir = ct2_reader.packaged_source("tiny.en").model_files[0].parent
     out = tmp_path / "converted"
     env = {**os.environ, "DISTIL_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
-        [sys.executable, "-m", "distil.import_model", f"ct2_dir={ct2_dir}", f"out={out}"],
+        [sys.executable, "-m", "distil.import_model", f"ct2_dir={ct2_dir}", f"out_dir={out}"],
         cwd=PROJECT_ROOT,
         env=env,
         capture_output=True,

@@ -101,14 +101,14 @@ def test_paper_recipe_runs_on_paper_shaped_data(home, tts_clips):
     skip_reasons = [
         json.loads(line)["reason"]
         for name in skipped
-        for line in (Path(label_cfg.output_dir) / name / "skipped.jsonl").read_text().splitlines()
+        for line in (Path(label_cfg.out_dir) / name / "skipped.jsonl").read_text().splitlines()
     ]
     assert sorted(skip_reasons) == ["too_long", "unreadable_audio"]
     wers = [
         w
         for name in labelled
         for w in datasets.load_dataset(
-            "parquet", data_files=str(Path(label_cfg.output_dir) / name / "*.parquet"), split="train"
+            "parquet", data_files=str(Path(label_cfg.out_dir) / name / "*.parquet"), split="train"
         )["pl_wer"]
     ]
     scored = sorted(w for w in wers if w is not None)

@@ -117,7 +117,7 @@ def read_rows(out_dir: Path) -> list[dict]:
 
 
 def split_out(summary) -> Path:
-    return Path(summary["splits"]["custom/train"]["output_dir"])
+    return Path(summary["splits"]["custom/train"]["out_dir"])
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +259,7 @@ def test_packing_plan_names_only_the_options_that_are_set(tmp_path, tiny_random_
     setting it is a change of settings, refused on resume like any other."""
     with pytest.raises(RuntimeError, match="simulated kill"):
         run(tmp_path, tiny_random_dir, corpus, "packing.enabled=true", callbacks=[KillAfterShards(1)])
-    out = Path(make_cfg(tmp_path, tiny_random_dir, corpus).output_dir) / "custom" / "train"
+    out = Path(make_cfg(tmp_path, tiny_random_dir, corpus).out_dir) / "custom" / "train"
     plan = json.loads((out / "_progress" / "plan.json").read_text())
     assert plan["packing"] == {"enabled": True, "max_seconds": 30}
     with pytest.raises(LabellingStateError, match="different settings.*packing"):
@@ -299,7 +299,7 @@ def test_a_run_killed_while_finalising_does_not_block_completion(tmp_path, tiny_
     import socket
 
     _, summary = run(tmp_path, tiny_random_dir, corpus)
-    out = Path(summary["splits"]["custom/train"]["output_dir"])
+    out = Path(summary["splits"]["custom/train"]["out_dir"])
     (out / SUCCESS).unlink()  # killed during finalise: every shard is there, the lock is left behind
     lock = out / "_progress" / "finalise.lock"
     gone_pid = dead_pid()
@@ -358,7 +358,7 @@ def test_two_jobs_merge_to_the_full_run(tmp_path, tiny_random_dir, corpus, refer
     _, first = run(tmp_path, tiny_random_dir, corpus, "shard.index=0", "shard.count=2")
     part = first["splits"]["custom/train"]
     assert part["status"] == "incomplete" and part["missing_shards"] == [1, 3]
-    out = Path(part["output_dir"])
+    out = Path(part["out_dir"])
     assert not (out / SUCCESS).exists()
     _, second = run(tmp_path, tiny_random_dir, corpus, "shard.index=1", "shard.count=2")
     assert second["splits"]["custom/train"]["status"] == "complete"
@@ -564,7 +564,7 @@ def test_labelling_fills_the_encoder_cache_that_training_reads(tmp_path, tiny_ra
         dm = SpeechDataModule(
             OmegaConf.to_container(cfg.data.datasets, resolve=True),
             str(tiny_random_dir),
-            pseudo_labels_dir=cfg.output_dir,
+            pseudo_labels_dir=cfg.out_dir,
             batch_size=2,
             validation_splits=[],
             cache_dir=str(tmp_path / ".hf_cache"),

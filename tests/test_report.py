@@ -55,7 +55,7 @@ def constructed_run(tmp_path: Path) -> dict:
         "identical_fraction": 1.0,
     }  # no headline: left out of the first table
     return {
-        "pseudo_label": {"splits": {"espeak/train": {"output_dir": str(labels)}}},
+        "pseudo_label": {"splits": {"espeak/train": {"out_dir": str(labels)}}},
         "train": {
             "out_dir": str(train_dir), "global_step": 400, "train_seconds": 720.0, "best_val_wer_weighted": 40.0,
             "data_filter": {"espeak/train": {"total": 5, "kept": 3, "dropped": {"wer": 1, "no_reference": 1}}},

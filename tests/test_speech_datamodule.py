@@ -74,7 +74,7 @@ def test_interleave_frequencies_follow_weights(tmp_path, tiny_dir, tokenizer):
     write_split(tmp_path, "b", "train", 200, tokenizer, id_offset=1000)
     dm = make_dm(
         tiny_dir,
-        [entry("a", tmp_path, samples=1), entry("b", tmp_path, samples=3)],
+        [entry("a", tmp_path, weight=1), entry("b", tmp_path, weight=3)],
         tmp_path,
         stopping_strategy="first_exhausted",
     )
@@ -180,16 +180,16 @@ def test_first_exhausted_draws_a_new_subset_every_epoch(tmp_path, tiny_dir, toke
 def test_splits_of_one_entry_take_their_own_weights(tmp_path, tiny_dir, tokenizer):
     for split in ("clean", "other"):
         write_split(tmp_path, "libri", split, 200, tokenizer)
-    weighted = {**entry("libri", tmp_path, splits=["clean", "other"]), "samples": [1, 3]}
+    weighted = {**entry("libri", tmp_path, splits=["clean", "other"]), "weight": [1, 3]}
     dm = make_dm(tiny_dir, [weighted], tmp_path, stopping_strategy="first_exhausted")
     dm.setup("fit")
     sources = Counter(int(s) for s, _ in dm.mixture.epoch_pairs(0))
     assert 0.68 < sources[1] / sum(sources.values()) < 0.82, sources
-    named = {**weighted, "samples": {"clean": 1, "othr": 3}}
-    with pytest.raises(DataConfigError, match=r"samples names splits \['clean', 'othr'\]"):
+    named = {**weighted, "weight": {"clean": 1, "othr": 3}}
+    with pytest.raises(DataConfigError, match=r"weight names splits \['clean', 'othr'\]"):
         make_dm(tiny_dir, [named], tmp_path)
     with pytest.raises(DataConfigError, match="2 splits"):
-        make_dm(tiny_dir, [{**weighted, "samples": [1, 2, 3]}], tmp_path)
+        make_dm(tiny_dir, [{**weighted, "weight": [1, 2, 3]}], tmp_path)
 
 
 def test_finetuning_multilingual_uses_each_datasets_language(tmp_path, base_dir):

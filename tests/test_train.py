@@ -50,7 +50,7 @@ def home(tmp_path, monkeypatch, models_root) -> Path:
 
 
 def compose_train(home: Path, overrides=(), steps: int = 4):
-    datasets = [entry("a", home / "corpora", samples=1.0), entry("b", home / "corpora", samples=2.0)]
+    datasets = [entry("a", home / "corpora", weight=1.0), entry("b", home / "corpora", weight=2.0)]
     base = [
         "teacher=tiny_random",
         "student=1dec",

@@ -13,7 +13,7 @@ A stage's `data` config holds a list of entries::
         speaker_column: speaker          # optional (packing needs it)
         duration_column: duration        # optional; read from the audio headers when null or absent
         language: null                   # per-dataset language (WER normaliser, multilingual generation)
-        samples: 1.0                     # mixing weight (training): a number shared evenly by the splits,
+        weight: 1.0                      # mixing weight (training): a number shared evenly by the splits,
                                          # or one per split: [100, 360, 500] / {train.clean.100: 100, ...}
 
 Each layout is a `Reader` (`READERS`), asked in this order unless `reader:` names one: `saved` (a `save_to_disk`
@@ -66,7 +66,7 @@ class DatasetEntry:
     speaker_column: str | None = None
     duration_column: str | None = "duration"
     language: str | None = None
-    samples: float | list[float] | dict[str, float] = 1.0
+    weight: float | list[float] | dict[str, float] = 1.0
     reader: str | None = None  # a layout by name (distil.data.entries.READERS); null: the first that finds it
     index: int = 0  # position in `data.datasets`, for error messages naming the config key
 
@@ -82,22 +82,22 @@ class DatasetEntry:
         """The mixing weight of one training split (hours or samples, as the reference's
         `train_dataset_samples`): a list gives one per split in `splits` order, a mapping names the splits,
         a number is the entry's total, shared evenly by its splits."""
-        if isinstance(self.samples, Mapping):
-            return float(self.samples[split])
-        if isinstance(self.samples, list | tuple):
-            return float(self.samples[self.splits.index(split)])
-        return float(self.samples) / len(self.splits)
+        if isinstance(self.weight, Mapping):
+            return float(self.weight[split])
+        if isinstance(self.weight, list | tuple):
+            return float(self.weight[self.splits.index(split)])
+        return float(self.weight) / len(self.splits)
 
-    def check_samples(self) -> None:
+    def check_weight(self) -> None:
         """Per-split weights must name exactly the entry's splits (a typo would silently drop a split)."""
-        if isinstance(self.samples, Mapping) and set(self.samples) != set(self.splits):
+        if isinstance(self.weight, Mapping) and set(self.weight) != set(self.splits):
             raise DataConfigError(
-                f"{self.key}.samples names splits {sorted(self.samples)} but {self.key}.splits is "
+                f"{self.key}.weight names splits {sorted(self.weight)} but {self.key}.splits is "
                 f"{self.splits}; give one weight per split"
             )
-        if isinstance(self.samples, list | tuple) and len(self.samples) != len(self.splits):
+        if isinstance(self.weight, list | tuple) and len(self.weight) != len(self.splits):
             raise DataConfigError(
-                f"{self.key}.samples has {len(self.samples)} weights for {len(self.splits)} splits "
+                f"{self.key}.weight has {len(self.weight)} weights for {len(self.splits)} splits "
                 f"{self.splits}; give one weight per split (or one number for the whole entry)"
             )
 
@@ -108,6 +108,11 @@ def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEn
     entries = []
     for i, raw in enumerate(datasets_cfg):
         raw = dict(raw)
+        if "samples" in raw:  # the key's name before it was `weight` (a count elsewhere in the configs)
+            raise DataConfigError(
+                f"data.datasets[{i}].samples is now data.datasets[{i}].weight (the mixing weight, the reference's "
+                "train_dataset_samples): rename the key"
+            )
         unknown = set(raw) - known
         if unknown:
             raise DataConfigError(
@@ -119,12 +124,12 @@ def dataset_entries(datasets_cfg: Iterable[Mapping[str, Any]]) -> list[DatasetEn
         if isinstance(raw.get("splits"), str):
             raw["splits"] = [raw["splits"]]
         raw["splits"] = list(raw.get("splits") or ["train"])
-        if isinstance(raw.get("samples"), Mapping):
-            raw["samples"] = dict(raw["samples"])
-        elif isinstance(raw.get("samples"), Iterable) and not isinstance(raw.get("samples"), str):
-            raw["samples"] = list(raw["samples"])
+        if isinstance(raw.get("weight"), Mapping):
+            raw["weight"] = dict(raw["weight"])
+        elif isinstance(raw.get("weight"), Iterable) and not isinstance(raw.get("weight"), str):
+            raw["weight"] = list(raw["weight"])
         entry = DatasetEntry(index=i, **raw)
-        entry.check_samples()
+        entry.check_weight()
         entries.append(entry)
     names = [e.name for e in entries]
     duplicates = sorted({n for n in names if names.count(n) > 1})

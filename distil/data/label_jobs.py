@@ -230,7 +230,7 @@ def merge(cfg: DictConfig) -> dict:
     not_ready: list[str] = []
     for entry in dataset_entries(cfg.data.datasets):
         for split in entry.splits:
-            name, out_dir = entry.source(split), split_dir(cfg.output_dir, entry.name, split)
+            name, out_dir = entry.source(split), split_dir(cfg.out_dir, entry.name, split)
             plan_path = out_dir / PROGRESS / "plan.json"
             if (out_dir / SUCCESS).exists():
                 results[name] = {**read_json(out_dir / "summary.json"), "status": "complete", "merged": False}
@@ -277,7 +277,7 @@ def split_states(cfg: DictConfig) -> dict:
     splits = {}
     for entry in dataset_entries(cfg.data.datasets):
         for split in entry.splits:
-            out_dir = split_dir(cfg.output_dir, entry.name, split)
+            out_dir = split_dir(cfg.out_dir, entry.name, split)
             n, done = total_shards(out_dir), complete_shards(out_dir)
             if (out_dir / SUCCESS).exists():
                 state = "complete"

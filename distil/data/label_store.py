@@ -1,7 +1,7 @@
 """The pseudo-label store: the on-disk layout of a labelled split, its schema, the plan a resume must match, and
 the shard writer, so a killed run resumes (finalising a split and merging jobs: distil.data.label_jobs).
 
-Layout of `<output_dir>/<dataset>/<split>/`: `part-K.parquet` shards, `_progress/part-K.json` manifests
+Layout of `<out_dir>/<dataset>/<split>/`: `part-K.parquet` shards, `_progress/part-K.json` manifests
 (a shard is complete iff its manifest exists), `_progress/plan.json` (the settings a resume must match),
 `_progress/extent.json` (the number of units), then `skipped.jsonl`, `distil_labels.json`, `summary.json`
 and `_SUCCESS`. Readers must require `_SUCCESS`.
@@ -62,8 +62,8 @@ def build_prompt(previous_text: str | None) -> str | None:
     return f"{PROMPT_TOKEN} {text}" if text else None
 
 
-def split_dir(output_dir: str | Path, dataset: str, split: str) -> Path:
-    return Path(output_dir) / dataset / split
+def split_dir(out_dir: str | Path, dataset: str, split: str) -> Path:
+    return Path(out_dir) / dataset / split
 
 
 def shard_name(k: int) -> str:
@@ -271,7 +271,7 @@ def check_plan(out_dir: Path, plan: dict, ignore: tuple[str, ...] = ()) -> None:
                     f"the input of {out_dir} changed since it was labelled: {plan['dataset']['path']} split "
                     f"{plan['dataset']['split']!r} now holds other rows, or the same rows in another order "
                     "(its id/text column differs). The labels there belong to the old data: delete the "
-                    "directory (or set output_dir) to relabel, or restore the data to resume."
+                    "directory (or set out_dir) to relabel, or restore the data to resume."
                 )
             layout = (
                 " (the shard layout follows shard_size, min_shards and batch_size: set them as before)"
@@ -280,7 +280,7 @@ def check_plan(out_dir: Path, plan: dict, ignore: tuple[str, ...] = ()) -> None:
             )
             raise LabellingStateError(
                 f"{out_dir} holds labels made with different settings ({', '.join(changed)} differ{layout}). "
-                "Rerun with the same settings to resume, or delete the directory (or set output_dir) to relabel."
+                "Rerun with the same settings to resume, or delete the directory (or set out_dir) to relabel."
             )
     else:
         write_json_atomic(path, plan)

@@ -19,12 +19,12 @@ class DataError(DataConfigError):
 
 
 def sampling_probabilities(weights: Sequence[float]) -> list[float]:
-    """Mixing probabilities proportional to each dataset's `samples` weight (hours or sample counts)."""
+    """Mixing probabilities proportional to each dataset's `weight` (hours or sample counts)."""
     w = [float(x) for x in weights]
     if not w:
         raise DataError("no training datasets: data.datasets is empty")
     if any(not math.isfinite(x) or x <= 0 for x in w):
-        raise DataError(f"data.datasets[*].samples must be positive numbers, got {w}")
+        raise DataError(f"data.datasets[*].weight must be positive numbers, got {w}")
     total = sum(w)
     return [x / total for x in w]
 

@@ -8,7 +8,7 @@ Shape of the training data path (top to bottom):
 2. Filters (`drop_reason`): pseudo-label WER (`keep iff pl_wer <= wer_threshold`), duration and label
    length; kept/dropped counts are logged per dataset (exact for map-style data, from a pass over the
    metadata columns for streamed data).
-3. Mixing: `datasets.interleave_datasets(probabilities ∝ samples, seed, stopping_strategy)`. For map-style
+3. Mixing: `datasets.interleave_datasets(probabilities ∝ weight, seed, stopping_strategy)`. For map-style
    data the interleaved dataset holds only `(source, row)` pairs (no copy of the audio); streamed
    sources are mapped to one canonical schema and interleaved lazily.
 4. `TrainStream` cuts the mixture into batches per epoch (a seeded permutation for map-style data, a

@@ -190,7 +190,7 @@ def pseudo_label_wers(labelled: dict) -> list[float]:
 
     wers: list[float] = []
     for split in (labelled or {}).get("splits", {}).values():
-        for shard in sorted(Path(str(split.get("output_dir", ""))).glob("part-*.parquet")):
+        for shard in sorted(Path(str(split.get("out_dir", ""))).glob("part-*.parquet")):
             wers += [
                 w for w in pq.read_table(shard, columns=["pl_wer"]).column(0).to_pylist() if w is not None
             ]

@@ -141,7 +141,7 @@ def check_output(out: str | Path) -> None:
     if not is_export(out):
         raise ExportInputError(
             f"output directory {out} exists and is not a CTranslate2 export written by distil: "
-            "choose another out=<directory> (nothing there is overwritten)"
+            "choose another out_dir=<directory> (nothing there is overwritten)"
         )
 
 
@@ -171,7 +171,7 @@ def export_ct2(
         previous = read_json(out / COMPLETE_MARKER)["spec"]
         raise ExportInputError(
             f"output directory {out} is the {previous.get('quantization')} export of another model "
-            f"({previous.get('source_fingerprint')}): choose another out=<directory> or pass force=true "
+            f"({previous.get('source_fingerprint')}): choose another out_dir=<directory> or pass force=true "
             "to replace it"
         )
     info = {
