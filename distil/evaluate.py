@@ -33,6 +33,7 @@ from distil.utils.io import write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.ct2_export import check_quantization
+from distil.whisper.generation import Guards
 from distil.whisper.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
         check_quantization(compute_type)  # before any work
     # Every set's keys are checked before the model loads (a misspelt key is refused by name).
     sets = {name: set_entry(name, e) for name, e in (eval_cfg.get("sets") or {}).items()}
+    guards = Guards.from_config(eval_cfg.get("guards"), "eval.guards")
     long_form = eval_cfg.get("long_form") or {}
     for name, e in (long_form.get("sets") or {}).items():
         set_entry(name, e, "long_form.sets")
@@ -74,9 +76,8 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     log.info("evaluating %s (%s)", model.name, model.path)
     metrics: dict[str, Any] = {"model": model.info(), "device": model.device_info(), "backend": backend}
 
-    run = EvalRun(
-        model, eval_cfg, sets, out, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root
-    )
+    device, dtype = cfg.get("device", "auto"), cfg.get("dtype", "auto")
+    run = EvalRun(model, eval_cfg, sets, out, device, dtype, models_root, guards)
     for key in eval_cfg:  # each `_target_` node is a section (distil.evaluation.sections), in config order
         node = eval_cfg[key]
         if isinstance(node, DictConfig) and "_target_" in node:

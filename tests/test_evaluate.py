@@ -18,6 +18,7 @@ from distil.evaluate import evaluate
 from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
 from distil.evaluation.scoring import averages, headlines, primary_metric
+from distil.utils.errors import ConfigError
 from distil.whisper.loading import ModelLoadError, load_model
 
 SR = 16_000
@@ -135,7 +136,7 @@ def test_full_evaluation_writes_metrics_predictions_and_tensorboard(tiny_random_
         assert entry["wer"] is not None and entry["wer_orthographic"] is not None
         rows = read_jsonl(tmp_path / entry["predictions"])
         assert [r["id"] for r in rows] == [f"clip-{i}" for i in range(n)]  # input order, not duration order
-        assert set(rows[0]) == {"id", "reference", "prediction", "wer"}
+        assert set(rows[0]) == {"id", "reference", "prediction", "wer", "tokens", "hit_limit"}
     avg = metrics["short_form"]["average"]
     assert {
         "wer_macro",
@@ -170,6 +171,8 @@ def test_full_evaluation_writes_metrics_predictions_and_tensorboard(tiny_random_
     assert metrics["short_form"]["headline"]["short_form_wer"]["value"] == avg["wer_sample_weighted"]
     assert set(headlines(metrics)) == {
         "short_form_wer",
+        "short_form_hit_limit",
+        "short_form_repeated_5grams",
         "long_form_wer_chunked",
         "long_form_wer_sequential",
         "rtfx",
@@ -342,6 +345,17 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_in_every_section_but_spe
         "reason": "the ctranslate2 backend has no assisted generation",
     }
 
+    # under the loop guards, CTranslate2 decodes clip by clip through faster-whisper's own fallback
+    guarded = cfg.copy()
+    guarded.eval.update(latency=None, noise=None, speculative=None, guards={"max_tokens_per_second": 2})
+    guarded_metrics = evaluate(guarded, tmp_path / "ct2-guards")
+    assert guarded_metrics["short_form"]["guards"]["max_tokens_per_second"] == 2
+    for name in ("espeak", "flite"):
+        entry = guarded_metrics["short_form"]["sets"][name]
+        rows = read_jsonl(tmp_path / "ct2-guards" / entry["predictions"])
+        # a random model rambles: 2 tokens per second of audio cut every clip at its limit, and the count says so
+        assert entry["status"] == "ok" and entry["hit_token_limit"] == sum(r["hit_limit"] for r in rows) > 0
+
     cfg.compute_type = "int3"
     with pytest.raises(ExportInputError, match="int3"):
         evaluate(cfg, tmp_path / "bad")
@@ -414,6 +428,10 @@ def test_an_unknown_key_of_an_eval_set_is_refused_by_name_before_the_model_loads
     cfg.eval.sets.mine.pop("max_sample")
     cfg.eval.long_form = {"sets": {"talks": {"path": str(tmp_path), "chunk": 5}}}
     with pytest.raises(EvalInputError, match=r"eval.long_form.sets.talks has unknown key\(s\) \['chunk'\]"):
+        evaluate(cfg, tmp_path / "out")
+    cfg.eval.long_form = None
+    cfg.eval.guards = {"temperature": [], "compression_ratio_threshold": 1.35}
+    with pytest.raises(ConfigError, match=r"eval.guards.temperature=\[\]"):
         evaluate(cfg, tmp_path / "out")
 
 

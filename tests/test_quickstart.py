@@ -93,9 +93,18 @@ def test_quickstart_a_runs_end_to_end_on_an_audio_folder(tmp_path, tiny_random_d
     labels = home / "pseudo_labels" / "whisper-tiny-random" / "custom" / "train"
     assert (labels / "_SUCCESS").is_file()
     assert (student / "best" / "config.json").is_file()
+    # the exported student carries the loop guards (transformers reads the compression ratio threshold)
+    generation = json.loads((student / "best" / "generation_config.json").read_text())
+    assert generation["compression_ratio_threshold"] == 1.35 and "logprob_threshold" not in generation
+    assert generation["distil_loop_guards"]["temperature"] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
     metrics = json.loads(next((home / "runs" / "evaluate").glob("*/metrics.json")).read_text())
     # Only the user's test set is evaluated and averaged: the synthetic defaults are replaced, not added to.
     assert list(metrics["short_form"]["sets"]) == ["mine"]
     assert metrics["short_form"]["sets"]["mine"]["samples"] == 3
     assert metrics["short_form"]["average"]["wer_sets"] == 1
+    # evaluation decodes under the loop guards by default, and counts what they could not stop
+    assert metrics["short_form"]["guards"]["temperature"] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert {"hit_token_limit", "empty_outputs", "repeated_5grams"} <= set(
+        metrics["short_form"]["sets"]["mine"]
+    )
     assert (student / "best-ct2-int8" / "model.bin").is_file()

@@ -7,6 +7,7 @@ reference words), with samples whose normalised reference is empty skipped and c
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from functools import cache
@@ -121,3 +122,13 @@ def corpus_cer(
     out = jiwer.process_characters(refs, hyps)
     n_chars = out.substitutions + out.deletions + out.hits
     return 100 * (out.substitutions + out.deletions + out.insertions) / n_chars
+
+
+def repeated_ngrams(text: str, n: int = 5, normalizer: Normalizer = identity) -> int:
+    """How many n-grams occur again after their first occurrence: 0 for text without repeats.
+
+    A hallucination signal: decoding loops repeat the same phrase many times.
+    """
+    words = normalizer(text or "").split()
+    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return sum(c - 1 for c in counts.values())

@@ -25,10 +25,11 @@ from distil.evaluation.latency import feature_batches, time_batches
 from distil.evaluation.longform import LongFormSettings
 from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
-from distil.whisper.generation import check_prompt, transcribe_by_duration
+from distil.whisper.generation import Guards, Transcript, check_prompt, transcribe_by_duration
 from distil.whisper.loading import LoadedModel
 
 BACKENDS = ("pytorch", "ctranslate2")
+WHISPER_MAX_LENGTH = 448  # decoder positions (faster-whisper refuses a longer prompt + max_new_tokens)
 
 
 @dataclass
@@ -100,14 +101,52 @@ class CT2Model:
         task: str | None,
         max_new_tokens: int,
         num_beams: int = 1,
-    ) -> list[str]:
+        guards: Guards | None = None,
+    ) -> list[Transcript]:
+        """Short-form transcripts in input order. Without guards: CTranslate2's batched decoding from the same
+        features as the PyTorch backend. With guards: faster-whisper's own temperature fallback, clip by clip,
+        as deployed users run it (its compression-ratio threshold is OpenAI's 2.4 on text)."""
+        if guards is not None:
+            return [self._guarded(w, language, task, max_new_tokens, num_beams, guards) for w in waves]
         prompt = self.prompt(language, task)
 
-        def texts_of(feats) -> list[str]:
+        def transcripts_of(feats, seconds: float) -> list[Transcript]:
             ids = self.generate(feats.numpy(), prompt, max_new_tokens, num_beams)
-            return [t.strip() for t in self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+            texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
+            return [
+                Transcript(t.strip(), len(row), int(max_new_tokens))
+                for t, row in zip(texts, ids, strict=True)
+            ]
 
-        return transcribe_by_duration(self.processor.feature_extractor, waves, batch_size, texts_of)
+        return transcribe_by_duration(self.processor.feature_extractor, waves, batch_size, transcripts_of)
+
+    def _guarded(
+        self, wave, language, task, max_new_tokens: int, num_beams: int, guards: Guards
+    ) -> Transcript:
+        limit = guards.token_limit(len(wave) / SAMPLING_RATE, max_new_tokens)
+        # faster-whisper asks CTranslate2 for max_length = prompt + max_new_tokens, of which CTranslate2 generates
+        # at most half (see `generate`): this asks for `limit` tokens
+        prompt = len(self.prompt(language, task))
+        segments, _ = self.faster_whisper().transcribe(
+            np.asarray(wave, np.float32),
+            language=language,
+            task=task or "transcribe",
+            beam_size=int(num_beams),
+            temperature=list(guards.temperature),
+            compression_ratio_threshold=None if guards.compression_ratio_threshold is None else 2.4,
+            log_prob_threshold=guards.logprob_threshold,
+            no_speech_threshold=guards.no_speech_threshold,
+            condition_on_previous_text=False,
+            without_timestamps=True,
+            vad_filter=False,
+            max_new_tokens=min(2 * limit, WHISPER_MAX_LENGTH) - prompt,
+        )
+        segments = list(segments)  # they decode lazily
+        restore_float_mode()
+        text = " ".join(seg.text.strip() for seg in segments).strip()
+        eos = self.processor.tokenizer.eos_token_id
+        tokens = sum(sum(1 for t in seg.tokens if t < eos) for seg in segments)
+        return Transcript(text, tokens, limit)
 
     def measure_latency(
         self,

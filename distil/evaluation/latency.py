@@ -20,28 +20,16 @@ import torch
 
 from distil.data.audio import SAMPLING_RATE
 from distil.utils.errors import ConfigError
+from distil.whisper.generation import decoder_prompt_ids, end_of_text_id, generated_tokens
 
 
 def count_real_tokens(
     sequences: torch.Tensor, eos_token_id: int, prompt_token_ids: Iterable[int] = ()
 ) -> int:
-    """Generated tokens per row up to and including the first end-of-text, summed over the batch.
-
-    Leading tokens in `prompt_token_ids` (start-of-transcript, language, task, no-timestamps) were
-    forced, not generated, so they are not counted; neither is anything after the first `eos_token_id`
-    (Whisper pads finished rows with end-of-text).
-    """
-    prompt = set(int(t) for t in prompt_token_ids)
-    total = 0
-    for row in sequences.tolist():
-        start = 0
-        while start < len(row) and row[start] in prompt and row[start] != eos_token_id:
-            start += 1
-        generated = row[start:]
-        if eos_token_id in generated:
-            generated = generated[: generated.index(eos_token_id) + 1]
-        total += len(generated)
-    return total
+    """Generated tokens per row up to and including the first end-of-text, summed over the batch: the forced
+    prompt (start-of-transcript, language, task, no-timestamps) and the padding after the end are not counted."""
+    prompt = {int(t) for t in prompt_token_ids}
+    return sum(sum(generated_tokens(row, eos_token_id, prompt)) for row in sequences.tolist())
 
 
 def device_info(device: torch.device | str) -> dict:
@@ -63,15 +51,6 @@ def device_info(device: torch.device | str) -> dict:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def decoder_prompt_ids(model) -> set[int]:
-    """Token ids Whisper forces at the start of every transcript (never counted as generated)."""
-    gc = model.generation_config
-    ids = {gc.decoder_start_token_id, getattr(gc, "no_timestamps_token_id", None)}
-    ids |= set((getattr(gc, "lang_to_id", None) or {}).values())
-    ids |= set((getattr(gc, "task_to_id", None) or {}).values())
-    return {int(i) for i in ids if i is not None}
 
 
 @torch.inference_mode()
@@ -107,9 +86,7 @@ def measure_latency(
 ) -> dict:
     """RTFx and tokens/s of `model.generate` over `waves` for each batch size (greedy unless told)."""
     generate_kwargs = dict(generate_kwargs or {})
-    eos = model.generation_config.eos_token_id
-    eos = eos[0] if isinstance(eos, (list, tuple)) else eos
-    prompt = decoder_prompt_ids(model)
+    eos, prompt = end_of_text_id(model), decoder_prompt_ids(model)
 
     def run(feats: torch.Tensor) -> tuple[int, float]:
         ids, seconds = timed_generate(model, feats.to(model.device, model.dtype), generate_kwargs)

@@ -14,7 +14,6 @@ Two algorithms, both thin layers over transformers so that the decoding is the l
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
@@ -23,7 +22,7 @@ import torch
 from transformers.models.whisper.tokenization_whisper import _find_longest_common_sequence
 
 from distil.data.audio import SAMPLING_RATE
-from distil.data.text import Normalizer, corpus_wer, identity
+from distil.data.text import Normalizer, corpus_wer, identity, repeated_ngrams  # noqa: F401 (re-exported)
 from distil.utils.errors import ConfigError
 
 WINDOW_S = 30.0  # Whisper's receptive field
@@ -83,16 +82,6 @@ def chunk_bounds(
 
 
 # --------------------------------------------------------------------------- metrics (pure)
-
-
-def repeated_ngrams(text: str, n: int = 5, normalizer: Normalizer = identity) -> int:
-    """How many n-grams occur again after their first occurrence: 0 for text without repeats.
-
-    A long-form hallucination signal: decoding loops repeat the same phrase many times.
-    """
-    words = normalizer(text or "").split()
-    counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-    return sum(c - 1 for c in counts.values())
 
 
 def longform_metrics(

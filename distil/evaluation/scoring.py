@@ -6,7 +6,7 @@ import logging
 from collections.abc import Sequence
 from typing import Any
 
-from distil.data.text import corpus_cer, corpus_wer, get_normalizer, identity, sample_wer
+from distil.data.text import corpus_cer, corpus_wer, get_normalizer, identity, repeated_ngrams, sample_wer
 from distil.evaluation.data import EvalInputError, Sample
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,16 @@ def averages(set_metrics: dict[str, dict]) -> dict:
         out[f"{key}_sample_weighted"] = sum(v * n for v, n in rows) / total if total else None
         out[f"{key}_sets"] = len(rows)
     return out
+
+
+def decoding_counts(transcripts: Sequence, normalizer) -> dict:
+    """How many outputs ran into the token limit (cut: most likely a loop the guards did not stop), came out
+    empty (no speech found, or a guard dropped the clip), and how many of their 5-grams repeat (loops)."""
+    return {
+        "hit_token_limit": sum(t.hit_limit for t in transcripts),
+        "empty_outputs": sum(not t.text.strip() for t in transcripts),
+        "repeated_5grams": sum(repeated_ngrams(t.text, 5, normalizer) for t in transcripts),
+    }
 
 
 def prediction_rows(

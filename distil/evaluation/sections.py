@@ -11,7 +11,7 @@ entry (unless `eval.fail_fast`) so the other sets still run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,10 @@ from distil.evaluation.ct2_backend import CT2Model
 from distil.evaluation.data import EvalInputError, Sample, has_references, load_samples, set_entry
 from distil.evaluation.longform import LongFormSettings, longform_metrics, repeated_ngrams
 from distil.evaluation.pytorch_backend import PyTorchModel
-from distil.evaluation.scoring import averages, headline, prediction_rows, score
+from distil.evaluation.scoring import averages, decoding_counts, headline, prediction_rows, score
 from distil.utils.errors import InputError
 from distil.utils.io import write_jsonl
+from distil.whisper.generation import Guards, Transcript
 from distil.whisper.loading import load_model
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ class EvalRun:
     device: str = "auto"
     dtype: str = "auto"
     models_root: str | None = None
+    guards: Guards | None = None  # eval.guards: the loop guards every short-form decode runs under
 
     def named_set(self, section: str, name: str | None) -> dict:
         """`eval.<section>.set`: a set of `eval.sets` by name; null is the first (so own sets need no rename)."""
@@ -60,8 +62,9 @@ class EvalRun:
         caps = [n for n in (cap, self.eval_cfg.get("max_samples")) if n]
         return load_samples(entry, min(caps) if caps else None, self.eval_cfg.get("skip_bad_audio", False))
 
-    def transcribe(self, waves: list, entry: dict) -> list[str]:
-        """Short-form transcripts with the shared decoding settings (eval.batch_size, max_new_tokens, num_beams)."""
+    def transcribe(self, waves: list, entry: dict) -> list[Transcript]:
+        """Short-form transcripts with the shared decoding settings (eval.batch_size, max_new_tokens, num_beams,
+        guards)."""
         cfg = self.eval_cfg
         return self.model.transcribe(
             waves,
@@ -70,6 +73,7 @@ class EvalRun:
             entry["task"],
             int(cfg.max_new_tokens),
             int(cfg.get("num_beams", 1)),
+            self.guards,
         )
 
     def write_predictions(self, section: str, stem: str, rows: list[dict]) -> str:
@@ -103,11 +107,23 @@ def short_form(run: EvalRun) -> dict | None:
         return None
     results = {name: run.guarded(f"set {name}", _short_set, run, entry) for name, entry in run.sets.items()}
     average = averages(results)
+    scored = [r for r in results.values() if r.get("status") != "error"]
     return {
         "sets": results,
         "average": average,
+        "guards": asdict(run.guards) if run.guards else None,
         "headline": headline(
-            short_form_wer=("short-form WER %", average.get("wer_sample_weighted"), "lower")
+            short_form_wer=("short-form WER %", average.get("wer_sample_weighted"), "lower"),
+            short_form_hit_limit=(
+                "outputs cut at the token limit",
+                sum(r["hit_token_limit"] for r in scored) if scored else None,
+                "lower",
+            ),
+            short_form_repeated_5grams=(
+                "repeated 5-grams",
+                sum(r["repeated_5grams"] for r in scored) if scored else None,
+                "lower",
+            ),
         ),
     }
 
@@ -115,14 +131,18 @@ def short_form(run: EvalRun) -> dict | None:
 def _short_set(run: EvalRun, entry: dict) -> dict:
     # `eval.max_samples` caps each set: the shared cap, not a setting of this section
     samples, problems = run.samples(entry)
-    predictions = run.transcribe([s.audio for s in samples], entry)
+    transcripts = run.transcribe([s.audio for s in samples], entry)
+    predictions = [t.text for t in transcripts]
+    rows = [
+        {**row, "tokens": t.tokens, "hit_limit": t.hit_limit}
+        for row, t in zip(prediction_rows(samples, predictions, entry["language"]), transcripts, strict=True)
+    ]
     base = {
-        "predictions": run.write_predictions(
-            "short_form", entry["name"], prediction_rows(samples, predictions, entry["language"])
-        ),
+        "predictions": run.write_predictions("short_form", entry["name"], rows),
         "audio_seconds": sum(s.duration for s in samples),
         "skipped_bad_audio": problems,
         "truncated_over_30s": sum(s.duration > 30 for s in samples),
+        **decoding_counts(transcripts, get_normalizer(entry["language"])),
     }
     if not has_references(samples):
         return {"status": "no references", "samples": len(samples), **base}
@@ -317,7 +337,7 @@ def noise(
             raise EvalInputError(f"noise robustness needs references; set {entry['name']!r} has none")
         normalizer = get_normalizer(entry["language"])
         references = [s.reference for s in chosen]
-        clean = run.transcribe([s.audio for s in chosen], entry)
+        clean = [t.text for t in run.transcribe([s.audio for s in chosen], entry)]
         out: dict[str, Any] = {
             "status": "ok",
             "set": entry["name"],
@@ -331,7 +351,7 @@ def noise(
                     add_noise(s.audio, make_noise(kind, len(s.audio), int(seed) + i), snr)
                     for i, s in enumerate(chosen)
                 ]
-                predictions = run.transcribe(noisy, entry)
+                predictions = [t.text for t in run.transcribe(noisy, entry)]
                 out[kind][f"{snr:g}"] = corpus_wer(references, predictions, normalizer).wer
                 rows = prediction_rows(chosen, predictions, entry["language"])
                 run.write_predictions("noise", f"{entry['name']}.{kind}.snr{snr:g}", rows)

@@ -10,6 +10,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from distil.utils.io import atomic_directory, atomic_file
+from distil.whisper.generation import Guards
 from distil.whisper.loading import model_from_checkpoint
 from distil.whisper.student import STUDENT_INFO_FILE
 
@@ -34,10 +35,12 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
 
 
 def export_student(checkpoint: str | Path, base_dir: str, out: Path) -> Path:
-    """The student of a training checkpoint as a complete HF directory (weights, configs, processor), atomically."""
+    """The student of a training checkpoint as a complete HF directory (weights, configs, processor), atomically;
+    its generation_config.json carries the loop guards' thresholds (`distil.whisper.generation.Guards`)."""
     from transformers import WhisperProcessor
 
     model = model_from_checkpoint(checkpoint, base_dir)
+    Guards().write_into(model.generation_config)  # what openai-whisper and faster-whisper users decode with
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         WhisperProcessor.from_pretrained(base_dir).save_pretrained(tmp)

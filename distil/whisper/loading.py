@@ -13,7 +13,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from distil.utils.errors import InputError
-from distil.whisper.generation import decoder_macs_per_token, generation_kwargs, is_multilingual, transcribe
+from distil.whisper.generation import (
+    Guards,
+    Transcript,
+    decoder_macs_per_token,
+    generation_kwargs,
+    is_multilingual,
+    transcribe,
+)
 from distil.whisper.models import load_whisper
 
 log = logging.getLogger(__name__)
@@ -46,11 +53,18 @@ class LoadedModel:
         }
 
     def transcribe(
-        self, waves, batch_size: int, language: str | None, task: str | None, max_new_tokens: int, num_beams=1
-    ) -> list[str]:
-        """Short-form transcripts in input order (the interface every evaluation backend has)."""
+        self,
+        waves,
+        batch_size: int,
+        language: str | None,
+        task: str | None,
+        max_new_tokens: int,
+        num_beams: int = 1,
+        guards: Guards | None = None,
+    ) -> list[Transcript]:
+        """Short-form transcripts in input order, under `guards` (the interface every evaluation backend has)."""
         gen = generation_kwargs(self.model, language, task, max_new_tokens, num_beams)
-        return transcribe(self.model, self.processor, waves, int(batch_size), gen)
+        return transcribe(self.model, self.processor, waves, int(batch_size), gen, guards)
 
 
 def pick_device(device: str | None = "auto") -> torch.device:
