@@ -19,6 +19,7 @@ import datasets
 from distil.data.audio import SAMPLING_RATE
 from distil.data.tts import ENGINES, require_engine
 from distil.utils.errors import InputError
+from distil.utils.paths import RESOURCES_DIR
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ MARKER = ".distil_corpus.json"  # hidden, so datasets' file discovery never pick
 SPLITS = ("train", "validation", "test")
 
 
-RESOURCES = Path(__file__).resolve().parent / "resources"
+RESOURCES = RESOURCES_DIR
 # The bundled bank: WordNet 3.0's usage examples (natural English, resources/extract_wordnet.py) and the
 # project's own normaliser-exercising sentences (numbers, times, money, titles; resources/make_sentences.py).
 DEFAULT_SENTENCES = (RESOURCES / "wordnet_examples.txt", RESOURCES / "sentences.txt")

@@ -20,6 +20,10 @@ CONF_DIR = PACKAGE_DIR / "conf"
 # The source checkout (for the git revision in run_info.json); None when distil runs from a wheel.
 REPO_ROOT: Path | None = PACKAGE_DIR.parent if (PACKAGE_DIR.parent / ".git").exists() else None
 
+# Data shipped with the package (sentence banks, the real-speech test set): `${resources:real_speech}` in configs.
+RESOURCES_DIR = PACKAGE_DIR / "data" / "resources"
+OmegaConf.register_new_resolver("resources", lambda name: str(RESOURCES_DIR / name), replace=True)
+
 MAX_DIRNAME = 200  # file systems allow 255 bytes
 
 # One id per process, so two runs started in the same second (a SLURM array, `shard.index` jobs) never share a
