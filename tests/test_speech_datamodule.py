@@ -12,9 +12,11 @@ from helpers import SR, WORDS, entry, wave, write_split
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError
 from distil.data.targets import IGNORE_INDEX
+from distil.data.text import compression_ratio
 from distil.datamodules.collator import SpeechCollator
 from distil.datamodules.filters import DataError, drop_reason, sampling_probabilities
 from distil.datamodules.speech import SpeechDataModule
+from distil.utils.errors import ConfigError
 
 # =========================================================================== synthetic data (shared helpers)
 
@@ -154,6 +156,33 @@ def test_uppercase_and_truncated_pseudo_labels_are_filtered(tmp_path, tiny_dir, 
     off = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, drop_uppercase=False, drop_truncated=False)
     off.setup("fit")
     assert off.filter_stats["a/train"].kept == 4
+
+
+def test_hallucination_signals_drop_labels_without_needing_references(tmp_path, tiny_dir, tokenizer):
+    """Audio-only data has no WER: a looping label (it compresses too well) and one with more tokens than anyone
+    speaks in its audio are dropped and counted by reason."""
+    texts = ["one two", "go " * 30, "a perfectly ordinary sentence of a few words", "seven"]
+    labels = [list(tokenizer(" " + t.strip()).input_ids) for t in texts]
+    write_split(
+        tmp_path,
+        "a",
+        "train",
+        4,
+        tokenizer,
+        durations=[1.0, 10.0, 1.0, 1.0],  # the third: 9 words in one second
+        extra_columns={"token_ids": labels, "pseudo_label": texts},
+    )
+    assert compression_ratio(texts[1]) > 2.4 > compression_ratio(texts[2])
+    dm = make_dm(
+        tiny_dir, [entry("a", tmp_path)], tmp_path, max_compression_ratio=2.4, max_tokens_per_second=6
+    )
+    dm.setup("fit")
+    assert dict(dm.filter_stats["a/train"].dropped) == {"compression_ratio": 1, "tokens_per_second": 1}
+    off = make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path)
+    off.setup("fit")
+    assert off.filter_stats["a/train"].kept == 4
+    with pytest.raises(ConfigError, match=r"data.max_tokens_per_second=-1"):
+        make_dm(tiny_dir, [entry("a", tmp_path)], tmp_path, max_tokens_per_second=-1)
 
 
 def test_first_exhausted_draws_a_new_subset_every_epoch(tmp_path, tiny_dir, tokenizer):

@@ -7,6 +7,7 @@ reference words), with samples whose normalised reference is empty skipped and c
 
 from __future__ import annotations
 
+import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -132,3 +133,10 @@ def repeated_ngrams(text: str, n: int = 5, normalizer: Normalizer = identity) ->
     words = normalizer(text or "").split()
     counts = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
     return sum(c - 1 for c in counts.values())
+
+
+def compression_ratio(text: str) -> float:
+    """Bytes of `text` over the bytes zlib compresses it to (OpenAI's loop signal: above 2.4, the text
+    repeats itself; 0 for empty text)."""
+    data = (text or "").encode("utf-8")
+    return len(data) / len(zlib.compress(data)) if data else 0.0

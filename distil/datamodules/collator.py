@@ -113,8 +113,8 @@ class SpeechCollator:
         """Why the training filters (`drop_reason` with `filters` as its keyword arguments) drop a canonical
         row, or None to keep it; a missing duration is read from the audio's header."""
         duration = row.get("duration")
-        if duration is None and (
-            filters["min_duration_s"] is not None or filters["max_duration_s"] is not None
+        if duration is None and any(
+            filters.get(k) is not None for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
         ):
             duration = audio_duration(row["audio"])
         ids = row.get("token_ids")

@@ -1,4 +1,5 @@
-"""Training-data filters (pseudo-label WER, duration, label length), their per-source counts, mixing weights."""
+"""Training-data filters (pseudo-label WER, hallucination signals, duration, label length), their per-source counts,
+mixing weights."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass, field
 
 from distil.data.entries import DataConfigError
 from distil.data.targets import WHISPER_MAX_LABEL_LENGTH
+from distil.data.text import compression_ratio
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,17 @@ def sampling_probabilities(weights: Sequence[float]) -> list[float]:
 
 
 # Why a sample is dropped, in the order the rules are tried (the keys of data_filter.json's `dropped`).
-DROP_REASONS = ("uppercase", "no_reference", "wer", "too_short", "too_long", "truncated", "label_too_long")
+DROP_REASONS = (
+    "uppercase",
+    "no_reference",
+    "wer",
+    "too_short",
+    "too_long",
+    "truncated",
+    "compression_ratio",
+    "tokens_per_second",
+    "label_too_long",
+)
 
 
 def is_uppercase_hallucination(transcript: str | None) -> bool:
@@ -54,6 +66,8 @@ def drop_reason(
     min_duration_s: float | None = None,
     max_duration_s: float | None = None,
     max_label_length: int | None = WHISPER_MAX_LABEL_LENGTH,
+    max_compression_ratio: float | None = None,
+    max_tokens_per_second: float | None = None,
 ) -> str | None:
     """Why a training sample is dropped (one of `DROP_REASONS`), or None to keep it.
 
@@ -62,6 +76,9 @@ def drop_reason(
     cannot be judged and is dropped as `no_reference`; a dataset with no reference column at all is refused
     before this (SpeechDataModule). `transcript` is the pseudo-label's plain text (`drop_uppercase`);
     `truncated` means the label ends without `<|endoftext|>` (`drop_truncated`).
+    Hallucination signals that need no reference (audio-only data): the transcript's compression ratio above
+    `max_compression_ratio` (a loop: OpenAI's threshold is 2.4) and more than `max_tokens_per_second` label
+    tokens per second of audio (nobody speaks that fast; loops and made-up text do).
     Label length counts the label ids (prefix included, prompt excluded); Whisper's decoder has
     `max_label_length` positions and `decoder_input_ids = ids[:-1]`, so up to `max_label_length + 1` ids fit.
     """
@@ -79,6 +96,11 @@ def drop_reason(
             return "too_long"
     if drop_truncated and truncated:
         return "truncated"
+    if max_compression_ratio is not None and compression_ratio(transcript or "") > max_compression_ratio:
+        return "compression_ratio"
+    if max_tokens_per_second is not None and n_label_tokens is not None and duration:
+        if n_label_tokens / duration > max_tokens_per_second:
+            return "tokens_per_second"
     if max_label_length is not None and n_label_tokens is not None and n_label_tokens > max_label_length + 1:
         return "label_too_long"
     return None

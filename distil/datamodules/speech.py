@@ -96,6 +96,8 @@ class SpeechDataModule(L.LightningDataModule):
         min_duration_s: float | None = None,
         max_duration_s: float | None = 30.0,
         max_label_length: int = WHISPER_MAX_LABEL_LENGTH,
+        max_compression_ratio: float | None = None,
+        max_tokens_per_second: float | None = None,
         timestamp_probability: float = 0.0,
         condition_on_prev_probability: float = 0.0,
         max_train_samples: int | None = None,
@@ -138,6 +140,14 @@ class SpeechDataModule(L.LightningDataModule):
                 wer_threshold,
             )
             wer_threshold = None
+        for key, value in (
+            ("max_compression_ratio", max_compression_ratio),
+            ("max_tokens_per_second", max_tokens_per_second),
+        ):
+            if value is not None and (not isinstance(value, int | float) or value <= 0):
+                raise ConfigError(
+                    f"data.{key}={value!r}: give a positive number, or null to turn the filter off"
+                )
         pseudo = label_source == "pseudo"  # the pseudo-label rules do not apply to reference text
         self.filters = {
             "wer_threshold": wer_threshold,
@@ -147,6 +157,9 @@ class SpeechDataModule(L.LightningDataModule):
             "min_duration_s": min_duration_s,
             "max_duration_s": max_duration_s,
             "max_label_length": max_label_length,
+            # hallucination signals of pseudo-labels without references (reference text is what it is)
+            "max_compression_ratio": max_compression_ratio if pseudo else None,
+            "max_tokens_per_second": max_tokens_per_second if pseudo else None,
         }
         self.max_label_length = max_label_length
         self.timestamp_probability = timestamp_probability
@@ -213,7 +226,8 @@ class SpeechDataModule(L.LightningDataModule):
                         "undefined; set data.wer_threshold=null, or train on datasets with references"
                     )
                 needs_duration = any(
-                    self.filters[k] is not None for k in ("min_duration_s", "max_duration_s")
+                    self.filters[k] is not None
+                    for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
                 )
                 source = filter_source(
                     src_entry,
