@@ -86,6 +86,13 @@ def test_a_looping_decode_falls_back_through_every_temperature_and_is_cut_per_se
     assert loop.decodes == len(Guards().temperature)  # the loop failed the compression-ratio check each time
     assert guarded.limit == 30 and guarded.tokens == 30 and guarded.hit_limit  # 10 tokens/s x 3 s
 
+    # in one batch, each clip is cut at its own limit (the batch generates up to the longest clip's)
+    short = wave[: SR // 2]
+    gen_loop = {**gen, "logits_processor": LogitsProcessorList([ForceToken(1000, prompt_length)])}
+    cut = transcribe(whisper.model, whisper.processor, [short, wave], 2, gen_loop, Guards())
+    assert [(t.tokens, t.limit, t.hit_limit) for t in cut] == [(10, 10, True), (30, 30, True)]
+    assert len(cut[0].text) < len(cut[1].text)
+
     loop = ForceToken(1000, prompt_length)
     gen_loop = {**gen, "logits_processor": LogitsProcessorList([loop])}
     (plain,) = transcribe(whisper.model, whisper.processor, [wave], 1, gen_loop, None)

@@ -110,7 +110,7 @@ class CT2Model:
             return [self._guarded(w, language, task, max_new_tokens, num_beams, guards) for w in waves]
         prompt = self.prompt(language, task)
 
-        def transcripts_of(feats, seconds: float) -> list[Transcript]:
+        def transcripts_of(feats, seconds: list[float]) -> list[Transcript]:
             ids = self.generate(feats.numpy(), prompt, max_new_tokens, num_beams)
             texts = self.processor.tokenizer.batch_decode(ids, skip_special_tokens=True)
             return [

@@ -20,7 +20,7 @@ import torch
 
 from distil.data.audio import SAMPLING_RATE
 from distil.utils.errors import ConfigError
-from distil.whisper.generation import decoder_prompt_ids, end_of_text_id, generated_tokens
+from distil.whisper.generation import decoder_prompt_ids, end_of_text_id, generated_body
 
 
 def count_real_tokens(
@@ -29,7 +29,8 @@ def count_real_tokens(
     """Generated tokens per row up to and including the first end-of-text, summed over the batch: the forced
     prompt (start-of-transcript, language, task, no-timestamps) and the padding after the end are not counted."""
     prompt = {int(t) for t in prompt_token_ids}
-    return sum(sum(generated_tokens(row, eos_token_id, prompt)) for row in sequences.tolist())
+    bodies = [generated_body(row, eos_token_id, prompt) for row in sequences.tolist()]
+    return sum(len(body) + ended for body, ended in bodies)
 
 
 def device_info(device: torch.device | str) -> dict:

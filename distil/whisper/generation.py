@@ -177,12 +177,12 @@ def transcribe(
     max_new_tokens = int(generate_kwargs["max_new_tokens"])
     guarded = guards.generate_kwargs() if guards else {}
 
-    def transcripts_of(feats: torch.Tensor, seconds: float) -> list[Transcript]:
-        limit = guards.token_limit(seconds, max_new_tokens) if guards else max_new_tokens
-        kwargs = {**generate_kwargs, **guarded, "max_new_tokens": limit}
-        return [
-            Transcript(text, n, limit) for text, n in generate_with_counts(model, processor, feats, kwargs)
-        ]
+    def transcripts_of(feats: torch.Tensor, seconds: list[float]) -> list[Transcript]:
+        # one limit per clip: the batch generates up to the largest, and each row is cut at its own
+        limits = [guards.token_limit(s, max_new_tokens) if guards else max_new_tokens for s in seconds]
+        kwargs = {**generate_kwargs, **guarded, "max_new_tokens": max(limits)}
+        decoded = generate_with_counts(model, processor, feats, kwargs, limits)
+        return [Transcript(text, n, limit) for (text, n), limit in zip(decoded, limits, strict=True)]
 
     return transcribe_by_duration(processor.feature_extractor, waves, batch_size, transcripts_of)
 
@@ -190,7 +190,7 @@ def transcribe(
 def transcribe_by_duration(
     feature_extractor, waves: Sequence[np.ndarray], batch_size: int, transcripts_of
 ) -> list:
-    """`transcripts_of(features, seconds)` (seconds: the batch's longest clip) over batches of similar durations
+    """`transcripts_of(features, seconds)` (seconds: each clip's duration) over batches of similar durations
     (longest first); the results in input order.
 
     Every backend batches the same way, so they see the same features (batched STFTs round differently)."""
@@ -201,17 +201,17 @@ def transcribe_by_duration(
         feats = feature_extractor(
             [waves[i] for i in idx], sampling_rate=SAMPLING_RATE, return_tensors="pt"
         ).input_features
-        seconds = len(waves[idx[0]]) / SAMPLING_RATE
+        seconds = [len(waves[i]) / SAMPLING_RATE for i in idx]
         for i, result in zip(idx, transcripts_of(feats, seconds), strict=True):
             results[i] = result
     return results
 
 
 def generate_with_counts(
-    model, tokenizer, input_features: torch.Tensor, generate_kwargs: dict
+    model, tokenizer, input_features: torch.Tensor, generate_kwargs: dict, limits: Sequence[int] | None = None
 ) -> list[tuple[str, int]]:
     """One batch of log-mel features -> (stripped transcript, tokens generated) per row: the text tokens and
-    timestamps, not the prompt, the end-of-text or the padding after it."""
+    timestamps, not the prompt, the end-of-text or the padding after it; row i cut at `limits[i]` tokens."""
     param = next(model.parameters())
     # Only the guards `generate_kwargs` name run: an exported student's generation_config.json carries them too.
     config = copy.deepcopy(model.generation_config)
@@ -220,10 +220,13 @@ def generate_with_counts(
     features = input_features.to(param.device, param.dtype)
     ids = model.generate(input_features=features, generation_config=config, **generate_kwargs)
     ids = ids if torch.is_tensor(ids) else ids["sequences"]
-    texts = [text.strip() for text in tokenizer.batch_decode(ids, skip_special_tokens=True)]
     eos, prompt = end_of_text_id(model), decoder_prompt_ids(model)
-    counts = [generated_tokens(row, eos, prompt)[0] for row in ids.tolist()]
-    return list(zip(texts, counts, strict=True))
+    out = []
+    for i, row in enumerate(ids.tolist()):
+        body, _ = generated_body(row, eos, prompt)
+        body = body[: limits[i]] if limits is not None else body
+        out.append((tokenizer.decode(body, skip_special_tokens=True).strip(), len(body)))
+    return out
 
 
 def end_of_text_id(model) -> int:
@@ -240,14 +243,14 @@ def decoder_prompt_ids(model) -> set[int]:
     return {int(i) for i in ids if i is not None}
 
 
-def generated_tokens(row: Sequence[int], eos: int, prompt: set[int]) -> tuple[int, bool]:
-    """(tokens generated, whether it ended) of one output row: the tokens after the forced prompt and before
-    the first end-of-text (Whisper pads finished rows with end-of-text)."""
+def generated_body(row: Sequence[int], eos: int, prompt: set[int]) -> tuple[list[int], bool]:
+    """(the tokens generated, whether it ended) of one output row: the tokens after the forced prompt and
+    before the first end-of-text (Whisper pads finished rows with end-of-text)."""
     start = 0
     while start < len(row) and row[start] in prompt and row[start] != eos:
         start += 1
     generated = list(row[start:])
-    return (generated.index(eos), True) if eos in generated else (len(generated), False)
+    return (generated[: generated.index(eos)], True) if eos in generated else (generated, False)
 
 
 def generate_texts(model, tokenizer, input_features: torch.Tensor, generate_kwargs: dict) -> list[str]:
