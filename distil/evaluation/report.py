@@ -128,6 +128,11 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
     return "\n\n".join(parts)
 
 
+def _count_or_num(value: Any) -> str:
+    """A headline number: counts (outputs cut, repeated 5-grams) whole, rates with two decimals."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else _num(value)
+
+
 def headline_table(evals: dict[str, dict]) -> str:
     """One row per model: its size, then every section's headline numbers (one this model lacks: -)."""
     columns = headline_columns(evals)
@@ -140,7 +145,7 @@ def headline_table(evals: dict[str, dict]) -> str:
                 _num((_get(m, "model", "parameters") or 0) / 1e6, 1),
                 str(_get(m, "model", "decoder_layers")),
             ]
-            + [_num(numbers.get(key, {}).get("value")) for key in columns]
+            + [_count_or_num(numbers.get(key, {}).get("value")) for key in columns]
         )
     return _table(["model", "parameters (M)", "decoder layers", *columns.values()], rows)
 
