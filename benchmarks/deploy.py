@@ -84,7 +84,9 @@ def main() -> None:
         whisper = load_model({"path": str(model_dir), "name": role}, device="cpu", dtype="float32")
         gen = generation_kwargs(whisper.model, "en", None, args.max_new_tokens)
         systems[(role, "PyTorch fp32")] = (
-            lambda b, whisper=whisper: whisper.transcribe(waves, b, "en", None, args.max_new_tokens),
+            lambda b, whisper=whisper: [
+                t.text for t in whisper.transcribe(waves, b, "en", None, args.max_new_tokens)
+            ],
             lambda sizes, whisper=whisper, gen=gen: measure_latency(
                 whisper.model, whisper.processor, waves, sizes, 1, 1, gen
             ),
@@ -92,7 +94,9 @@ def main() -> None:
         for q in args.compute_types:
             ct2 = load_ct2(whisper, work / f"{role}-ct2-{q}", q, threads=args.threads)
             systems[(role, f"CTranslate2 {q}")] = (
-                lambda b, ct2=ct2: ct2.transcribe(waves, b, "en", None, args.max_new_tokens),
+                lambda b, ct2=ct2: [
+                    t.text for t in ct2.transcribe(waves, b, "en", None, args.max_new_tokens)
+                ],
                 lambda sizes, ct2=ct2: ct2.measure_latency(
                     waves, sizes, 1, 1, "en", None, args.max_new_tokens
                 ),

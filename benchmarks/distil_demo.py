@@ -42,13 +42,14 @@ def test_wer(
     for name in names:
         entry = set_entry(name, {"path": f"{corpora}/{name}", "split": "test", "language": "en"})
         samples, _ = load_samples(entry)
-        hyps = transcribe(
+        transcripts = transcribe(
             lm.model,
             lm.processor,
             [s.audio for s in samples],
             batch_size,
             generation_kwargs(lm.model, "en", None, 128),
         )
+        hyps = [t.text for t in transcripts]
         refs = [s.reference for s in samples]
         out[name] = score(refs, hyps, "en")["wer"]
         refs_all += refs
