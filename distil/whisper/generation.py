@@ -71,6 +71,15 @@ def check_prompt(multilingual: bool, language: str | None, task: str | None) -> 
 THRESHOLDS = ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold")
 
 
+# Each threshold's valid range, and how an error message asks for it.
+GUARD_BOUNDS = {
+    "compression_ratio_threshold": (lambda v: v > 0, "a positive number (1.35 on token bytes)"),
+    "logprob_threshold": (lambda v: v <= 0, "a number <= 0 (-1.0)"),
+    "no_speech_threshold": (lambda v: 0 <= v <= 1, "a probability in [0, 1] (0.6)"),
+    "max_tokens_per_second": (lambda v: v > 0, "a positive number of tokens per second of audio (10)"),
+}
+
+
 @dataclass(frozen=True)
 class Guards:
     """Whisper's loop guards, as openai-whisper and faster-whisper users know them, run by transformers' own
@@ -103,28 +112,10 @@ class Guards:
             raise ConfigError(
                 f"{key}.temperature={temperature}: give a list of temperatures >= 0, e.g. [0.0,0.2,0.4]"
             )
-        for name, low, high in (
-            ("compression_ratio_threshold", 0.0, None),
-            ("logprob_threshold", None, 0.0),
-            ("no_speech_threshold", 0.0, 1.0),
-            ("max_tokens_per_second", 0.0, None),
-        ):
+        for name, (valid, wanted) in GUARD_BOUNDS.items():
             value = values[name]
-            if value is None:
-                continue
-            if (
-                not isinstance(value, int | float)
-                or (low is not None and value <= low and name != "no_speech_threshold")
-                or (low is not None and value < low)
-                or (high is not None and value > high)
-            ):
-                bounds = {
-                    "compression_ratio_threshold": "a positive number (1.35 on token bytes)",
-                    "logprob_threshold": "a number <= 0 (-1.0)",
-                    "no_speech_threshold": "a probability in [0, 1] (0.6)",
-                    "max_tokens_per_second": "a positive number of tokens per second of audio (10)",
-                }[name]
-                raise ConfigError(f"{key}.{name}={value!r}: give {bounds}, or null to turn it off")
+            if value is not None and (not isinstance(value, int | float) or not valid(value)):
+                raise ConfigError(f"{key}.{name}={value!r}: give {wanted}, or null to turn it off")
         return cls(**{**values, "temperature": tuple(float(t) for t in temperature)})
 
     def generate_kwargs(self) -> dict:
