@@ -62,3 +62,15 @@ def test_add_noise_hits_requested_snr():
     residual = mixed - clean
     snr = 10 * np.log10(np.mean(clean**2) / np.mean(residual**2))
     assert snr == pytest.approx(10.0, abs=0.1)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_a_decode_error(tmp_path, bad):
+    tone = _tone(16000)
+    tone[100:103] = bad
+    path = tmp_path / "clip.wav"
+    sf.write(path, tone, 16000, subtype="FLOAT")  # float WAV keeps NaN/inf (FLAC's integers cannot)
+    with pytest.raises(AudioDecodeError, match=rf"audio {path} has 3 non-finite \(NaN/inf\) samples of 8000"):
+        decode_audio(str(path))
+    with pytest.raises(AudioDecodeError, match="non-finite"):
+        decode_audio({"array": tone, "sampling_rate": 16000})

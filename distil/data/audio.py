@@ -21,7 +21,7 @@ SAMPLING_RATE = 16_000  # Whisper's input rate; every decoder and feature extrac
 
 
 class AudioDecodeError(InputError):
-    """An audio sample that cannot be turned into a waveform (unreadable, empty, missing)."""
+    """An audio sample that cannot be turned into a waveform (unreadable, empty, missing, NaN/inf samples)."""
 
 
 def resample(wave: np.ndarray, orig_sr: int, target_sr: int) -> np.ndarray:
@@ -47,7 +47,7 @@ def decode_audio(audio: Any, target_sr: int = SAMPLING_RATE) -> np.ndarray:
 
     `audio` is what a datasets `Audio(decode=False)` column holds (`{"bytes": ..., "path": ...}`),
     a path, raw encoded bytes, or an already decoded `{"array", "sampling_rate"}` dict.
-    Raises AudioDecodeError naming the source when the audio cannot be used.
+    Raises AudioDecodeError naming the source when the audio cannot be used (also for NaN/inf samples).
     """
     source = _describe(audio)
     try:
@@ -71,6 +71,11 @@ def decode_audio(audio: Any, target_sr: int = SAMPLING_RATE) -> np.ndarray:
     wave = to_mono(np.asarray(wave, dtype=np.float32))
     if wave.size == 0:
         raise AudioDecodeError(f"audio {source} is empty (0 samples)")
+    # Float formats (WAV FLOAT, arrays) can hold NaN/inf; the teacher would label them with garbage tokens
+    # and the student's loss would turn NaN, so such audio is as unusable as an undecodable file.
+    non_finite = int(np.count_nonzero(~np.isfinite(wave)))
+    if non_finite:
+        raise AudioDecodeError(f"audio {source} has {non_finite} non-finite (NaN/inf) samples of {wave.size}")
     return resample(wave, sr, target_sr)
 
 
