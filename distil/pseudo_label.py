@@ -49,6 +49,7 @@ from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.entries import (
     DataConfigError,
     DatasetEntry,
+    check_input_ids,
     column_names,
     dataset_entries,
     load_split,
@@ -96,7 +97,9 @@ def _teacher_record(cfg: DictConfig) -> tuple[str, dict]:
 
 
 def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
-    """Load and check every dataset split before the teacher is touched."""
+    """Load and check every dataset split before the teacher is touched: columns, the text column's type (from the
+    schema) and, map-style, that the ids are unique (reading only the id column). A stream is not read twice for
+    its ids: there a duplicate is found when the split is finalised."""
     entries = dataset_entries(cfg.data.datasets)
     without_speaker = cfg.packing.get("without_speaker")
     if without_speaker not in (None, "clips"):
@@ -108,7 +111,9 @@ def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
         for split in entry.splits:
             ds = load_split(entry, split, streaming=cfg.streaming, cache_dir=cfg.get("cache_dir"))
             need_speaker = cfg.packing.enabled and without_speaker is None
-            validate_columns(entry, split, column_names(ds), need_speaker=need_speaker)
+            validate_columns(entry, split, column_names(ds), need_speaker=need_speaker, features=ds.features)
+            if entry.id_column and not cfg.streaming:
+                check_input_ids(entry, split, ds.with_format("arrow")[entry.id_column].to_pylist())
             if cfg.packing.enabled and not packs(cfg, entry) and split == entry.splits[0]:
                 log.warning(
                     "dataset %r has no speaker column: its clips are labelled one by one, not packed "

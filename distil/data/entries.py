@@ -21,20 +21,23 @@ dataset or DatasetDict), `tables` (`<path>/<split>/*.parquet|arrow|jsonl|csv`, t
 layout), `audiofolder` (`<path>/<split>/` of audio files with a `metadata.csv` / `metadata.jsonl` whose
 `file_name` column names them: the `datasets` convention; audio only without one; a flat folder is `train`),
 `builder` (`load_dataset(<path>)`'s own inference, e.g. a cloned Hub dataset; what it cannot read is refused in
-one line naming what the directory holds). A path that does not exist locally and does not start with `/`, `.`
-or `~` is read by `hub`: `load_dataset(path, config, ...)`.
+one line naming what the directory holds). A path that does not exist locally and has a Hub id's shape (`name` or
+`owner/name`: no `./`, `../`, leading `/` or `~`, at most one slash) is read by `hub`: `load_dataset(path, config,
+...)`; any other path that does not exist is refused as a missing local path.
 Audio is always cast to `Audio(decode=False)`: datasets' decoder needs torchcodec, so stages decode with
 `distil.data.audio.decode_audio`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import datasets
+import pyarrow.parquet as pq
 from datasets import Audio
 
 from distil.utils.errors import InputError
@@ -44,6 +47,10 @@ BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".jsonl": "json", ".json":
 # An audio folder: audio files beside an optional metadata table (datasets' audiofolder convention).
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".ogg", ".opus", ".aiff", ".aif")
 METADATA_FILES = ("metadata.csv", "metadata.jsonl")
+# A Hub dataset id: `name` or `owner/name`, each part letters, digits, `_`, `-`, `.`, not starting with `.` or `-`.
+HUB_ID = re.compile(r"\w[\w.-]*(/\w[\w.-]*)?")
+# The types a text column may have (`null`: a column with no values yet, i.e. audio-only rows).
+TEXT_TYPES = ("string", "large_string", "null")
 LAYOUTS = (
     "a save_to_disk dataset; <dir>/<split>/ with audio files and a metadata.csv or metadata.jsonl (file_name + "
     "text columns: the audiofolder layout); <dir>/<split>/*.parquet|arrow|jsonl|csv; or a Hub dataset id"
@@ -281,9 +288,49 @@ class TableFiles(Reader):
                 f"dataset {entry.name!r}: {root / split} holds no data files ({', '.join(sorted(BUILDERS))})"
             )
         builder = BUILDERS[Path(files[0]).suffix]
-        return datasets.load_dataset(
-            builder, data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
-        )
+        if builder == "parquet":
+            _check_parquet(entry, split, files)
+        try:
+            return datasets.load_dataset(
+                builder, data_files={split: files}, split=split, streaming=streaming, cache_dir=cache_dir
+            )
+        except Exception as err:  # noqa: BLE001 - datasets wraps the reader's error; the user needs one line
+            while err.__cause__ is not None:  # DatasetGenerationError's cause says what is wrong
+                err = err.__cause__
+            raise DataConfigError(
+                f"dataset {entry.name!r}: cannot read split {split!r} from {root / split} "
+                f"({_reason(err)}); fix or remove the unreadable file"
+            ) from err
+
+
+def _reason(err: BaseException) -> str:
+    """`Type: first line of the message` (some readers' errors span lines or are empty)."""
+    message = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {message[0]}" if message else type(err).__name__
+
+
+def _check_parquet(entry: DatasetEntry, split: str, files: Sequence[str]) -> None:
+    """Each parquet file's footer, before datasets reads the split (cheap: no data is read), so that a file which is
+    not parquet or is cut short, and a split without rows, are one line naming the file instead of a traceback."""
+    rows = 0
+    for f in files:
+        try:
+            rows += pq.read_metadata(f).num_rows
+        except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ... for a bad footer
+            raise DataConfigError(
+                f"dataset {entry.name!r} split {split!r}: {f} is not a readable parquet file "
+                f"({_reason(err)}); replace it with a good copy or move it out of "
+                f"{Path(f).parent}"
+            ) from err
+    if rows == 0:
+        raise _no_rows(entry, split, str(Path(files[0]).parent))
+
+
+def _no_rows(entry: DatasetEntry, split: str, where: str) -> DataConfigError:
+    return DataConfigError(
+        f"dataset {entry.name!r} split {split!r} ({where}) holds no rows; add data to it or remove {split!r} "
+        f"from {entry.key}.splits"
+    )
 
 
 class AudioFolder(Reader):
@@ -335,7 +382,7 @@ class InferredBuilder(Reader):
             ds = datasets.load_dataset(str(root), split=split, streaming=streaming, cache_dir=cache_dir)
             problem = None if entry.audio_column in column_names(ds) else f"no column {entry.audio_column!r}"
         except Exception as err:  # noqa: BLE001 - whatever the builder says, the answer is the same line
-            ds, problem = None, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            ds, problem = None, _reason(err)
         if problem is None:
             return ds
         found = sorted(p.name + ("/" if p.is_dir() else "") for p in root.iterdir() if p.name[0] != ".")
@@ -383,17 +430,27 @@ def load_split(
                 f"dataset {entry.name!r}: {root} is a file; {entry.key}.path must be a directory"
             )
         reader = next(r for r in READERS.values() if r.name != "hub" and r.finds(root, split))
-    elif str(entry.path).startswith(("/", ".", "~")):
+    elif not is_hub_id(str(entry.path)):
         raise DataConfigError(
-            f"dataset {entry.name!r}: local path {root} does not exist (set {entry.key}.path)"
+            f"dataset {entry.name!r}: local path {root.absolute()} does not exist "
+            f"({entry.key}.path={entry.path}; a Hub id looks like owner/name); fix {entry.key}.path"
         )
     else:
         reader = READERS["hub"]
     ds = reader.read(entry, root, split, streaming, cache_dir)
+    if isinstance(ds, datasets.Dataset) and ds.num_rows == 0:  # a stream's length is unknown until read
+        raise _no_rows(entry, split, str(root if root.exists() else entry.path))
     names = column_names(ds)
     if entry.audio_column in names:
         ds = ds.cast_column(entry.audio_column, Audio(decode=False))
     return ds
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a dataset path that does not exist locally is a Hub id (`name`, `owner/name`) rather than a missing
+    local path (`./x`, `../x`, `/x`, `~/x`, `a/b/c`): a missing path is refused at once instead of after the Hub's
+    connection timeouts."""
+    return HUB_ID.fullmatch(path) is not None
 
 
 def column_names(ds: datasets.Dataset | datasets.IterableDataset) -> list[str]:
@@ -410,8 +467,12 @@ def validate_columns(
     names: Iterable[str],
     need_speaker: bool = False,
     where: str | None = None,
+    features: Mapping[str, Any] | None = None,
 ) -> None:
-    """Raise DataConfigError naming dataset, split, missing column, available columns and the key to set."""
+    """Raise DataConfigError naming dataset, split, missing column, available columns and the key to set.
+
+    With the split's `features` (its schema, no rows read) the text column must hold strings: the WER normaliser
+    and packing take it as text, and a number column would fail only after the teacher has labelled a batch."""
     names = list(names)
     wanted = [("audio_column", entry.audio_column, False)]
     wanted += [("text_column", entry.text_column, True), ("id_column", entry.id_column, True)]
@@ -430,6 +491,39 @@ def validate_columns(
                 f"dataset {entry.name!r} split {split!r}{f' ({where})' if where else ''} has no column {column!r} ({key}); "
                 f"available columns: {names}; {fix}"
             )
+    kind = None if features is None or entry.text_column is None else features.get(entry.text_column)
+    if kind is not None and getattr(kind, "dtype", None) not in TEXT_TYPES:
+        raise DataConfigError(
+            f"dataset {entry.name!r} split {split!r}{f' ({where})' if where else ''}: text column "
+            f"{entry.text_column!r} holds {getattr(kind, 'dtype', type(kind).__name__)}, not strings; cast it to "
+            f"string in the data, or set {entry.key}.text_column to a text column (null for audio-only data)"
+        )
+
+
+def check_input_ids(entry: DatasetEntry, split: str, ids: Sequence[Any]) -> None:
+    """Every row of the input has an id (`id_column`) and no two share one, checked on the input before any work:
+    labels, `skipped.jsonl` and the encoder cache are keyed by the id (compared as text, as labelling keys them)."""
+    rows_of: dict[str, list[int]] = {}
+    missing = []
+    for i, value in enumerate(ids):
+        if value is None:
+            missing.append(i)
+        else:
+            rows_of.setdefault(str(value), []).append(i)
+    where = f"dataset {entry.name!r} split {split!r}: id column {entry.id_column!r} ({entry.key}.id_column)"
+    fix = f"make the ids unique in the data, or set {entry.key}.id_column=null for generated ids"
+    if missing:
+        raise DataConfigError(
+            f"{where} is empty in {len(missing)} rows (rows {missing[:5]}); give every row an id, or set "
+            f"{entry.key}.id_column=null for generated ids"
+        )
+    repeated = [(value, rows) for value, rows in rows_of.items() if len(rows) > 1]
+    if repeated:
+        shown = ", ".join(f"{value!r} at rows {rows[:5]}" for value, rows in repeated[:3])
+        raise DataConfigError(
+            f"{where} has {len(repeated)} ids that occur more than once ({shown}"
+            f"{', ...' if len(repeated) > 3 else ''}); {fix}"
+        )
 
 
 def duration_column(entry: DatasetEntry, names: Iterable[str]) -> str | None:
