@@ -14,7 +14,7 @@ from datasets.distributed import split_dataset_by_node
 
 from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split, validate_columns
 from distil.data.label_store import PSEUDO_LABEL_COLUMNS, SUCCESS
-from distil.datamodules.filters import DataError, FilterStats
+from distil.datamodules.filters import DataError, Drop, FilterStats
 from distil.datamodules.mixture import (
     CANONICAL_FEATURES,
     TrainSource,
@@ -28,26 +28,37 @@ def filter_source(
     entry: DatasetEntry,
     split: str,
     ds,
-    reason: Callable[[dict], str | None],
-    needs_duration: bool = False,
+    reason: Callable[[dict], Drop | None],
+    needs_audio: bool = False,
     count_streamed: bool = True,
     part: tuple[int, int] = (0, 1),
 ) -> TrainSource:
     """Apply the filters to one training split: kept row indices (map-style) or a lazily filtered stream.
 
     Counts are exact for map-style data and come from one pass over the metadata columns for streams
-    (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column).
+    (`count_streamed`); the audio column is read only when `reason` needs it (`needs_audio`: durations from
+    headers, raw data's decoding check). Drops with a detail are listed by id in the stats (data_filter.json).
     `part` (rank, world size): a streamed split's counting pass reads only that rank's part of it (the caller
     adds the ranks' counts up)."""
     name = entry.source(split)
     names = column_names(ds)
-    # Metadata columns only: the audio column is read only when a duration must come from headers.
+    # Metadata columns only: the audio column is read only when `reason` needs it.
     meta_cols = [
         c
-        for c in (entry.text_column, "token_ids", "pl_wer", "pseudo_label", "language", entry.duration_column)
+        for c in dict.fromkeys(
+            (
+                entry.id_column,  # the id a listed drop is named by
+                entry.text_column,
+                "token_ids",
+                "pl_wer",
+                "pseudo_label",
+                "language",
+                entry.duration_column,
+            )
+        )
         if c and c in names
     ]
-    if needs_duration and entry.duration_column not in meta_cols:
+    if needs_audio:
         meta_cols.append(entry.audio_column)
     blank = dict.fromkeys(names)
 
@@ -61,7 +72,7 @@ def filter_source(
                 why = reason(row)
             except DataError as err:
                 raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
-            stats.add(why)
+            stats.add(why, row["sample_id"])
             if why is None and keep is not None:
                 keep.append(i)
 
