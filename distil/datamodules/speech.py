@@ -9,6 +9,7 @@ Shape of the training data path (top to bottom):
    length; kept/dropped counts are logged per dataset (exact for map-style data, from a pass over the
    metadata columns for streamed data). Raw data (reference text) is decoded once here and checked as
    labelling checks clips (`collator.decoded_problem`: undecodable, over 30 s); those drops are listed by id.
+   Pseudo-labels are first checked against their shard manifest and their source (`check_labels_bound`).
 3. Mixing: `datasets.interleave_datasets(probabilities ∝ weight, seed, stopping_strategy)`. For map-style
    data the interleaved dataset holds only `(source, row)` pairs (no copy of the audio); streamed
    sources are mapped to one canonical schema and interleaved lazily.
