@@ -252,3 +252,39 @@ def test_labelling_a_split_of_undecodable_clips_fails_with_one_line(tmp_path, ti
         last.startswith("error: custom/train: no clip was labelled (3 skipped") and "skipped.jsonl" in last
     ), last
     assert "Traceback" not in result.stderr and not list(home.rglob("_SUCCESS"))
+
+
+def test_finetune_run_reports_and_lists_the_clips_it_dropped(tmp_path, monkeypatch, tiny_random_dir):
+    """The real `loss=finetune` run (2 steps, ~10 s): data_filter.json counts and names the dropped clips."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from distil.train import train
+    from distil.utils.paths import CONF_DIR
+
+    monkeypatch.setenv("DISTIL_HOME", str(tmp_path))
+    (tmp_path / "models").mkdir()
+    for name in ("whisper-tiny-random", "whisper-tiny.en"):
+        (tmp_path / "models" / name).symlink_to(Path(tiny_random_dir).parent / name)
+    write_raw(tmp_path / "corpora", "good")
+    overrides = [
+        "teacher=tiny_random",
+        "student=1dec",
+        "trainer=debug",
+        "trainer.max_steps=2",
+        "loss=finetune",
+    ]
+    overrides += [
+        "data.batch_size=2",
+        "data.validation_splits=[]",
+        "optim.warmup_steps=1",
+        f"out_dir={tmp_path / 'run'}",
+    ]
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose("train", overrides=overrides)
+    OmegaConf.set_struct(cfg, False)
+    cfg.data.datasets = OmegaConf.create([entry("good", tmp_path / "corpora")])
+    train(cfg)
+    report = json.loads((tmp_path / "run" / "data_filter.json").read_text())["good/train"]
+    assert (report["kept"], report["dropped"]) == (4, {"too_long": 1, "unreadable_audio": 1})
+    assert sorted(s["id"] for s in report["skipped"]) == ["broken", "long"]
