@@ -27,7 +27,10 @@ from distil.data.label_store import (
     build_prompt,
     complete_shards,
     normalizer_for,
+    shard_manifest,
     shard_name,
+    shard_problems,
+    source_record,
     split_dir,
     total_shards,
 )
@@ -182,19 +185,56 @@ def check_unique_ids(out_dir: Path, entry: DatasetEntry) -> None:
         )
 
 
+class NothingLabelledError(InputError):
+    """Every clip of a split was skipped: an empty split is never marked complete."""
+
+
+def check_shards_written(out_dir: Path, manifests: list[dict]) -> None:
+    """The shard files on disk are the ones the shard manifests in `_progress` say were written, with their
+    rows: a shard file lost (or added) after it was written is not finalised into a complete-looking split."""
+    expected = {m["file"]: {"rows": m["labelled"]} for m in manifests if m["file"]}
+    if problems := shard_problems(out_dir, expected):
+        raise LabellingStateError(
+            f"{out_dir}: the shard files differ from what labelling wrote ({'; '.join(problems)}), so it is not "
+            "marked complete; delete the directory and rerun `python -m distil.pseudo_label` to relabel"
+        )
+
+
+def check_not_empty(out_dir: Path, entry: DatasetEntry, manifests: list[dict], skipped: list[dict]) -> None:
+    """A split with 0 labelled rows would train on nothing while looking complete: refuse it."""
+    if sum(m["labelled"] for m in manifests) > 0:
+        return
+    reasons = sorted({s["reason"] for s in skipped})
+    raise NothingLabelledError(
+        f"{entry.name}/{out_dir.name}: no clip was labelled ({len(skipped)} skipped"
+        f"{': ' + ', '.join(reasons) if reasons else ''}; each listed with its reason in "
+        f"{out_dir / 'skipped.jsonl'}), so the split is not marked complete; fix or replace its audio (or "
+        f"leave the split out of {entry.key}.splits) and rerun"
+    )
+
+
 def finalise(
     out_dir: Path, entry: DatasetEntry, language: str | None, packing: bool, labels_meta: dict
 ) -> dict:
-    """Turn complete shards into the finished dataset; `_SUCCESS` is written last."""
+    """Turn complete shards into the finished dataset; `_SUCCESS` is written last. Refused (nothing marked
+    complete) when ids repeat, shard files differ from the manifests, or no clip was labelled."""
     check_unique_ids(out_dir, entry)
-    if packing:
-        fill_prompts(out_dir)
     extent = read_json(out_dir / PROGRESS / "extent.json")
     manifests = [read_json(p) for p in sorted((out_dir / PROGRESS).glob("part-*.json"))]
+    check_shards_written(out_dir, manifests)
     skipped = extent["planning_skipped"] + [s for m in manifests for s in m["skipped"]]
     skipped.sort(key=lambda s: s["indices"][0])
     write_atomic(out_dir / "skipped.jsonl", "".join(json.dumps(s) + "\n" for s in skipped))
+    check_not_empty(out_dir, entry, manifests, skipped)
+    if packing:
+        fill_prompts(out_dir)
     summary = summarise(out_dir, entry, language)
+    # The shard manifest and the source's files: training refuses labels whose shards or source differ.
+    labels_meta = {
+        **labels_meta,
+        "shards": shard_manifest(shard_files(out_dir)),
+        "source": source_record(str(entry.path), out_dir.name),
+    }
     write_json_atomic(out_dir / LABELS_METADATA, {**labels_meta, "summary": summary})
     write_json_atomic(out_dir / "summary.json", summary)
     write_atomic(out_dir / SUCCESS, "")  # like every other file: a kill leaves it absent or whole

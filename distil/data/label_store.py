@@ -286,6 +286,75 @@ def check_plan(out_dir: Path, plan: dict, ignore: tuple[str, ...] = ()) -> None:
         write_json_atomic(path, plan)
 
 
+def label_shard_files(directory: Path) -> list[Path]:
+    """The parquet shards of a labelled split as training reads them (the directory also holds JSON metadata;
+    hidden names are temporary files of an atomic write)."""
+    return sorted(p for p in Path(directory).glob("*.parquet") if not p.name.startswith((".", "_")))
+
+
+def shard_manifest(files: Sequence[Path]) -> dict:
+    """What a finished split's shards are: each file's name, rows and bytes, and the total rows (recorded in
+    `distil_labels.json` at finalise; training compares the files on disk with it)."""
+    shards = {p.name: {"rows": pq.read_metadata(p).num_rows, "bytes": p.stat().st_size} for p in files}
+    return {"files": shards, "rows": sum(s["rows"] for s in shards.values())}
+
+
+def shard_problems(directory: Path, expected: dict[str, dict]) -> list[str]:
+    """How the shards in `directory` differ from `expected` (file name -> the rows and/or bytes it must have):
+    missing, extra and changed files, one phrase each; [] when they match."""
+    on_disk = {p.name: p for p in label_shard_files(directory)}
+    problems = [f"{name} missing" for name in sorted(set(expected) - set(on_disk))]
+    problems += [f"{name} extra" for name in sorted(set(on_disk) - set(expected))]
+    for name in sorted(set(expected) & set(on_disk)):
+        want = expected[name]
+        try:
+            have = {"rows": pq.read_metadata(on_disk[name]).num_rows, "bytes": on_disk[name].stat().st_size}
+        except (OSError, pa.ArrowException) as err:
+            problems.append(f"{name} unreadable ({err})")
+            continue
+        changed = [
+            f"{k} {have[k]} instead of {want[k]}"
+            for k in ("rows", "bytes")
+            if k in want and want[k] != have[k]
+        ]
+        if changed:
+            problems.append(f"{name} changed ({', '.join(changed)})")
+    return problems
+
+
+def is_local_path(path: str) -> bool:
+    """Whether a dataset `path` names a local directory (else a Hub id), as `distil.data.entries.load_split`
+    decides: it exists, or it starts with `/`, `.` or `~`."""
+    return Path(path).expanduser().exists() or str(path).startswith(("/", ".", "~"))
+
+
+def split_directory(path: str, split: str) -> Path | None:
+    """The local directory holding a split's data files (`<path>/<split>` when it exists, else `<path>`), or
+    None when `path` is not a local directory (a Hub id)."""
+    root = Path(str(path)).expanduser()
+    directory = root / split if (root / split).is_dir() else root
+    return directory if directory.is_dir() else None
+
+
+def data_files(directory: Path) -> list[tuple[str, int, int]]:
+    """(name relative to `directory`, bytes, modification time in ns) of every file below it, hidden ones aside."""
+    files = sorted(f for f in directory.rglob("*") if f.is_file() and not f.name.startswith("."))
+    return [(str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+
+
+def resolved_path(path: str) -> str:
+    """A local dataset path made absolute (so `./data` and `/home/me/data` compare equal); a Hub id as given."""
+    return str(Path(path).expanduser().resolve()) if is_local_path(path) else str(path)
+
+
+def source_record(path: str, split: str) -> dict:
+    """Where labels come from, recorded at finalise: the absolute path of a local dataset and its split's files
+    (names and sizes: a copy or move keeps them, another dataset does not), or the Hub id as given."""
+    directory = split_directory(path, split) if is_local_path(path) else None
+    files = None if directory is None else [[name, size] for name, size, _ in data_files(directory)]
+    return {"path": resolved_path(path), "files": files}
+
+
 def complete_shards(out_dir: Path) -> set[int]:
     progress = out_dir / PROGRESS
     if not progress.is_dir():

@@ -10,8 +10,9 @@ from typing import Any
 
 import torch
 
-from distil.data.audio import SAMPLING_RATE, audio_duration, decode_audio
+from distil.data.audio import SAMPLING_RATE, AudioDecodeError, audio_duration, decode_audio
 from distil.data.encoder_cache import EncoderCache, cache_key
+from distil.data.label_plan import MAX_WHISPER_SECONDS
 from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
     SpecialTokens,
@@ -19,7 +20,7 @@ from distil.data.targets import (
     collate_labels,
     sample_rng,
 )
-from distil.datamodules.filters import DataError, drop_reason
+from distil.datamodules.filters import DataError, Drop, drop_reason
 from distil.utils.errors import ConfigError
 from distil.whisper.generation import is_multilingual_vocabulary
 
@@ -35,6 +36,24 @@ def label_body(token_ids: Sequence[int], special: SpecialTokens) -> list[int]:
     if ids and ids[0] == special.startofprev and special.sot in ids:
         return ids[ids.index(special.sot) :]
     return ids
+
+
+def decoded_problem(audio: Any) -> tuple[float | None, Drop | None]:
+    """(decoded seconds, drop) of a raw clip, checked as labelling checks clips: `unreadable_audio` when it
+    cannot be decoded (or is empty, or not finite), `too_long` when it is longer than Whisper's 30-s window,
+    which the feature extractor would cut silently while the label keeps the whole transcript.
+
+    Measured on the decoded audio, so a wrong `duration` column or header cannot hide a long clip. The cost is
+    one decode per raw clip when the training data is filtered (before the first step): exact counts in the
+    filter report from the start and batches of the configured size, instead of batches that shrink when a
+    bad clip is met and counts that grow during training."""
+    try:
+        seconds = len(decode_audio(audio, SAMPLING_RATE)) / SAMPLING_RATE
+    except AudioDecodeError as err:
+        return None, ("unreadable_audio", str(err))
+    if seconds > MAX_WHISPER_SECONDS + 1e-3:  # labelling's tolerance (distil.datamodules.labelling)
+        return seconds, ("too_long", f"{seconds:.2f} s > {MAX_WHISPER_SECONDS:g} s")
+    return seconds, None
 
 
 class TextLabeler:
@@ -109,17 +128,26 @@ class SpeechCollator:
         ids = row.get("token_ids")
         return None if ids is None else len(label_body(ids, self.special))
 
-    def drop_reason(self, row: Mapping[str, Any], filters: Mapping[str, Any]) -> str | None:
+    def drop_reason(self, row: Mapping[str, Any], filters: Mapping[str, Any]) -> Drop | None:
         """Why the training filters (`drop_reason` with `filters` as its keyword arguments) drop a canonical
-        row, or None to keep it; a missing duration is read from the audio's header."""
+        row, as (reason, detail), or None to keep it.
+
+        Raw data (reference text) is first checked as labelling checks its clips, on the decoded audio
+        (`decoded_problem`), and its duration is the decoded length, not the duration column (which may be
+        wrong). Pseudo-labelled rows passed that check when they were labelled; a missing duration is read
+        from the audio's header."""
         duration = row.get("duration")
-        if duration is None and any(
+        if self.label_source == "text":
+            duration, problem = decoded_problem(row["audio"])
+            if problem is not None:
+                return problem
+        elif duration is None and any(
             filters.get(k) is not None for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
         ):
             duration = audio_duration(row["audio"])
         ids = row.get("token_ids")
         truncated = bool(ids) and int(ids[-1]) != self.special.eot  # generation hit max_new_tokens
-        return drop_reason(
+        reason = drop_reason(
             row.get("pl_wer"),
             duration,
             self.label_length(row),
@@ -127,6 +155,7 @@ class SpeechCollator:
             truncated=truncated,
             **filters,
         )
+        return None if reason is None else (reason, None)
 
     def prompt_ids(self, row: Mapping[str, Any]) -> list[int] | None:
         prompt = row.get("prompt")
@@ -135,7 +164,12 @@ class SpeechCollator:
         return list(self.tokenizer(prompt, add_special_tokens=False).input_ids)
 
     def features(self, rows: Sequence[Mapping[str, Any]]) -> torch.Tensor:
-        waves = [decode_audio(r["audio"], SAMPLING_RATE) for r in rows]
+        waves = []
+        for r in rows:
+            try:
+                waves.append(decode_audio(r["audio"], SAMPLING_RATE))
+            except AudioDecodeError as err:  # checked data should not get here: name the sample if it does
+                raise AudioDecodeError(f"{r['source']} id {r['sample_id']}: {err}") from err
         # Log-mel features are always fp32: under an enclosing CPU autocast (bf16 training that collates in
         # the training process) the extractor's STFT would come out bf16, which it cannot turn into numpy.
         with torch.autocast("cpu", enabled=False):

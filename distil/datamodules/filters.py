@@ -42,7 +42,12 @@ DROP_REASONS = (
     "compression_ratio",
     "tokens_per_second",
     "label_too_long",
+    "unreadable_audio",  # raw data only (labelling skipped these from pseudo-labels): see decoded_problem
 )
+
+# A drop: (reason, detail). A detail (not None) means the sample is listed with its id, not only counted:
+# the audio problems of raw data, which labelling lists in skipped.jsonl too.
+Drop = tuple[str, str | None]
 
 
 def is_uppercase_hallucination(transcript: str | None) -> bool:
@@ -113,24 +118,38 @@ class FilterStats:
     source: str
     total: int = 0
     dropped: Counter = field(default_factory=Counter)
+    skipped: list[dict] = field(default_factory=list)  # the listed drops: {id, reason, detail}
 
     @property
     def kept(self) -> int:
         return self.total - sum(self.dropped.values())
 
-    def add(self, reason: str | None) -> None:
+    def add(self, drop: Drop | None, sample_id: str | None = None) -> None:
         self.total += 1
-        if reason is not None:
+        if drop is not None:
+            reason, detail = drop
             self.dropped[reason] += 1
+            if detail is not None:
+                self.skipped.append(
+                    {"source": self.source, "id": sample_id, "reason": reason, "detail": detail}
+                )
 
     def merge(self, other: FilterStats) -> None:
         """Add another process's counts of the same source (streamed counting is split across ranks)."""
         self.total += other.total
         self.dropped.update(other.dropped)
+        self.skipped += other.skipped
 
     def summary(self) -> str:
         parts = ", ".join(f"{k}: {v}" for k, v in sorted(self.dropped.items())) or "none"
-        return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts})"
+        listed = f"; {len(self.skipped)} listed by id in data_filter.json" if self.skipped else ""
+        return f"{self.source}: kept {self.kept}/{self.total} (dropped {parts}{listed})"
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "total": self.total, "kept": self.kept, "dropped": dict(self.dropped)}
+        return {
+            "source": self.source,
+            "total": self.total,
+            "kept": self.kept,
+            "dropped": dict(self.dropped),
+            "skipped": self.skipped,
+        }

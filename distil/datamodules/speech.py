@@ -7,7 +7,9 @@ Shape of the training data path (top to bottom):
    trains on pseudo-labels, from the entry's own `path` when it trains on the reference text.
 2. Filters (`drop_reason`): pseudo-label WER (`keep iff pl_wer <= wer_threshold`), duration and label
    length; kept/dropped counts are logged per dataset (exact for map-style data, from a pass over the
-   metadata columns for streamed data).
+   metadata columns for streamed data). Raw data (reference text) is decoded once here and checked as
+   labelling checks clips (`collator.decoded_problem`: undecodable, over 30 s); those drops are listed by id.
+   Pseudo-labels are first checked against their shard manifest and their source (`check_labels_bound`).
 3. Mixing: `datasets.interleave_datasets(probabilities ∝ weight, seed, stopping_strategy)`. For map-style
    data the interleaved dataset holds only `(source, row)` pairs (no copy of the audio); streamed
    sources are mapped to one canonical schema and interleaved lazily.
@@ -225,16 +227,21 @@ class SpeechDataModule(L.LightningDataModule):
                         f"text ({entry.key}.text_column={entry.text_column!r}), so its pseudo-label WER is "
                         "undefined; set data.wer_threshold=null, or train on datasets with references"
                     )
-                needs_duration = any(
-                    self.filters[k] is not None
-                    for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
+                # Raw data is decoded here, once, and checked as labelling checks clips (collator.decoded_problem);
+                # otherwise the audio is read only for durations from headers.
+                needs_audio = self.label_source == "text" or (
+                    src_entry.duration_column not in names
+                    and any(
+                        self.filters[k] is not None
+                        for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
+                    )
                 )
                 source = filter_source(
                     src_entry,
                     split,
                     ds,
                     lambda row: collator.drop_reason(row, self.filters),
-                    needs_duration=needs_duration,
+                    needs_audio=needs_audio,
                     count_streamed=self.count_streamed_filters,
                     part=self._rank_world() if self.streaming else (0, 1),
                 )

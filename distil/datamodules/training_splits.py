@@ -13,13 +13,24 @@ from datasets import Audio
 from datasets.distributed import split_dataset_by_node
 
 from distil.data.entries import DataConfigError, DatasetEntry, column_names, load_split, validate_columns
-from distil.data.label_store import PSEUDO_LABEL_COLUMNS, SUCCESS
-from distil.datamodules.filters import DataError, FilterStats
+from distil.data.label_store import (
+    LABELS_METADATA,
+    PSEUDO_LABEL_COLUMNS,
+    SUCCESS,
+    data_files,
+    label_shard_files,
+    resolved_path,
+    shard_problems,
+    source_record,
+    split_directory,
+)
+from distil.datamodules.filters import DataError, Drop, FilterStats
 from distil.datamodules.mixture import (
     CANONICAL_FEATURES,
     TrainSource,
     canonical_row,
 )
+from distil.utils.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -28,26 +39,37 @@ def filter_source(
     entry: DatasetEntry,
     split: str,
     ds,
-    reason: Callable[[dict], str | None],
-    needs_duration: bool = False,
+    reason: Callable[[dict], Drop | None],
+    needs_audio: bool = False,
     count_streamed: bool = True,
     part: tuple[int, int] = (0, 1),
 ) -> TrainSource:
     """Apply the filters to one training split: kept row indices (map-style) or a lazily filtered stream.
 
     Counts are exact for map-style data and come from one pass over the metadata columns for streams
-    (`count_streamed`); audio is read only for durations from headers (`needs_duration` without a duration column).
+    (`count_streamed`); the audio column is read only when `reason` needs it (`needs_audio`: durations from
+    headers, raw data's decoding check). Drops with a detail are listed by id in the stats (data_filter.json).
     `part` (rank, world size): a streamed split's counting pass reads only that rank's part of it (the caller
     adds the ranks' counts up)."""
     name = entry.source(split)
     names = column_names(ds)
-    # Metadata columns only: the audio column is read only when a duration must come from headers.
+    # Metadata columns only: the audio column is read only when `reason` needs it.
     meta_cols = [
         c
-        for c in (entry.text_column, "token_ids", "pl_wer", "pseudo_label", "language", entry.duration_column)
+        for c in dict.fromkeys(
+            (
+                entry.id_column,  # the id a listed drop is named by
+                entry.text_column,
+                "token_ids",
+                "pl_wer",
+                "pseudo_label",
+                "language",
+                entry.duration_column,
+            )
+        )
         if c and c in names
     ]
-    if needs_duration and entry.duration_column not in meta_cols:
+    if needs_audio:
         meta_cols.append(entry.audio_column)
     blank = dict.fromkeys(names)
 
@@ -61,7 +83,7 @@ def filter_source(
                 why = reason(row)
             except DataError as err:
                 raise DataError(f"dataset {entry.name!r} split {split!r} row {i}: {err}") from err
-            stats.add(why)
+            stats.add(why, row["sample_id"])
             if why is None and keep is not None:
                 keep.append(i)
 
@@ -108,12 +130,59 @@ def check_columns(
         )
 
 
+def check_labels_bound(entry: DatasetEntry, split: str, directory: Path) -> None:
+    """Finished pseudo-labels are used only as they were written and for the data they were made from.
+
+    Shards: the files on disk must be the manifest's (`distil_labels.json` `shards`, recorded at finalise),
+    so a lost shard is not trained around. Source: `entry.path` (the configured data) must be where the labels
+    came from. Paths are compared absolute; a dataset at another path is still accepted when its split's data
+    files have the recorded names and sizes (moved or copied: the same data), so labels follow a moved corpus
+    but not a different one under an old name. Labels finished before these records existed are accepted
+    (shards, with a warning) or compared by path alone (source)."""
+    meta_path = directory / LABELS_METADATA
+    meta = read_json(meta_path) if meta_path.is_file() else {}
+    relabel = f"delete {directory} and rerun `python -m distil.pseudo_label`"
+    if "shards" not in meta:
+        log.warning(
+            "%s has no shard manifest (labelled by an older distil): its shard files are not checked",
+            directory,
+        )
+    elif problems := shard_problems(directory, meta["shards"]["files"]):
+        raise DataError(
+            f"pseudo-labels of {entry.name!r} split {split!r} in {directory} are not the shards labelling wrote "
+            f"({'; '.join(problems)}; the manifest in {meta_path} lists {len(meta['shards']['files'])} files, "
+            f"{meta['shards']['rows']} rows): restore the files, or {relabel}"
+        )
+    recorded = (meta.get("source") or {}).get("path") or (meta.get("dataset") or {}).get("path")
+    if recorded is None or resolved_path(recorded) == resolved_path(str(entry.path)):
+        return
+    files = (meta.get("source") or {}).get("files")
+    here = source_record(str(entry.path), split)["files"]
+    if files is not None and here == files:
+        log.info(
+            "%s: the labels were made from %s; %s holds the same files (moved): using them",
+            entry.source(split),
+            recorded,
+            entry.path,
+        )
+        return
+    if files is None:
+        what = "which cannot be recognised as the same data (the labels predate the record of their files)"
+    else:
+        what = "which holds other files" if here is not None else "which is not a local dataset directory"
+    raise DataError(
+        f"pseudo-labels of dataset {entry.name!r} split {split!r} ({directory}) were made from {recorded}, but "
+        f"{entry.key}.path is {entry.path}, {what}: give that dataset another {entry.key}.name (it gets its own "
+        f"labels), {relabel}, or point {entry.key}.path back to {recorded}"
+    )
+
+
 def load_pseudo_labelled(
     entry: DatasetEntry, split: str, streaming: bool = False, cache_dir: str | None = None
 ):
     """A finished pseudo-label split: only its parquet shards (the directory also holds JSON metadata)."""
     directory = Path(str(entry.path)) / split
-    files = sorted(str(p) for p in directory.glob("*.parquet") if not p.name.startswith((".", "_")))
+    files = [str(p) for p in label_shard_files(directory)]
     if not files:
         raise DataError(f"pseudo-label split {directory} holds no parquet shards; re-run distil.pseudo_label")
     ds = datasets.load_dataset(
@@ -149,6 +218,7 @@ def open_train_split(
                 f"pseudo-labels of {entry.name!r} split {split!r} are missing or incomplete (no {done}); "
                 "run (or finish) `python -m distil.pseudo_label` for it with the same teacher"
             )
+        check_labels_bound(entry, split, Path(path) / split)
     try:
         if pseudo:
             ds = load_pseudo_labelled(src_entry, split, streaming=streaming, cache_dir=cache_dir)
@@ -167,9 +237,7 @@ def open_train_split(
 def split_fingerprint(entry: DatasetEntry, split: str, path: str) -> list | dict:
     """What a training split is, without reading it: the data files of a local split (names, sizes,
     modification times), or the Hub id/config/split."""
-    root = Path(path).expanduser()
-    directory = root / split if (root / split).is_dir() else root
-    if not directory.is_dir():
+    directory = split_directory(path, split)
+    if directory is None:
         return {"hub": str(entry.path), "config": entry.config, "split": split}
-    files = sorted(f for f in directory.rglob("*") if f.is_file() and not f.name.startswith("."))
-    return [[str(f.relative_to(directory)), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [list(f) for f in data_files(directory)]
