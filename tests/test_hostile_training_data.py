@@ -288,3 +288,17 @@ def test_finetune_run_reports_and_lists_the_clips_it_dropped(tmp_path, monkeypat
     report = json.loads((tmp_path / "run" / "data_filter.json").read_text())["good/train"]
     assert (report["kept"], report["dropped"]) == (4, {"too_long": 1, "unreadable_audio": 1})
     assert sorted(s["id"] for s in report["skipped"]) == ["broken", "long"]
+
+
+def test_raw_data_with_a_number_text_column_is_refused_naming_it(tmp_path, tiny_dir):
+    """Item 12 for training: the reference text must be text, refused at set-up (was a crash in the collator)."""
+    out = tmp_path / "nums" / "train"
+    out.mkdir(parents=True)
+    audio = [{"bytes": encode_flac(wave(1.0, i), SR), "path": None} for i in range(2)]
+    pq.write_table(
+        pa.table({"audio": audio, "text": [1, 2], "id": ["a", "b"], "speaker": ["s", "s"]}),
+        out / "part-00000.parquet",
+    )
+    dm = make_dm(tiny_dir, [entry("nums", tmp_path)], tmp_path, label_source="text")
+    with pytest.raises(DataError, match=r"text column 'text' holds int64, not strings"):
+        dm.setup("fit")

@@ -4,8 +4,9 @@ what it is on disk (the fingerprint a resumed run compares)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -108,12 +109,18 @@ def filter_source(
 
 
 def check_columns(
-    entry: DatasetEntry, split: str, names: Sequence[str], label_source: str, where: str
+    entry: DatasetEntry,
+    split: str,
+    names: Sequence[str],
+    label_source: str,
+    where: str,
+    features: Mapping[str, Any] | None = None,
 ) -> None:
-    """Clear start-up errors for unknown columns and for pseudo-labels missing when the method needs them."""
+    """Clear start-up errors for unknown columns, a text column that is not text (from the split's `features`),
+    and pseudo-labels missing when the method needs them."""
     names = list(names)
     try:  # the one column check; a missing duration column is fine (durations then come from the headers)
-        validate_columns(entry, split, names, where=where)
+        validate_columns(entry, split, names, where=where, features=features)
     except DataConfigError as err:
         raise DataError(str(err)) from err
     if label_source == "pseudo":
@@ -230,7 +237,7 @@ def open_train_split(
     if pseudo and entry.id_column is None:
         # pseudo-labelling adds an id column when the source has none (distil.pseudo_label)
         src_entry.id_column = next((c for c in ("pl_id", "id") if c in names), None)
-    check_columns(src_entry, split, names, label_source, path)
+    check_columns(src_entry, split, names, label_source, path, features=ds.features)
     return src_entry, ds
 
 

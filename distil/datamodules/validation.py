@@ -49,7 +49,7 @@ def load_validation_sets(
             ds = load_split(entry, split, streaming=streaming, cache_dir=cache_dir)
         except DataConfigError as err:
             raise DataError(f"{err} (validation data)") from err
-        check_columns(entry, split, column_names(ds), "text", str(entry.path))
+        check_columns(entry, split, column_names(ds), "text", str(entry.path), features=ds.features)
         if isinstance(ds, datasets.Dataset):
             sets.append(_MapRows(ds, entry, split, spread_subset(len(ds), max_samples)))
         else:  # a stream can only be read from its start: its first max_samples rows
