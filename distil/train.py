@@ -94,6 +94,15 @@ NOT_RUN_CONFIG = (
     "data.validation_splits",
     "data.validation_datasets",
 )
+# Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
+# or train, so the saved weights or optimiser state no longer fit.
+NOT_FORCEABLE = (
+    "student.encoder_layers",
+    "student.decoder_layers",
+    "model.freeze_encoder",
+    "model.freeze_embed_positions",
+    "model.freeze_embed_tokens",
+)
 
 
 def default_out_dir(students_root_dir: str | Path, override_dirname: str) -> Path:
@@ -390,6 +399,13 @@ def check_run_config(
     changes = run_config_changes(read_json(path), settings)
     if not changes:
         return []
+    fixed = [c for c in changes if c.split(" ")[0] in NOT_FORCEABLE]
+    if force and fixed:
+        raise ResumeSettingsChangedError(
+            f"resume=force cannot continue {out_dir} with {'; '.join(fixed)}: the checkpoint's weights and "
+            "optimiser state belong to the other set of parameters. Rerun with the run's values, or start a new "
+            "run (another out_dir, or ckpt_path=null there)"
+        )
     if not force:
         raise ResumeSettingsChangedError(
             f"{out_dir} was trained with other settings than this resume's: {'; '.join(changes)}. Rerun with the "

@@ -166,6 +166,29 @@ def test_run_config_lists_what_changed_and_ignores_what_only_extends_the_run(tmp
     assert any(c.startswith("student.decoder_layers 1 → 2") for c in changes), changes
 
 
+def test_check_run_config_records_refuses_and_forces(tmp_path):
+    from distil.train import RUN_CONFIG, ResumeSettingsChangedError, check_run_config
+    from distil.utils.io import read_json
+
+    run = {"optim.lr": 1e-4, "data.batch_size": 2, "student.decoder_layers": 1}
+    assert check_run_config(tmp_path, run, resuming=False, force=False) == []  # a new run: recorded
+    assert read_json(tmp_path / RUN_CONFIG) == run
+    assert check_run_config(tmp_path, run, resuming=True, force=False) == []  # the same settings
+    faster = {**run, "optim.lr": 5e-4}
+    with pytest.raises(
+        ResumeSettingsChangedError, match=r"optim\.lr 0\.0001 → 0\.0005\. Rerun .*resume=force"
+    ):
+        check_run_config(tmp_path, faster, resuming=True, force=False)
+    assert read_json(tmp_path / RUN_CONFIG) == run  # a refusal leaves the record as it was
+    assert check_run_config(tmp_path, faster, resuming=True, force=True) == ["optim.lr 0.0001 → 0.0005"]
+    assert read_json(tmp_path / RUN_CONFIG) == faster  # the record says what the run continues with
+    deeper = {**faster, "student.decoder_layers": 2}
+    with pytest.raises(
+        ResumeSettingsChangedError, match=r"resume=force cannot continue .*decoder_layers 1 → 2"
+    ):
+        check_run_config(tmp_path, deeper, resuming=True, force=True)
+
+
 def test_a_resume_with_other_settings_is_refused_in_one_line_before_anything_loads(tmp_path, monkeypatch):
     """A run directory with a checkpoint and its recorded settings; the same out_dir with another lr."""
     from distil.train import RUN_CONFIG, run_config
