@@ -17,10 +17,10 @@ Resume: work is cut into shards of `shard_size` units (fewer in a split too smal
 that size: `split_shard_size`; see `distil.datamodules.labelling`); a shard's
 parquet file is written to a temp name and renamed, then its manifest `_progress/part-K.json`; a shard is
 complete iff its manifest exists. Restarting the same command labels only what is missing. SIGTERM or SIGUSR1
-(a scheduler's notice) stops labelling once the shard in hand is written, with exit status 1 (`ShardWriter`). When every shard
-is complete (whichever job or rerun sees that first), the split is finalised: prompts filled in (packing),
-`skipped.jsonl`, `distil_labels.json` (teacher + fingerprint + generation config), `summary.json`, then the
-`_SUCCESS` marker. Readers must require `_SUCCESS`.
+(a scheduler's notice) stops labelling once the shard in hand is written, with exit status 1 (`ShardWriter`).
+When every shard is complete (whichever job or rerun sees that first), the split is finalised: prompts filled
+in (packing), `skipped.jsonl`, `distil_labels.json` (teacher + fingerprint + generation config), `summary.json`,
+then the `_SUCCESS` marker. Readers must require `_SUCCESS`.
 
 Parallelism: ranks take whole shards. On GPU, `trainer.devices=auto` is Lightning's (one process per GPU). On
 CPU it means one forked single-threaded process per core (`threads_per_process`), capped at the number of

@@ -121,10 +121,8 @@ def write_table(table: pa.Table, features: datasets.Features, meta: dict, path: 
         pq.write_table(table.replace_schema_metadata(metadata), tmp)
 
 
-STOP_SIGNALS = (
-    signal.SIGTERM,
-    signal.SIGUSR1,
-)  # a scheduler's notice before it kills (SLURM: --signal=USR1@T)
+# A scheduler's notice before it kills (SLURM sends SIGTERM; `--signal=USR1@<seconds>` sends SIGUSR1 earlier).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class ShardWriter(BasePredictionWriter):
