@@ -16,10 +16,11 @@ input column plus:
 Resume: work is cut into shards of `shard_size` units (fewer in a split too small for `min_shards` shards of
 that size: `split_shard_size`; see `distil.datamodules.labelling`); a shard's
 parquet file is written to a temp name and renamed, then its manifest `_progress/part-K.json`; a shard is
-complete iff its manifest exists. Restarting the same command labels only what is missing. When every shard
-is complete (whichever job or rerun sees that first), the split is finalised: prompts filled in (packing),
-`skipped.jsonl`, `distil_labels.json` (teacher + fingerprint + generation config), `summary.json`, then the
-`_SUCCESS` marker. Readers must require `_SUCCESS`.
+complete iff its manifest exists. Restarting the same command labels only what is missing. SIGTERM or SIGUSR1
+(a scheduler's notice) stops labelling once the shard in hand is written, with exit status 1 (`ShardWriter`).
+When every shard is complete (whichever job or rerun sees that first), the split is finalised: prompts filled
+in (packing), `skipped.jsonl`, `distil_labels.json` (teacher + fingerprint + generation config), `summary.json`,
+then the `_SUCCESS` marker. Readers must require `_SUCCESS`.
 
 Parallelism: ranks take whole shards. On GPU, `trainer.devices=auto` is Lightning's (one process per GPU). On
 CPU it means one forked single-threaded process per core (`threads_per_process`), capped at the number of
@@ -217,7 +218,7 @@ def label_split(
     trainer = _trainer(cfg, run_dir, callbacks, work_items=pending)
     started = time.perf_counter()
     # Both warnings are expected here: lengths are per rank, and batches carry their own unit ids.
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), writer.catch_stop_signals(trainer):  # SIGTERM: finish the shard, stop
         warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined.*")
         warnings.filterwarnings("ignore", message=r"Couldn't infer the batch indices.*")
         warnings.filterwarnings("ignore", message=r"You have overridden `transfer_batch_to_device`.*")
@@ -228,6 +229,8 @@ def label_split(
     summary = None
     if trainer.is_global_zero:
         summary = try_finalise(out_dir, entry, language, packing, labels_meta)
+    if writer.stop_signal is not None:
+        raise LabellingStopped(writer.stop_signal, out_dir)
     if summary is None:
         missing, message = incomplete_state(out_dir)
         (log.warning if trainer.is_global_zero else log.debug)("%s/%s: %s", entry.name, split, message)
@@ -243,6 +246,17 @@ def label_split(
         f"{summary['skipped']} skipped (listed in {out_dir / 'skipped.jsonl'})"
     )
     return {**summary, "status": "complete", "out_dir": str(out_dir), "this_run": this_run}
+
+
+class LabellingStopped(SystemExit):
+    """SIGTERM or SIGUSR1 stopped labelling after the shard in hand: exit non-zero with one line (the shards
+    written so far are kept, and the same command labels the rest)."""
+
+    def __init__(self, signal_name: str, out_dir: Path):
+        super().__init__(
+            f"stopped by {signal_name}: the shards labelled so far are kept in {out_dir}; rerun the same command "
+            "to resume"
+        )
 
 
 def _check_encoder_cache(cfg: DictConfig, entries: Sequence[DatasetEntry]) -> None:

@@ -8,6 +8,9 @@ CTranslate2 directories for faster-whisper with `export_ctranslate2=[int8]`).
 The run directory is `out_dir`, by default `${students_root_dir}/<overrides>` (Hydra's `job.override_dirname`,
 without the keys that do not change what is trained), so the same command run twice resumes from
 `<out_dir>/checkpoints/last.ckpt` instead of starting over (`ckpt_path: last`), and -m jobs never share one.
+A resume keeps the settings that define the training (`run_config.json`; `resume=force` applies new ones), one
+run at a time writes a run directory (`run.lock`), and SIGTERM stops a run with `last.ckpt` saved and exit
+status 1 (the same command resumes).
 
 Several processes (`trainer.devices=2`, DDP; gloo on CPU, NCCL on GPUs): Lightning's default launcher re-runs
 this same command in each further process (with `hydra.run.dir` pinned to the first one's), so every process
@@ -23,22 +26,30 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import hydra
 import lightning as L
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
-from distil.training.callbacks import DATA_FILTER_REPORT
+from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimiser
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
 from distil.utils.errors import ConfigError, InputError, instantiate, one_line_errors
-from distil.utils.io import ensure_writable_directory, read_json, write_atomic, write_json_atomic
+from distil.utils.io import (
+    LockHeldError,
+    ensure_writable_directory,
+    hold_lock,
+    read_json,
+    write_atomic,
+    write_json_atomic,
+)
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import check_quantization, export_ct2
@@ -48,6 +59,50 @@ from distil.whisper.student import init_student
 log = logging.getLogger(__name__)
 
 DATA_FINGERPRINT = "data_fingerprint.json"  # what the run trains on, checked on resume
+RUN_CONFIG = "run_config.json"  # the settings that define the training, checked on resume
+RUN_LOCK = "run.lock"  # held by the process that writes the run directory (pid, host, start)
+RESUME_MODES = ("auto", "force")
+
+# The config that defines what a run trains (optimiser, schedule, loss, data mixture and batch size, student,
+# teacher, the model's trained parts, seed); a resume must keep it (resume=force: apply the new values). The rest
+# only extends or observes a run and may change on resume: trainer.max_steps, validation and checkpoint
+# cadence, logging, progress, devices, export.
+RUN_CONFIG_KEYS = (
+    "optim",
+    "loss",
+    "data",
+    "student",
+    "student_dir",
+    "teacher",
+    "model",
+    "seed",
+    "trainer.gradient_clip_val",
+    "module._target_",
+    "module.optimizer._target_",
+    "module.scheduler._target_",
+)
+# ... less these keys within them: speed, memory and validation, not what is trained.
+NOT_RUN_CONFIG = (
+    "model.gradient_checkpointing",
+    "model.attn_implementation",
+    "model.compile",
+    "model.compile_options",
+    "data.num_workers",
+    "data.cache_dir",
+    "data.val_batch_size",
+    "data.max_val_samples",
+    "data.validation_splits",
+    "data.validation_datasets",
+)
+# Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
+# or train, so the saved weights or optimiser state no longer fit.
+NOT_FORCEABLE = (
+    "student.encoder_layers",
+    "student.decoder_layers",
+    "model.freeze_encoder",
+    "model.freeze_embed_positions",
+    "model.freeze_embed_tokens",
+)
 
 
 def default_out_dir(students_root_dir: str | Path, override_dirname: str) -> Path:
@@ -90,11 +145,43 @@ def resolve_student(cfg: DictConfig, teacher_dir: str) -> str:
 
 def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     """Run (or resume) one distillation run; returns a summary with the best validation WER."""
+    from contextlib import nullcontext
+
+    from lightning.pytorch.utilities import rank_zero_only
+
     started = time.time()
     if cfg.get("out_dir") in (None, "", "???"):
         raise ValueError("out_dir must be set (distil-train derives it from the overrides)")
     ct2_quantizations = [check_quantization(str(q)) for q in cfg.get("export_ctranslate2") or []]
+    resume = str(cfg.get("resume", "auto"))
+    if resume not in RESUME_MODES:
+        raise ConfigError(f"resume must be one of {list(RESUME_MODES)}, got {resume!r}")
     out_dir = ensure_writable_directory(cfg.out_dir, "out_dir")  # before any model loads
+    # One run writes a run directory at a time. Under DDP the lock is rank 0's: the launcher's environment
+    # (RANK, LOCAL_RANK, SLURM_PROCID) gives each process its rank before the trainer exists.
+    first = rank_zero_only.rank == 0
+    with lock_run_dir(out_dir) if first else nullcontext():
+        ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
+        changes = check_run_config(
+            out_dir, run_config(cfg), resuming=bool(ckpt_path), force=resume == "force", write=first
+        )
+        if (
+            ckpt_path and resume == "force"
+        ):  # every rank, so all apply the same values (rank 0 wrote the record)
+            callbacks = [*(callbacks or []), ResumeWithConfigOptimiser(changes)]
+        return _train(cfg, out_dir, ckpt_path, ct2_quantizations, started, callbacks)
+
+
+def _train(
+    cfg: DictConfig,
+    out_dir: Path,
+    ckpt_path: str | None,
+    ct2_quantizations: list[str],
+    started: float,
+    callbacks: list | None,
+) -> dict[str, Any]:
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))
@@ -141,7 +228,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     # The trainer knows each process's rank from the launcher's environment before fit: only rank 0 writes.
     if trainer.is_global_zero:
         write_run_info(cfg, out_dir)
-    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), out_dir)
     check_training_data(
         out_dir,
         datamodule.data_fingerprint(),
@@ -164,7 +250,13 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         trainer.accumulate_grad_batches,
         trainer.max_steps,
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)  # data errors come before any step
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)  # data errors come before any step
+    except SIGTERMException:  # Lightning stops after the current batch; FinalCheckpoint saved last.ckpt
+        raise SystemExit(
+            f"stopped by SIGTERM at step {trainer.global_step}; last.ckpt saved in {out_dir / CHECKPOINT_DIR}; "
+            "rerun the same command to resume"
+        ) from None
 
     # Read the outcome from last.ckpt, not from this process's trainer: with ddp_spawn the training ran in
     # child processes and this trainer never saw the steps.
@@ -214,8 +306,8 @@ class TrainingDataChangedError(InputError):
 def check_training_data(
     out_dir: Path, fingerprint: dict, resuming: bool, cfg: DictConfig, write: bool = True
 ) -> None:
-    """Record the training data at the start; on resume, refuse (or, with `resume_data_changed=warn`, warn)
-    when it changed: the saved batch position would then point into other data. `write=False` (DDP ranks
+    """Record the training data at the start; on resume, refuse (or, with `resume=force` or the older
+    `resume_data_changed=warn`, warn) when it changed: the saved batch position would then point into other data. `write=False` (DDP ranks
     other than 0) checks without writing."""
     path = out_dir / DATA_FINGERPRINT
     if not resuming or not path.is_file():
@@ -229,13 +321,101 @@ def check_training_data(
     message = (
         f"the training data of {out_dir} changed since the run started ({', '.join(changed)}): resuming would "
         "continue the old run's batch order on other data. Start a new run (another out_dir), restore the data, "
-        "or pass resume_data_changed=warn to resume anyway"
+        "or pass resume=force to resume anyway"
     )
-    if cfg.get("resume_data_changed", "error") != "warn":
+    if cfg.get("resume_data_changed", "error") != "warn" and cfg.get("resume") != "force":
         raise TrainingDataChangedError(message)
     log.warning(message)
     if write:
         write_json_atomic(path, fingerprint)
+
+
+class RunDirLockedError(InputError):
+    """Another live process is writing the run directory."""
+
+
+@contextmanager
+def lock_run_dir(out_dir: Path) -> Iterator[None]:
+    """`<out_dir>/run.lock` while this process writes the run directory; refused while a live run holds it."""
+    try:
+        with hold_lock(out_dir / RUN_LOCK):
+            yield
+    except LockHeldError as err:
+        raise RunDirLockedError(
+            f"{out_dir} is being written by another training run ({err}): wait for it to end (or stop it), or "
+            "train in another out_dir. The lock of a process that has ended is taken over: at once on this "
+            "host, after 2 minutes from another"
+        ) from None
+
+
+def run_config(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that define the training (`RUN_CONFIG_KEYS` less `NOT_RUN_CONFIG`), resolved and flattened to
+    dotted keys (`optim.lr`, `data.datasets.0.path`), as JSON values."""
+
+    def flatten(key: str, value: Any) -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for name, item in value.items() for k, v in flatten(f"{key}.{name}", item).items()}
+        if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+            return {k: v for i, item in enumerate(value) for k, v in flatten(f"{key}.{i}", item).items()}
+        return {key: value}
+
+    flat: dict[str, Any] = {}
+    for key in RUN_CONFIG_KEYS:
+        value = OmegaConf.select(cfg, key, default=None)
+        if isinstance(value, DictConfig | ListConfig):
+            value = OmegaConf.to_container(value, resolve=True)
+        flat.update(flatten(key, value))
+    kept = {k: v for k, v in flat.items() if not any(k == p or k.startswith(p + ".") for p in NOT_RUN_CONFIG)}
+    return json.loads(json.dumps(kept, default=str))
+
+
+def run_config_changes(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`key old → new` for each setting that differs between the recorded run and this config."""
+
+    def shown(settings: dict, key: str) -> str:
+        return json.dumps(settings[key]) if key in settings else "(unset)"
+
+    return [
+        f"{k} {shown(recorded, k)} → {shown(current, k)}"
+        for k in sorted(set(recorded) | set(current))
+        if recorded.get(k) != current.get(k) or (k in recorded) != (k in current)
+    ]
+
+
+class ResumeSettingsChangedError(InputError):
+    """A resume whose training settings differ from the run's."""
+
+
+def check_run_config(
+    out_dir: Path, settings: dict[str, Any], resuming: bool, force: bool, write: bool = True
+) -> list[str]:
+    """Record the run's settings at the start; on resume, refuse when they changed, unless `force` (then the
+    record becomes the new settings, which `ResumeWithConfigOptimiser` applies). Returns the changes."""
+    path = out_dir / RUN_CONFIG
+    if not resuming or not path.is_file():  # a new run (or one started before the record existed)
+        if write:
+            write_json_atomic(path, settings)
+        return []
+    changes = run_config_changes(read_json(path), settings)
+    if not changes:
+        return []
+    fixed = [c for c in changes if c.split(" ")[0] in NOT_FORCEABLE]
+    if force and fixed:
+        raise ResumeSettingsChangedError(
+            f"resume=force cannot continue {out_dir} with {'; '.join(fixed)}: the checkpoint's weights and "
+            "optimiser state belong to the other set of parameters. Rerun with the run's values, or start a new "
+            "run (another out_dir, or ckpt_path=null there)"
+        )
+    if not force:
+        raise ResumeSettingsChangedError(
+            f"{out_dir} was trained with other settings than this resume's: {'; '.join(changes)}. Rerun with the "
+            "run's settings to resume, train in another out_dir (or ckpt_path=null to start over there), or pass "
+            "resume=force to continue from the checkpoint with the new settings"
+        )
+    log.warning("resume=force: continuing %s with changed settings: %s", out_dir, "; ".join(changes))
+    if write:
+        write_json_atomic(path, settings)
+    return changes
 
 
 def slurm_plugins() -> list:

@@ -150,6 +150,7 @@ def test_only_rank_zero_writes_run_files(run, home):
         "run_info.json",
         "data_filter.json",
         "data_fingerprint.json",
+        "run_config.json",
         "samples",
         "tensorboard",
         "train_summary.json",

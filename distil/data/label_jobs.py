@@ -7,9 +7,6 @@ split stands (a dry run, a job that ends before the split is complete).
 from __future__ import annotations
 
 import json
-import os
-import socket
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -36,46 +33,9 @@ from distil.data.label_store import (
 )
 from distil.data.text import corpus_wer, identity
 from distil.utils.errors import InputError
-from distil.utils.io import atomic_file, pid_alive, read_json, write_atomic, write_json_atomic
+from distil.utils.io import atomic_file, live_owner, read_json, take_lock, write_atomic, write_json_atomic
 
 FINALISE_LOCK = "finalise.lock"
-
-
-def _owner() -> str:
-    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
-
-
-def live_owner(lock: Path) -> dict | None:
-    """The live process holding `lock` (an owner file: pid, host), with its age, or None. A lock whose owner is
-    gone (a killed run on this host, or untouched for 10 minutes from another host) does not count."""
-    try:
-        owner = json.loads(lock.read_text() or "{}")
-        age = time.time() - lock.stat().st_mtime
-    except FileNotFoundError:
-        return None
-    except ValueError:  # being written this instant
-        owner, age = {}, 0.0
-    if owner.get("host") == socket.gethostname():
-        if not pid_alive(int(owner["pid"])):
-            return None
-    elif age > 600:
-        return None
-    return {**owner, "age_s": age, "lock": str(lock)}
-
-
-def take_lock(lock: Path) -> bool:
-    """Create the owner file `lock` atomically; a lock whose owner is gone is taken over. False: held."""
-    while True:
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            if live_owner(lock) is not None:
-                return False
-            lock.unlink(missing_ok=True)  # its owner is gone
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(_owner())
-        return True
 
 
 def finalise_owner(out_dir: Path) -> dict | None:

@@ -13,9 +13,13 @@ import hashlib
 import json
 import logging
 import math
+import os
+import signal
+import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import datasets
@@ -117,8 +121,19 @@ def write_table(table: pa.Table, features: datasets.Features, meta: dict, path: 
         pq.write_table(table.replace_schema_metadata(metadata), tmp)
 
 
+# A scheduler's notice before it kills (SLURM sends SIGTERM; `--signal=USR1@<seconds>` sends SIGUSR1 earlier).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
 class ShardWriter(BasePredictionWriter):
-    """Collects each shard's labelled rows and writes the shard (parquet, then manifest) once it is whole."""
+    """Collects each shard's labelled rows and writes the shard (parquet, then manifest) once it is whole.
+
+    SIGTERM or SIGUSR1 (`STOP_SIGNALS`) stop labelling after the shard being labelled is written: the predict
+    loop ends at a `StopIteration` from a hook (Lightning's loop treats it as the end of the data), and
+    `stop_signal` names the signal for the command to exit non-zero. The handler is this writer's in every
+    labelling process (installed at predict start, replacing Lightning's, which would only log SIGTERM), and the
+    command installs it around `predict` too (`catch_stop_signals`) so the parent of forked CPU ranks passes
+    the signal on to them. Inside a submitit job the signals are left to submitit (it requeues the job)."""
 
     def __init__(
         self,
@@ -138,6 +153,53 @@ class ShardWriter(BasePredictionWriter):
         self.units_done = 0
         self.audio_seconds = 0.0
         self.started = time.perf_counter()
+        self.stop_signal: str | None = None
+        self._launcher = None  # the trainer's launcher: the processes a signal is passed on to
+        self._saved_handlers: dict = {}
+
+    def __getstate__(self) -> dict:  # spawned ranks: handlers and launchers stay in the process that has them
+        return {**self.__dict__, "_launcher": None, "_saved_handlers": {}}
+
+    def _on_signal(self, signum: int, frame=None) -> None:
+        if self.stop_signal is None:
+            log.warning(
+                "%s received: finishing the shard being labelled, then stopping", signal.Signals(signum).name
+            )
+            if self._launcher is not None:  # forked/spawned ranks, or the other ranks of a DDP script launch
+                self._launcher.kill(signum)
+        self.stop_signal = signal.Signals(signum).name
+
+    def _install(self) -> dict:
+        """Make `_on_signal` this process's handler of `STOP_SIGNALS`; returns the handlers it replaced."""
+        if os.environ.get("SUBMITIT_EXECUTOR") or threading.current_thread() is not threading.main_thread():
+            return {}
+        return {signum: signal.signal(signum, self._on_signal) for signum in STOP_SIGNALS}
+
+    @staticmethod
+    def _restore(saved: dict) -> None:
+        for signum, handler in saved.items():
+            signal.signal(signum, handler)
+
+    @contextmanager
+    def catch_stop_signals(self, trainer) -> Iterator[None]:
+        """Around `trainer.predict` in the command's process (the parent of forked ranks)."""
+        self._launcher = trainer.strategy.launcher
+        saved = self._install()
+        try:
+            yield
+        finally:
+            self._restore(saved)
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        self._launcher = trainer.strategy.launcher
+        self._saved_handlers = self._install()  # Lightning's, registered after `setup`; restored at the end
+
+    def on_predict_end(self, trainer, pl_module) -> None:
+        self._restore(self._saved_handlers)
+        self._saved_handlers = {}
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.on_predict_end(trainer, pl_module)
 
     def label_row(self, row: dict, pred: dict, i: int) -> dict:
         out = {k: v for k, v in row.items() if not k.startswith("__")}
@@ -174,6 +236,8 @@ class ShardWriter(BasePredictionWriter):
         self.audio_seconds += sum(r["__audio_seconds"] for r in batch["rows"])
         if state["seen"] == batch["shard_units"]:
             self.write_shard(k, self.pending.pop(k))
+        if self.stop_signal is not None and not self.pending:
+            raise StopIteration  # the shard in hand is written: end the predict loop here (see the class)
 
     def write_shard(self, k: int, state: dict) -> None:
         rows = sorted(state["rows"], key=lambda r: r["pl_index"])

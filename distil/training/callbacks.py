@@ -3,26 +3,41 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import lightning as L
 
 from distil.utils.io import write_atomic
 
+log = logging.getLogger(__name__)
+
 DATA_FILTER_REPORT = "data_filter.json"
 
 
 class FinalCheckpoint(L.Callback):
-    """Write last.ckpt when training ends (max_steps need not be a multiple of the checkpoint interval).
+    """Write last.ckpt when training ends (max_steps need not be a multiple of the checkpoint interval), and
+    when SIGTERM stops it (a scheduler's notice before it kills: the rerun resumes from here).
 
-    Runs inside the training processes (also under ddp_spawn) and not after an exception, so a failed
-    run leaves the last good checkpoint as it was."""
+    Runs inside the training processes (also under ddp_spawn) and not after another exception, so a failed
+    run leaves the last good checkpoint as it was. Lightning's SIGTERM handler lets the current batch finish
+    and then raises `SIGTERMException` in every process at the same step, so saving here is collective like
+    any checkpoint. Inside a submitit job SIGTERM is submitit's (`SubmititSignals`) and never reaches here."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trainer.save_checkpoint(self.path)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            trainer.save_checkpoint(self.path)
+            log.warning("stopped by SIGTERM at step %d; saved %s", trainer.global_step, self.path)
 
 
 class DataFilterReport(L.Callback):
@@ -80,6 +95,50 @@ class SubmititSignals(L.Callback):
 
         if self._submitit_handler is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, self._submitit_handler)
+
+
+class ResumeWithConfigOptimiser(L.Callback):
+    """`resume=force`: the optimiser and schedule of this run's config replace those restored from the checkpoint.
+
+    Lightning restores the optimiser's state and its parameter groups (learning rate, weight decay, betas, ...)
+    and the scheduler's base learning rates from the checkpoint, so a new `optim.lr` would be ignored. Here,
+    once they are restored (`on_train_start`), each group takes the freshly configured values (the moment
+    estimates stay) and the scheduler the new base rates and multipliers, at the restored step. Only
+    `LambdaLR` schedules (distil's `build_scheduler`) are recomputed; another scheduler keeps its state."""
+
+    def __init__(self, changes: list[str] | None = None):
+        self.changes = list(changes or [])
+        self.applied: list[float] = []  # the learning rates in force after the resume, for the log and tests
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import torch
+
+        fresh = pl_module.configure_optimizers()
+        fresh_optimizer = fresh["optimizer"] if isinstance(fresh, dict) else fresh
+        fresh_scheduler = fresh.get("lr_scheduler", {}).get("scheduler") if isinstance(fresh, dict) else None
+        (optimizer,) = trainer.optimizers
+        for group, new in zip(optimizer.param_groups, fresh_optimizer.param_groups, strict=True):
+            group.update({k: v for k, v in new.items() if k != "params"})
+        for config in trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            if isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) and isinstance(
+                fresh_scheduler, torch.optim.lr_scheduler.LambdaLR
+            ):
+                scheduler.lr_lambdas = fresh_scheduler.lr_lambdas
+                scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
+                for group, base, factor in zip(
+                    optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
+                ):
+                    group["lr"] = base * factor(scheduler.last_epoch)
+                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        self.applied = [group["lr"] for group in optimizer.param_groups]
+        if self.changes:
+            log.warning(
+                "resume=force at step %d: %s; learning rate now %s",
+                trainer.global_step,
+                "; ".join(self.changes),
+                ", ".join(f"{lr:.3g}" for lr in sorted(set(self.applied))),
+            )
 
 
 class ModelOptions(L.Callback):

@@ -1,7 +1,9 @@
-"""Atomic writes: every file and directory distil writes appears complete or not at all.
+"""Atomic writes: every file and directory distil writes appears complete or not at all; and owner-file locks.
 
 A writer that crashes or is killed leaves only a hidden `.<name>.tmp-*` sibling, never a half-written file
-or directory that a later stage (or a resumed run) would take as complete.
+or directory that a later stage (or a resumed run) would take as complete. A lock is a file recording its
+owner (pid, host, start), created atomically; one whose owner is gone is taken over, so a killed run never
+blocks the next (labelling's shard claims and finalise lock, training's run directory lock).
 """
 
 from __future__ import annotations
@@ -9,7 +11,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -33,6 +37,85 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         pass  # another user's live process
     return True
+
+
+def _owner() -> str:
+    return json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+
+
+def live_owner(lock: Path, stale_after_s: float = 600) -> dict | None:
+    """The live process holding `lock` (an owner file: pid, host, started), with its age, or None. A lock whose
+    owner is gone (a killed run on this host, or untouched for `stale_after_s` from another host) does not
+    count."""
+    try:
+        owner = json.loads(lock.read_text() or "{}")
+        age = time.time() - lock.stat().st_mtime
+    except FileNotFoundError:
+        return None
+    except ValueError:  # being written this instant
+        owner, age = {}, 0.0
+    if owner.get("host") == socket.gethostname():
+        if not pid_alive(int(owner["pid"])):
+            return None
+    elif age > stale_after_s:
+        return None
+    return {**owner, "age_s": age, "lock": str(lock)}
+
+
+def take_lock(lock: Path, stale_after_s: float = 600) -> bool:
+    """Create the owner file `lock` atomically; a lock whose owner is gone is taken over. False: held."""
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if live_owner(lock, stale_after_s) is not None:
+                return False
+            lock.unlink(missing_ok=True)  # its owner is gone
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(_owner())
+        return True
+
+
+class LockHeldError(InputError):
+    """A lock (an owner file) that a live process holds; `owner` is what `live_owner` read from it."""
+
+    def __init__(self, owner: dict):
+        self.owner = owner
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(owner.get("started", time.time())))
+        super().__init__(
+            f"{owner['lock']} is held by pid {owner.get('pid')} on {owner.get('host')} since {since}"
+        )
+
+
+@contextmanager
+def hold_lock(lock: str | Path, heartbeat_s: float = 30, stale_after_s: float = 120) -> Iterator[Path]:
+    """Hold the owner file `lock` for the duration of the block, or raise `LockHeldError` naming its live owner.
+
+    For a lock held as long as a whole run: a thread touches it every `heartbeat_s`, so another host sees it
+    as live; untouched for `stale_after_s` (the owner died there), or with its pid gone on this host, it is
+    taken over. Removed when the block ends, also by an exception."""
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    while not take_lock(lock, stale_after_s):
+        if (owner := live_owner(lock, stale_after_s)) is not None:
+            raise LockHeldError(owner)
+    done = threading.Event()
+
+    def heartbeat() -> None:
+        while not done.wait(heartbeat_s):
+            try:
+                os.utime(lock)
+            except FileNotFoundError:
+                return
+
+    beat = threading.Thread(target=heartbeat, name=f"lock {lock.name}", daemon=True)
+    beat.start()
+    try:
+        yield lock
+    finally:
+        done.set()
+        lock.unlink(missing_ok=True)
 
 
 def remove_leftovers(path: Path) -> list[Path]:
