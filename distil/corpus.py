@@ -46,6 +46,7 @@ from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
+from distil.utils.schema import validate
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "corpus")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     for name, path in build_all(cfg).items():
         print(f"{name}: {path}")

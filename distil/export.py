@@ -22,6 +22,7 @@ from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
+from distil.utils.schema import validate
 from distil.whisper.ct2_export import (
     ExportInputError,
     check_output,
@@ -62,6 +63,7 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "export")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     print(export(cfg))
 

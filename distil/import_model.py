@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
+from distil.utils.schema import validate
 from distil.whisper import ct2_import
 from distil.whisper.models import resolve_model
 
@@ -51,6 +52,7 @@ def import_model(
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "import_model")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     path = import_model(
         cfg.teacher, cfg.get("ct2_dir"), cfg.get("out_dir"), cfg.paths.models, bool(cfg.get("force"))

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
+from distil.utils.schema import validate
 from distil.whisper.student import init_student
 
 
@@ -35,6 +36,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "init_student")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     out = init_student_from_config(cfg)
     print(f"student written to {out}")

@@ -19,12 +19,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
-from distil.utils.errors import ConfigError, one_line_errors
+from distil.utils.errors import one_line_errors
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
+from distil.utils.schema import STAGES, validate
 
 log = logging.getLogger(__name__)
-STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")
 
 
 def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
@@ -64,11 +64,18 @@ def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictCo
     return stage_cfg
 
 
+def validate_stages(cfg: DictConfig) -> None:
+    """The pipeline's config and each stage's, composed as the stages will be, checked before any stage runs
+    (a bad value in the recipe or `overrides.train` is refused up front, not after labelling)."""
+    validate(cfg, "pipeline")
+    for stage in STAGES:
+        if stage in cfg.stages:
+            validate(compose_stage(stage, stage_overrides(cfg, stage), cfg.paths), stage, f"{stage} stage: ")
+
+
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes) the teacher/student comparison and report.md."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    validate_stages(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -190,9 +197,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     from distil.training.sizing import estimate_labelling, estimate_training
     from distil.utils.launch import train_plan
 
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    validate_stages(cfg)
     stages: dict[str, Any] = {}
     hours = cfg.get("audio_hours") or cfg.recipe.get("audio_hours")
     unit_seconds = None
@@ -228,6 +233,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate_stages(cfg)  # every key's type and range (its own and its stages'), before anything runs
     if cfg.get("dry_run"):
         from distil.utils.launch import launcher_plan, print_dry_run
 

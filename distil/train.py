@@ -37,10 +37,11 @@ from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
-from distil.utils.errors import ConfigError, InputError, instantiate, one_line_errors
+from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory, read_json, write_atomic, write_json_atomic
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
+from distil.utils.schema import validate
 from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.models import resolve_model
 from distil.whisper.student import init_student
@@ -98,8 +99,6 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))
-    if cfg.loss.labels not in ("pseudo", "text"):
-        raise ConfigError(f"loss.labels must be 'pseudo' or 'text', got {cfg.loss.labels!r}")
 
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     student_dir = resolve_student(cfg, teacher_dir)
@@ -252,6 +251,7 @@ def slurm_plugins() -> list:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate(cfg, "train")  # every key's type and range, before any model or data loads
     from hydra.core.hydra_config import HydraConfig
     from lightning.pytorch.utilities import rank_zero_only
 
