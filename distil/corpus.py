@@ -44,6 +44,7 @@ from omegaconf import DictConfig
 
 from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_directory
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.utils.schema import validate
@@ -77,6 +78,7 @@ log = logging.getLogger(__name__)
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg, "corpus")  # every key's type and range, before any model or data loads
+    ensure_writable_directory(cfg.out_dir, "out_dir")
     write_run_info(cfg)
     for name, path in build_all(cfg).items():
         print(f"{name}: {path}")

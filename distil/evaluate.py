@@ -29,7 +29,7 @@ from distil.evaluation.pytorch_backend import PyTorchModel
 from distil.evaluation.scoring import failed_sets, primary_metric
 from distil.evaluation.sections import EvalRun
 from distil.utils.errors import instantiate, one_line_errors
-from distil.utils.io import write_atomic
+from distil.utils.io import ensure_writable_directory, write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.schema import validate
 from distil.utils.tensorboard import write_tensorboard
@@ -53,7 +53,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     from distil.utils.runinfo import hydra_output_dir
 
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_directory(out, "hydra.run.dir")  # a read-only destination: before the model loads
     eval_cfg = cfg.eval
     if eval_cfg.get("seed") is not None:
         torch.manual_seed(int(eval_cfg.seed))

@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.utils.schema import validate
@@ -23,6 +24,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
     """Resolve the teacher, then build (or reuse) the student described by `cfg.student`."""
     from distil.whisper.models import resolve_model
 
+    ensure_writable_parent(cfg.out_dir, "out_dir")  # a read-only destination: before the teacher loads
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     return init_student(
         teacher_dir,
