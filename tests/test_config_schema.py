@@ -169,6 +169,12 @@ def test_a_pipeline_checks_its_stages_before_any_runs(hydra_conf, tmp_path):
     assert not (tmp_path / "corpora").exists()  # the corpus stage did not start
 
 
+def test_every_rule_is_documented():
+    page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
+    patterns = [*RULES, *(p for rules in STAGE_RULES.values() for p in rules)]
+    assert not [p for p in patterns if f"`{p}`" not in page]
+
+
 def test_every_stage_has_rules():
     assert set(STAGE_RULES) == set(COMMANDS) and set(STAGES) < set(COMMANDS)
 

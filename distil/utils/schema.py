@@ -160,7 +160,9 @@ RULES: dict[str, Rule] = {
     | non_empty(list_of(non_negative_int)),
     "trainer.num_nodes": count,
     "trainer.max_steps": count,
-    "trainer.precision": one_of(*_precisions()),
+    "trainer.precision": Rule(
+        "a Lightning precision (32-true, 16-mixed, bf16-mixed, ...)", lambda v: v in _precisions()
+    ),
     "trainer.gradient_clip_val": optional(non_negative),
     "trainer.accumulate_grad_batches": count,
     "trainer.val_check_interval": count
@@ -211,7 +213,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "export": boolean,
         "export_ctranslate2": list_of(Rule("a quantization name", lambda v: isinstance(v, str))),
         "record_samples": boolean,
-        "model.freeze_encoder": one_of("auto", True, False),
+        "model.freeze_encoder": auto | boolean,
         "model.freeze_embed_*": boolean,
         "model.share_encoder": optional(boolean),
         "model.dropout": optional(probability),
