@@ -17,14 +17,15 @@ from distil.utils.io import ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.utils.schema import validate
-from distil.whisper.student import init_student
+from distil.whisper.student import init_student, is_complete_student
 
 
 def init_student_from_config(cfg: DictConfig) -> Path:
     """Resolve the teacher, then build (or reuse) the student described by `cfg.student`."""
     from distil.whisper.models import resolve_model
 
-    ensure_writable_parent(cfg.out_dir, "out_dir")  # a read-only destination: before the teacher loads
+    if not is_complete_student(cfg.out_dir):  # to be built: a read-only destination before the teacher loads
+        ensure_writable_parent(cfg.out_dir, "out_dir")
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     return init_student(
         teacher_dir,

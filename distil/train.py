@@ -38,13 +38,19 @@ from distil.training.callbacks import DATA_FILTER_REPORT
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
 from distil.utils.errors import InputError, instantiate, one_line_errors
-from distil.utils.io import ensure_writable_directory, read_json, write_atomic, write_json_atomic
+from distil.utils.io import (
+    ensure_writable_directory,
+    ensure_writable_parent,
+    read_json,
+    write_atomic,
+    write_json_atomic,
+)
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.utils.schema import validate
 from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.models import resolve_model
-from distil.whisper.student import init_student
+from distil.whisper.student import init_student, is_complete_student
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +102,8 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
         raise ValueError("out_dir must be set (distil-train derives it from the overrides)")
     ct2_quantizations = [check_quantization(str(q)) for q in cfg.get("export_ctranslate2") or []]
     out_dir = ensure_writable_directory(cfg.out_dir, "out_dir")  # before any model loads
+    if not cfg.get("student_dir") and not is_complete_student(cfg.student.init_dir):  # built on first use
+        ensure_writable_parent(cfg.student.init_dir, "student.init_dir")
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))

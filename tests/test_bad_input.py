@@ -346,6 +346,25 @@ def test_an_unwritable_student_or_evaluation_directory_is_found_before_the_model
         evaluate(evaluation, unwritable / "eval")
 
 
+def test_an_unwritable_student_directory_is_found_before_training_loads_a_model(
+    tmp_path, unwritable, monkeypatch
+):
+    import distil.train
+
+    monkeypatch.setattr(distil.train, "resolve_model", _no_model)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(
+            "train",
+            [
+                "teacher=tiny_random",
+                f"paths.students={unwritable / 'students'}",
+                f"out_dir={tmp_path / 'run'}",
+            ],
+        )
+    with pytest.raises(OutputNotWritableError, match=rf"^student.init_dir={unwritable}.* cannot be written"):
+        distil.train.train(cfg)
+
+
 def test_an_unwritable_export_directory_is_one_line(cli_home, tiny_random_dir, tmp_path):
     (tmp_path / "blocker").write_text("a file where the export should go")
     result = _cli(
