@@ -19,6 +19,7 @@ from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
 from distil.evaluation.scoring import averages, headlines, primary_metric
 from distil.utils.errors import ConfigError
+from distil.utils.schema import validate
 from distil.whisper.loading import ModelLoadError, load_model
 
 SR = 16_000
@@ -360,8 +361,10 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_in_every_section_but_spe
     with pytest.raises(ExportInputError, match="int3"):
         evaluate(cfg, tmp_path / "bad")
     cfg.backend = "onnx"
-    with pytest.raises(EvalInputError, match="backend='onnx'"):
-        evaluate(cfg, tmp_path / "bad")
+    with pytest.raises(
+        ConfigError, match=r"^backend must be one of \['pytorch', 'ctranslate2'\], got 'onnx'$"
+    ):
+        validate(cfg, "evaluate")  # distil-evaluate's first step (distil.utils.schema)
 
 
 def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, corpora, tmp_path):

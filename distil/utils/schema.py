@@ -1,14 +1,15 @@
 """Every command's configuration checked once, by type and range, before any model or dataset loads.
 
-`RULES` maps a key pattern to what its value must be; `validate(cfg)` walks the composed config (interpolations
-resolved) and raises a `ConfigError` naming the first key whose value breaks its rule:
+`RULES` (the shared config groups) and `STAGE_RULES` (each command's own keys) map a key pattern to what its
+value must be; `validate(cfg, stage)`, the first line of every command, walks the composed config
+(interpolations resolved) and raises a `ConfigError` naming the first key whose value breaks its rule:
 
     optim.lr must be a positive number, got 'abc'
 
 A pattern is a dotted key whose parts may hold `*` wildcards (fnmatch, within one part): `data.datasets.*.splits`
 matches every dataset entry's splits, `loss.*_weight` every loss weight. The YAML stays plain: a key without a
 rule is not checked here (strings such as paths and column names are checked where they are used, against
-the files). To add a key: give it a rule below (docs/configuration.md lists what each key accepts).
+the files). To add a key: give it a rule below, and a row in docs/configuration.md#accepted-values.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from distil.data.audio import NOISE_TYPES
+from distil.datamodules.speech import STOPPING_STRATEGIES
+from distil.evaluation.ct2_backend import BACKENDS
+from distil.evaluation.sections import ALGORITHMS
+from distil.modules.transcriber import DTYPES
+from distil.training.optim import SCHEDULES
 from distil.utils.errors import ConfigError
 
 STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")  # distil-pipeline's, in order
@@ -82,9 +89,11 @@ def _layer_spec_ok(value: Any) -> bool:
     """The student's own parser (distil.whisper.student) decides; the teacher's depth is checked once it loads."""
     from distil.whisper.student import resolve_layers
 
-    if isinstance(value, list):  # indices: checked against any teacher deep enough (the real one: at init)
+    if isinstance(
+        value, list
+    ):  # indices, against a teacher so deep that i and -j never meet (the real one: at init)
         try:
-            resolve_layers(value, n_teacher=1 + max((abs(i) for i in value if _is_int(i)), default=0))
+            resolve_layers(value, n_teacher=1 + 2 * max((abs(i) for i in value if _is_int(i)), default=0))
         except ConfigError:
             return False
         return True
@@ -114,25 +123,6 @@ def _precisions() -> tuple:
     return tuple(v for literal in typing.get_args(_PRECISION_INPUT) for v in typing.get_args(literal))
 
 
-def _constants() -> dict[str, tuple]:
-    from distil.data.audio import NOISE_TYPES
-    from distil.datamodules.speech import STOPPING_STRATEGIES
-    from distil.evaluation.ct2_backend import BACKENDS
-    from distil.evaluation.sections import ALGORITHMS
-    from distil.modules.transcriber import DTYPES
-    from distil.training.optim import SCHEDULES
-
-    return {
-        "noise": NOISE_TYPES,
-        "stopping": STOPPING_STRATEGIES,
-        "backends": BACKENDS,
-        "algorithms": ALGORITHMS,
-        "dtypes": tuple(DTYPES),
-        "schedules": SCHEDULES,
-    }
-
-
-_C = _constants()
 split_name = Rule("a split name", lambda v: isinstance(v, str) and v != "")
 
 # Key pattern -> rule, for the config groups several commands share (teacher, student, data, trainer, ...).
@@ -189,7 +179,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "generation.num_beams": count,
         "generation.max_new_tokens": count,
         "generation.return_timestamps": boolean,
-        "dtype": one_of(*_C["dtypes"]),
+        "dtype": one_of(*DTYPES),
         "attn_implementation": one_of("sdpa", "eager"),
         "batch_size": count,
         "num_workers": non_negative_int,
@@ -225,7 +215,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "optim.betas": list_of(Rule("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1), length=2),
         "optim.eps": positive,
         "optim.warmup_steps": non_negative_int,
-        "optim.schedule": one_of(*_C["schedules"]),
+        "optim.schedule": one_of(*SCHEDULES),
         "loss.labels": one_of("pseudo", "text"),
         "loss.temperature": positive,
         "loss.*_weight": non_negative,
@@ -246,7 +236,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "data.max_label_length": count,
         "data.timestamp_probability": probability,
         "data.condition_on_prev_probability": probability,
-        "data.stopping_strategy": one_of(*_C["stopping"]),
+        "data.stopping_strategy": one_of(*STOPPING_STRATEGIES),
         "data.shuffle_buffer_size": count,
         "data.max_train_samples": optional(count),
         "val.max_new_tokens": count,
@@ -254,7 +244,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "checkpoint.every_n_steps": count,
     },
     "evaluate": {
-        "backend": one_of(*_C["backends"]),
+        "backend": one_of(*BACKENDS),
         "dtype": one_of("auto", "float32", "float16", "bfloat16"),
         "eval.batch_size": count,
         "eval.max_new_tokens": count,
@@ -266,7 +256,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "eval.guards": Rule("null or a mapping of guard settings", _guards_ok),
         "eval.sets.*.max_samples": optional(count),
         "eval.long_form.sets.*.max_samples": optional(count),
-        "eval.long_form.algorithms": non_empty(list_of(one_of(*_C["algorithms"]))),
+        "eval.long_form.algorithms": non_empty(list_of(one_of(*ALGORITHMS))),
         "eval.long_form.max_new_tokens": count,
         "eval.long_form.chunk_length_s": at_most(30, positive),
         "eval.long_form.stride_length_s": optional(non_negative),
@@ -278,7 +268,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "eval.latency.samples": count,
         "eval.latency.warmup": non_negative_int,
         "eval.latency.repeats": count,
-        "eval.noise.types": non_empty(list_of(one_of(*_C["noise"]))),
+        "eval.noise.types": non_empty(list_of(one_of(*NOISE_TYPES))),
         "eval.noise.snr_db": non_empty(list_of(number)),
         "eval.noise.samples": count,
         "eval.noise.seed": integer,
@@ -301,7 +291,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "corpora.*.max_duration_s": positive,
         "corpora.*.pause_s": non_negative,
         "noise.snr_db": optional(number | non_empty(list_of(number))),
-        "noise.type": one_of(*_C["noise"]) | non_empty(list_of(one_of(*_C["noise"]))),
+        "noise.type": one_of(*NOISE_TYPES) | non_empty(list_of(one_of(*NOISE_TYPES))),
         "noise.splits": list_of(split_name),
     },
     "pipeline": {
