@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 from distil.utils.schema import STAGES, validate
@@ -73,9 +74,28 @@ def validate_stages(cfg: DictConfig) -> None:
             validate(compose_stage(stage, stage_overrides(cfg, stage), cfg.paths), stage, f"{stage} stage: ")
 
 
+def check_outputs(cfg: DictConfig) -> None:
+    """Where each stage will write, writable: a read-only location is named before the first stage runs (not
+    after hours of labelling). Each stage checks its own again when it starts."""
+    from distil.train import override_dirname, resolve_out_dir
+    from distil.whisper.student import is_complete_student
+
+    for stage in cfg.stages:
+        overrides = stage_overrides(cfg, stage)
+        stage_cfg = compose_stage(stage, overrides, cfg.paths)
+        key = f"{stage} stage: out_dir"
+        if stage in ("corpus", "pseudo_label"):
+            ensure_writable_directory(stage_cfg.out_dir, key)
+        elif stage == "init_student" and not is_complete_student(stage_cfg.out_dir):
+            ensure_writable_parent(stage_cfg.out_dir, key)
+        elif stage == "train":
+            ensure_writable_parent(resolve_out_dir(stage_cfg, override_dirname(overrides)), key)
+
+
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes) the teacher/student comparison and report.md."""
     validate_stages(cfg)
+    check_outputs(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}

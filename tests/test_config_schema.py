@@ -169,6 +169,21 @@ def test_a_pipeline_checks_its_stages_before_any_runs(hydra_conf, tmp_path):
     assert not (tmp_path / "corpora").exists()  # the corpus stage did not start
 
 
+def test_a_pipeline_finds_an_unwritable_stage_output_before_any_stage_runs(hydra_conf, tmp_path):
+    from distil.pipeline import run_pipeline
+    from distil.utils.io import OutputNotWritableError
+
+    (tmp_path / "blocker").write_text("a file where the students should go")
+    cfg = compose(
+        "pipeline", [f"paths.root={tmp_path}", f"paths.students={tmp_path / 'blocker' / 'students'}"]
+    )
+    with pytest.raises(OutputNotWritableError, match=r"^init_student stage: out_dir=.*blocker/students/"):
+        run_pipeline(cfg, tmp_path / "run")
+    assert not any(
+        (tmp_path / "corpora").iterdir()
+    )  # the corpus stage did not start (its directory is checked)
+
+
 def test_every_rule_is_documented():
     page = (Path(__file__).parents[1] / "docs" / "configuration.md").read_text()
     patterns = [*RULES, *(p for rules in STAGE_RULES.values() for p in rules)]
