@@ -42,12 +42,12 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_directory
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
-from distil.utils.schema import validate
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import validate
 from distil.evaluation.ct2_backend import load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
 from distil.evaluation.pytorch_backend import PyTorchModel
@@ -31,7 +32,6 @@ from distil.evaluation.sections import EvalRun
 from distil.utils.errors import instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory, write_atomic
 from distil.utils.paths import CONF_DIR
-from distil.utils.schema import validate
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.ct2_export import check_quantization
 from distil.whisper.generation import Guards

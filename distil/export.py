@@ -18,12 +18,12 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_parent, reporting_full_disk
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
-from distil.utils.schema import validate
 from distil.whisper.ct2_export import (
     ExportInputError,
     check_output,

@@ -12,11 +12,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
-from distil.utils.schema import validate
 from distil.whisper.student import init_student, is_complete_student
 
 

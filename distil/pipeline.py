@@ -17,13 +17,13 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
 from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_directory, ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
-from distil.utils.schema import STAGES, validate
 
 log = logging.getLogger(__name__)
 

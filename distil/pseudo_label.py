@@ -45,6 +45,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.entries import (
     DataConfigError,
@@ -78,7 +79,6 @@ from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usa
 from distil.utils.paths import CONF_DIR
 from distil.utils.progress import ProgressLog
 from distil.utils.runinfo import hydra_output_dir, write_run_info
-from distil.utils.schema import validate
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.models import weights_fingerprint
 
@@ -99,7 +99,7 @@ def _teacher_record(cfg: DictConfig) -> tuple[str, dict]:
 def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
     """Load and check every dataset split before the teacher is touched."""
     entries = dataset_entries(cfg.data.datasets)
-    without_speaker = cfg.packing.get("without_speaker")  # null or clips (distil.utils.schema)
+    without_speaker = cfg.packing.get("without_speaker")  # null or clips (distil.config.schema)
     loaded = []
     for entry in entries:
         for split in entry.splits:

@@ -32,6 +32,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT
@@ -47,7 +48,6 @@ from distil.utils.io import (
 )
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
-from distil.utils.schema import validate
 from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.models import resolve_model
 from distil.whisper.student import init_student, is_complete_student

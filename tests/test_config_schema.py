@@ -1,4 +1,4 @@
-"""The configuration schema (distil.utils.schema): every command checks its config by type and range before any
+"""The configuration schema (distil.config.schema): every command checks its config by type and range before any
 model or dataset loads, naming the key; every shipped config passes."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, ListConfig
 from test_bad_input import _cli, cli_home  # noqa: F401  (a fixture)
 
+from distil.config.schema import RULES, STAGE_RULES, STAGES, validate
 from distil.utils.errors import ConfigError
 from distil.utils.paths import CONF_DIR
-from distil.utils.schema import RULES, STAGE_RULES, STAGES, validate
 
 COMMANDS = (
     "corpus",
@@ -82,7 +82,7 @@ def _keys(node, path=()) -> set[str]:
 
 def test_every_rule_names_a_key_that_exists(hydra_conf):
     """A rule whose pattern matches no key of any shipped config is a typo (it would never fire)."""
-    from distil.utils.schema import _matches
+    from distil.config.schema import _matches
 
     keys: dict[str, set[str]] = {command: set() for command in COMMANDS}
     for command, overrides in shipped_configs():

@@ -13,13 +13,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from distil.config.schema import validate
 from distil.data.audio import encode_flac
 from distil.evaluate import evaluate
 from distil.evaluation.data import EvalInputError
 from distil.evaluation.latency import count_real_tokens
 from distil.evaluation.scoring import averages, headlines, primary_metric
 from distil.utils.errors import ConfigError
-from distil.utils.schema import validate
 from distil.whisper.loading import ModelLoadError, load_model
 
 SR = 16_000
@@ -364,7 +364,7 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_in_every_section_but_spe
     with pytest.raises(
         ConfigError, match=r"^backend must be one of \['pytorch', 'ctranslate2'\], got 'onnx'$"
     ):
-        validate(cfg, "evaluate")  # distil-evaluate's first step (distil.utils.schema)
+        validate(cfg, "evaluate")  # distil-evaluate's first step (distil.config.schema)
 
 
 def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, corpora, tmp_path):

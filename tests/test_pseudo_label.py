@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+from distil.config.schema import validate
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
 from distil.data.label_plan import Clip, LabellingSpec, pack_units, split_shard_size
@@ -33,7 +34,6 @@ from distil.pseudo_label import pseudo_label
 from distil.utils.errors import ConfigError
 from distil.utils.parallel import resolve_parallelism
 from distil.utils.paths import CONF_DIR
-from distil.utils.schema import validate
 
 # Speaker of each TTS clip (a label for packing, independent of the voice that spoke it).
 SPEAKERS = ["A"] * 5 + ["B"] * 3 + ["A"] * 4
@@ -643,7 +643,7 @@ def test_bad_packing_limits_are_reported_before_the_teacher_loads(tmp_path, corp
 def test_a_shard_layout_setting_below_one_is_refused_by_the_schema(tmp_path, corpus, key):
     cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, f"{key}=0")
     with pytest.raises(ConfigError, match=rf"^{key} must be a positive integer, got 0$"):
-        validate(cfg, "pseudo_label")  # the command's first step (distil.utils.schema)
+        validate(cfg, "pseudo_label")  # the command's first step (distil.config.schema)
 
 
 def test_language_for_english_only_teacher_is_an_error(tmp_path, tiny_random_dir, corpus, monkeypatch):
