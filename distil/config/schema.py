@@ -15,6 +15,7 @@ the files). To add a key: give it a rule below, and a row in docs/configuration.
 from __future__ import annotations
 
 import fnmatch
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -147,7 +148,8 @@ RULES: dict[str, Rule] = {
     "trainer.devices": count
     | auto
     | Rule("-1 (all)", lambda v: v == -1)
-    | non_empty(list_of(non_negative_int)),
+    | non_empty(list_of(non_negative_int))
+    | Rule("device ids as text ('0,1')", lambda v: isinstance(v, str) and re.fullmatch(r"\d+(,\d+)*,?", v)),
     "trainer.num_nodes": count,
     "trainer.max_steps": count,
     "trainer.precision": Rule(
