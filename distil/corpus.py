@@ -42,8 +42,10 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_directory
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 
@@ -75,6 +77,8 @@ log = logging.getLogger(__name__)
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "corpus")  # every key's type and range, before any model or data loads
+    ensure_writable_directory(cfg.out_dir, "out_dir")
     write_run_info(cfg)
     for name, path in build_all(cfg).items():
         print(f"{name}: {path}")

@@ -23,13 +23,14 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from distil.evaluation.ct2_backend import BACKENDS, load_ct2
+from distil.config.schema import validate
+from distil.evaluation.ct2_backend import load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
 from distil.evaluation.pytorch_backend import PyTorchModel
 from distil.evaluation.scoring import failed_sets, primary_metric
 from distil.evaluation.sections import EvalRun
 from distil.utils.errors import instantiate, one_line_errors
-from distil.utils.io import write_atomic
+from distil.utils.io import ensure_writable_directory, write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.ct2_export import check_quantization
@@ -52,14 +53,12 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     from distil.utils.runinfo import hydra_output_dir
 
     out = Path(out_dir) if out_dir is not None else hydra_output_dir() or Path.cwd()
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_writable_directory(out, "hydra.run.dir")  # a read-only destination: before the model loads
     eval_cfg = cfg.eval
     if eval_cfg.get("seed") is not None:
         torch.manual_seed(int(eval_cfg.seed))
     models_root = OmegaConf.select(cfg, "paths.models")
     backend, compute_type = cfg.get("backend", "pytorch"), str(cfg.get("compute_type", "int8"))
-    if backend not in BACKENDS:
-        raise EvalInputError(f"backend={backend!r}: use one of {list(BACKENDS)}")
     if backend == "ctranslate2":
         check_quantization(compute_type)  # before any work
     # Every set's keys are checked before the model loads (a misspelt key is refused by name).
@@ -104,6 +103,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate(cfg, "evaluate")  # every key's type and range, before any model or data loads
     from distil.utils.runinfo import write_run_info
 
     out = write_run_info(cfg)

@@ -18,8 +18,10 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_parent, reporting_full_disk
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import (
@@ -39,12 +41,17 @@ def export(cfg: DictConfig) -> Path:
     check_quantization(quantization, device)
     model, force = cfg.model, bool(cfg.force)
     path = model.get("path")
+    if cfg.out_dir:
+        ensure_writable_parent(cfg.out_dir, "out_dir")  # a read-only destination: before any model loads
     if not is_checkpoint(model):
+        if not cfg.out_dir and path and Path(str(path)).expanduser().is_dir():  # the export goes beside it
+            ensure_writable_parent(f"{Path(str(path)).expanduser()}-ct2-{quantization}", "out_dir")
         source = Path(resolve_model(model, cfg.paths.models))  # imports a packaged teacher on first use
         if not source.is_dir():
             raise ExportInputError(f"model {source} is not a local directory: download it first")
         out = Path(cfg.out_dir or f"{source}-ct2-{quantization}")
-        return export_ct2(source, out, quantization, device, force)
+        with reporting_full_disk(out):
+            return export_ct2(source, out, quantization, device, force)
 
     ckpt = Path(str(path)).expanduser()
     if not ckpt.is_file() or not model.get("base"):
@@ -52,9 +59,9 @@ def export(cfg: DictConfig) -> Path:
             f"checkpoint {ckpt} must exist and model.base=<the student directory it was trained from> be set"
         )
     base = check_whisper_dir(model.base)
-    out = Path(cfg.out_dir or ckpt.with_name(f"{ckpt.stem}-ct2-{quantization}"))
+    out = ensure_writable_parent(cfg.out_dir or ckpt.with_name(f"{ckpt.stem}-ct2-{quantization}"), "out_dir")
     check_output(out)
-    with tempfile.TemporaryDirectory(prefix="distil-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="distil-export-") as tmp, reporting_full_disk(out):
         hf_dir = export_student(ckpt, str(base), Path(tmp) / "student")
         return export_ct2(hf_dir, out, quantization, device, force, source_name=str(ckpt))
 
@@ -62,6 +69,7 @@ def export(cfg: DictConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "export")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     print(export(cfg))
 

@@ -12,7 +12,9 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.utils.errors import ConfigError, one_line_errors
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper import ct2_import
@@ -51,6 +53,11 @@ def import_model(
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "import_model")  # every key's type and range, before any model or data loads
+    if cfg.get("out_dir"):
+        ensure_writable_parent(cfg.out_dir, "out_dir")
+    elif cfg.get("ct2_dir") or not cfg.teacher.get("path"):  # imported into paths.models
+        ensure_writable_directory(cfg.paths.models, "paths.models")
     write_run_info(cfg)
     path = import_model(
         cfg.teacher, cfg.get("ct2_dir"), cfg.get("out_dir"), cfg.paths.models, bool(cfg.get("force"))

@@ -12,16 +12,20 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.schema import validate
 from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
-from distil.whisper.student import init_student
+from distil.whisper.student import init_student, is_complete_student
 
 
 def init_student_from_config(cfg: DictConfig) -> Path:
     """Resolve the teacher, then build (or reuse) the student described by `cfg.student`."""
     from distil.whisper.models import resolve_model
 
+    if not is_complete_student(cfg.out_dir):  # to be built: a read-only destination before the teacher loads
+        ensure_writable_parent(cfg.out_dir, "out_dir")
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     return init_student(
         teacher_dir,
@@ -35,6 +39,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
+    validate(cfg, "init_student")  # every key's type and range, before any model or data loads
     write_run_info(cfg)
     out = init_student_from_config(cfg)
     print(f"student written to {out}")

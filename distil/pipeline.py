@@ -17,14 +17,15 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
-from distil.utils.errors import ConfigError, one_line_errors
+from distil.utils.errors import one_line_errors
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 
 log = logging.getLogger(__name__)
-STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")
 
 
 def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
@@ -64,11 +65,37 @@ def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictCo
     return stage_cfg
 
 
+def validate_stages(cfg: DictConfig) -> None:
+    """The pipeline's config and each stage's, composed as the stages will be, checked before any stage runs
+    (a bad value in the recipe or `overrides.train` is refused up front, not after labelling)."""
+    validate(cfg, "pipeline")
+    for stage in STAGES:
+        if stage in cfg.stages:
+            validate(compose_stage(stage, stage_overrides(cfg, stage), cfg.paths), stage, f"{stage} stage: ")
+
+
+def check_outputs(cfg: DictConfig) -> None:
+    """Where each stage will write, writable: a read-only location is named before the first stage runs (not
+    after hours of labelling). Each stage checks its own again when it starts."""
+    from distil.train import override_dirname, resolve_out_dir
+    from distil.whisper.student import is_complete_student
+
+    for stage in cfg.stages:
+        overrides = stage_overrides(cfg, stage)
+        stage_cfg = compose_stage(stage, overrides, cfg.paths)
+        key = f"{stage} stage: out_dir"
+        if stage in ("corpus", "pseudo_label"):
+            ensure_writable_directory(stage_cfg.out_dir, key)
+        elif stage == "init_student" and not is_complete_student(stage_cfg.out_dir):
+            ensure_writable_parent(stage_cfg.out_dir, key)
+        elif stage == "train":
+            ensure_writable_parent(resolve_out_dir(stage_cfg, override_dirname(overrides)), key)
+
+
 def run_pipeline(cfg: DictConfig, out_dir: str | Path) -> dict[str, Any]:
     """Run the configured stages in order; returns (and writes) the teacher/student comparison and report.md."""
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    validate_stages(cfg)
+    check_outputs(cfg)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
@@ -190,9 +217,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     from distil.training.sizing import estimate_labelling, estimate_training
     from distil.utils.launch import train_plan
 
-    unknown = [s for s in cfg.stages if s not in STAGES]
-    if unknown:
-        raise ConfigError(f"pipeline.stages has unknown stage(s) {unknown}; choose from {list(STAGES)}")
+    validate_stages(cfg)
     stages: dict[str, Any] = {}
     hours = cfg.get("audio_hours") or cfg.recipe.get("audio_hours")
     unit_seconds = None
@@ -228,6 +253,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate_stages(cfg)  # every key's type and range (its own and its stages'), before anything runs
     if cfg.get("dry_run"):
         from distil.utils.launch import launcher_plan, print_dry_run
 

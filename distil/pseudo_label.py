@@ -46,6 +46,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.entries import (
     DataConfigError,
@@ -102,11 +103,7 @@ def _load_inputs(cfg: DictConfig) -> list[tuple[DatasetEntry, str, Any]]:
     schema) and, map-style, that the ids are unique (reading only the id column). A stream is not read twice for
     its ids: there a duplicate is found when the split is finalised."""
     entries = dataset_entries(cfg.data.datasets)
-    without_speaker = cfg.packing.get("without_speaker")
-    if without_speaker not in (None, "clips"):
-        raise DataConfigError(
-            f"packing.without_speaker must be null (refuse) or clips, got {without_speaker!r}"
-        )
+    without_speaker = cfg.packing.get("without_speaker")  # null or clips (distil.config.schema)
     loaded = []
     for entry in entries:
         for split in entry.splits:
@@ -291,9 +288,6 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
         raise DataConfigError(
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"
         )
-    for key in ("shard_size", "min_shards", "batch_size"):  # they set the shard layout (split_shard_size)
-        if int(cfg[key]) < 1:
-            raise DataConfigError(f"{key} must be >= 1, got {cfg[key]}")
     if cfg.packing.enabled:
         check_packing_limits(cfg.packing.min_seconds, cfg.packing.max_seconds)
     if cfg.encoder_cache.enabled:
@@ -333,6 +327,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate(cfg, "pseudo_label")  # every key's type and range, before any model or data loads
     if cfg.get("dry_run"):
         from distil.training.sizing import estimate_labelling
         from distil.utils.launch import launcher_plan, model_plan, print_dry_run, trainer_plan

@@ -36,15 +36,17 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimiser
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
-from distil.utils.errors import ConfigError, InputError, instantiate, one_line_errors
+from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.io import (
     LockHeldError,
     ensure_writable_directory,
+    ensure_writable_parent,
     hold_lock,
     read_json,
     write_atomic,
@@ -54,14 +56,13 @@ from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.models import resolve_model
-from distil.whisper.student import init_student
+from distil.whisper.student import init_student, is_complete_student
 
 log = logging.getLogger(__name__)
 
 DATA_FINGERPRINT = "data_fingerprint.json"  # what the run trains on, checked on resume
 RUN_CONFIG = "run_config.json"  # the settings that define the training, checked on resume
 RUN_LOCK = "run.lock"  # held by the process that writes the run directory (pid, host, start)
-RESUME_MODES = ("auto", "force")
 
 # The config that defines what a run trains (optimiser, schedule, loss, data mixture and batch size, student,
 # teacher, the model's trained parts, seed); a resume must keep it (resume=force: apply the new values). The rest
@@ -153,10 +154,10 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
     if cfg.get("out_dir") in (None, "", "???"):
         raise ValueError("out_dir must be set (distil-train derives it from the overrides)")
     ct2_quantizations = [check_quantization(str(q)) for q in cfg.get("export_ctranslate2") or []]
-    resume = str(cfg.get("resume", "auto"))
-    if resume not in RESUME_MODES:
-        raise ConfigError(f"resume must be one of {list(RESUME_MODES)}, got {resume!r}")
+    resume = str(cfg.get("resume", "auto"))  # auto | force (distil.config.schema)
     out_dir = ensure_writable_directory(cfg.out_dir, "out_dir")  # before any model loads
+    if not cfg.get("student_dir") and not is_complete_student(cfg.student.init_dir):  # built on first use
+        ensure_writable_parent(cfg.student.init_dir, "student.init_dir")
     # One run writes a run directory at a time. Under DDP the lock is rank 0's: the launcher's environment
     # (RANK, LOCAL_RANK, SLURM_PROCID) gives each process its rank before the trainer exists.
     first = rank_zero_only.rank == 0
@@ -185,8 +186,6 @@ def _train(
     L.seed_everything(int(cfg.seed), workers=True)
     if cfg.get("matmul_precision"):
         torch.set_float32_matmul_precision(str(cfg.matmul_precision))
-    if cfg.loss.labels not in ("pseudo", "text"):
-        raise ConfigError(f"loss.labels must be 'pseudo' or 'text', got {cfg.loss.labels!r}")
 
     teacher_dir = resolve_model(cfg.teacher, models_root=cfg.paths.models)
     student_dir = resolve_student(cfg, teacher_dir)
@@ -432,6 +431,7 @@ def slurm_plugins() -> list:
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
+    validate(cfg, "train")  # every key's type and range, before any model or data loads
     from hydra.core.hydra_config import HydraConfig
     from lightning.pytorch.utilities import rank_zero_only
 

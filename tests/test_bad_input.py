@@ -215,3 +215,168 @@ def test_a_misspelt_key_is_refused_naming_it(cli_home, module, typo):
     assert result.returncode == 1 and f"Key '{key}' is not in struct" in result.stderr, result.stderr[-2000:]
     assert not (cli_home / "runs").exists() or not list((cli_home / "runs").rglob("*.log"))
     assert not list(cli_home.rglob("_SUCCESS"))
+
+
+# A full disk and read-only destinations (issue 32, item 17).
+
+FULL_DISK = [
+    OSError(28, "No space left on device"),
+    RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4416 vs 4310"),
+    RuntimeError(
+        "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: file write failed"
+    ),
+]
+
+
+@pytest.mark.parametrize("error", FULL_DISK, ids=["ENOSPC", "unexpected pos", "file write failed"])
+def test_a_full_disk_at_a_checkpoint_says_so_naming_the_path_and_the_free_space(tmp_path, monkeypatch, error):
+    import torch
+
+    from distil.training.checkpoints import AtomicCheckpointIO
+    from distil.utils.io import OutOfSpaceError
+
+    def full_disk(obj, f):
+        Path(f).write_bytes(b"half a checkpoint")
+        raise error
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    with pytest.raises(
+        OutOfSpaceError, match=rf"^no space left on device writing {path} \(\d+ MB free\): free space"
+    ):
+        AtomicCheckpointIO().save_checkpoint({"step": 3}, path)
+    assert not any((tmp_path / "checkpoints").iterdir())  # the partial temporary is gone
+
+
+def test_other_checkpoint_errors_are_not_taken_for_a_full_disk(tmp_path, monkeypatch):
+    import torch
+
+    from distil.training.checkpoints import AtomicCheckpointIO
+
+    def broken(obj, f):
+        raise RuntimeError("cannot pickle 'generator' object")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        AtomicCheckpointIO().save_checkpoint({"step": 3}, tmp_path / "last.ckpt")
+
+
+def test_a_full_disk_during_an_export_says_so(tmp_path, monkeypatch):
+    from transformers import GenerationConfig
+
+    import distil.training.checkpoints as checkpoints
+    from distil.utils.io import OutOfSpaceError
+
+    class Student:  # what model_from_checkpoint returns, with safetensors' error for a full disk
+        generation_config = GenerationConfig()
+
+        def save_pretrained(self, out, **kwargs):
+            (Path(out) / "model.safetensors").write_bytes(b"half the weights")
+            raise OSError(
+                'Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })'
+            )
+
+    monkeypatch.setattr(checkpoints, "model_from_checkpoint", lambda *a: Student())
+    with pytest.raises(
+        OutOfSpaceError, match=rf"no space left on device writing {tmp_path / 'run' / 'last'} "
+    ):
+        checkpoints.export_student(tmp_path / "last.ckpt", str(tmp_path), tmp_path / "run" / "last")
+    assert not any((tmp_path / "run").iterdir())
+
+
+@pytest.fixture(params=["a file in the way", "read-only"])
+def unwritable(request, tmp_path) -> Path:
+    """A directory distil cannot write into: under a file (any user), or chmod 555 (root ignores that)."""
+    import os
+
+    if request.param == "a file in the way":
+        (tmp_path / "blocker").write_text("a file where a directory should be")
+        return tmp_path / "blocker"
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only directories")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro"
+
+
+def _no_model(*args, **kwargs):
+    raise AssertionError("a model was loaded before the output directory was checked")
+
+
+def test_an_unwritable_export_directory_is_found_before_the_model_loads(
+    tmp_path, tiny_random_dir, unwritable, monkeypatch
+):
+    import distil.export as stage
+
+    monkeypatch.setattr(stage, "resolve_model", _no_model)
+    monkeypatch.setattr(stage, "export_student", _no_model)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for overrides in (
+            ["model=path", f"model.path={tiny_random_dir}", f"out_dir={unwritable / 'ct2'}"],
+            [
+                "model=checkpoint",
+                f"model.path={tmp_path / 'last.ckpt'}",
+                f"model.base={tiny_random_dir}",
+                f"out_dir={unwritable / 'ct2'}",
+            ],
+        ):
+            (tmp_path / "last.ckpt").write_bytes(b"a checkpoint")
+            cfg = compose("export", [f"paths.root={tmp_path}", "quantization=float32", *overrides])
+            with pytest.raises(OutputNotWritableError, match=rf"^out_dir={unwritable}.* cannot be written"):
+                stage.export(cfg)
+
+
+def test_an_unwritable_student_or_evaluation_directory_is_found_before_the_model_loads(
+    tmp_path, unwritable, monkeypatch
+):
+    import distil.evaluate
+    import distil.whisper.models
+    from distil.evaluate import evaluate
+    from distil.init_student import init_student_from_config
+
+    monkeypatch.setattr(distil.whisper.models, "resolve_model", _no_model)
+    monkeypatch.setattr(distil.evaluate, "load_model", _no_model)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        students = compose(
+            "init_student", ["teacher=tiny_random", f"paths.students={unwritable / 'students'}"]
+        )
+        evaluation = compose("evaluate", [f"paths.root={tmp_path}", "model=tiny_random"])
+    with pytest.raises(OutputNotWritableError, match=rf"^out_dir={unwritable}.* cannot be written"):
+        init_student_from_config(students)
+    with pytest.raises(OutputNotWritableError, match=rf"hydra.run.dir={unwritable}"):
+        evaluate(evaluation, unwritable / "eval")
+
+
+def test_an_unwritable_student_directory_is_found_before_training_loads_a_model(
+    tmp_path, unwritable, monkeypatch
+):
+    import distil.train
+
+    monkeypatch.setattr(distil.train, "resolve_model", _no_model)
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = compose(
+            "train",
+            [
+                "teacher=tiny_random",
+                f"paths.students={unwritable / 'students'}",
+                f"out_dir={tmp_path / 'run'}",
+            ],
+        )
+    with pytest.raises(OutputNotWritableError, match=rf"^student.init_dir={unwritable}.* cannot be written"):
+        distil.train.train(cfg)
+
+
+def test_an_unwritable_export_directory_is_one_line(cli_home, tiny_random_dir, tmp_path):
+    (tmp_path / "blocker").write_text("a file where the export should go")
+    result = _cli(
+        cli_home,
+        "distil.export",
+        "model=path",
+        f"model.path={tiny_random_dir}",
+        f"out_dir={tmp_path / 'blocker' / 'ct2'}",
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith(f"error: out_dir={tmp_path / 'blocker' / 'ct2'} cannot be written: cannot create")
+    )

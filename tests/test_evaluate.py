@@ -13,6 +13,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+from distil.config.schema import validate
 from distil.data.audio import encode_flac
 from distil.evaluate import evaluate
 from distil.evaluation.data import EvalInputError
@@ -360,8 +361,10 @@ def test_ctranslate2_backend_matches_pytorch_at_float32_in_every_section_but_spe
     with pytest.raises(ExportInputError, match="int3"):
         evaluate(cfg, tmp_path / "bad")
     cfg.backend = "onnx"
-    with pytest.raises(EvalInputError, match="backend='onnx'"):
-        evaluate(cfg, tmp_path / "bad")
+    with pytest.raises(
+        ConfigError, match=r"^backend must be one of \['pytorch', 'ctranslate2'\], got 'onnx'$"
+    ):
+        validate(cfg, "evaluate")  # distil-evaluate's first step (distil.config.schema)
 
 
 def test_ctranslate2_backend_runs_long_form_through_faster_whisper(tiny_en_dir, corpora, tmp_path):

@@ -22,6 +22,7 @@ from hydra import compose, initialize_config_dir
 from lightning.pytorch.callbacks import Callback
 from transformers import AutoTokenizer, WhisperFeatureExtractor, WhisperForConditionalGeneration
 
+from distil.config.schema import validate
 from distil.data.audio import encode_flac
 from distil.data.entries import DataConfigError, DatasetEntry, load_split
 from distil.data.label_plan import Clip, LabellingSpec, pack_units, split_shard_size
@@ -30,6 +31,7 @@ from distil.data.text import corpus_wer, english_normalizer, sample_wer
 from distil.datamodules.labelling import LabellingSource, ShardBatches
 from distil.modules.transcriber import GenerationConfigError
 from distil.pseudo_label import pseudo_label
+from distil.utils.errors import ConfigError
 from distil.utils.parallel import resolve_parallelism
 from distil.utils.paths import CONF_DIR
 
@@ -638,16 +640,10 @@ def test_bad_packing_limits_are_reported_before_the_teacher_loads(tmp_path, corp
 
 
 @pytest.mark.parametrize("key", ["shard_size", "min_shards", "batch_size"])
-def test_a_shard_layout_setting_below_one_is_reported_before_the_teacher_loads(
-    tmp_path, corpus, monkeypatch, key
-):
-    def no_teacher(*a, **k):
-        raise AssertionError("teacher resolved before the shard settings were checked")
-
-    monkeypatch.setattr("distil.whisper.models.resolve_model", no_teacher)
+def test_a_shard_layout_setting_below_one_is_refused_by_the_schema(tmp_path, corpus, key):
     cfg = make_cfg(tmp_path, tmp_path / "no-model", corpus, f"{key}=0")
-    with pytest.raises(DataConfigError, match=rf"^{key} must be >= 1, got 0$"):
-        pseudo_label(cfg, run_dir=tmp_path / "run")
+    with pytest.raises(ConfigError, match=rf"^{key} must be a positive integer, got 0$"):
+        validate(cfg, "pseudo_label")  # the command's first step (distil.config.schema)
 
 
 def test_language_for_english_only_teacher_is_an_error(tmp_path, tiny_random_dir, corpus, monkeypatch):
@@ -765,5 +761,8 @@ def test_a_dataset_without_speakers_is_refused_or_labelled_clip_by_clip(tmp_path
     assert len(rows) == len(SPEAKERS) and "packed_ids" not in rows[0]  # one clip a unit
     plan = json.loads((split_out(summary) / "_progress" / "plan.json").read_text())
     assert plan["packing"] is None
-    with pytest.raises(DataConfigError, match="packing.without_speaker must be"):
-        run(tmp_path / "typo", tiny_random_dir, corpus, *no_speaker, "packing.without_speaker=yes")
+    typo = make_cfg(tmp_path / "typo", tiny_random_dir, corpus, *no_speaker, "packing.without_speaker=yes")
+    with pytest.raises(
+        ConfigError, match="packing.without_speaker must be null .refuse. or clips, got 'yes'"
+    ):
+        validate(typo, "pseudo_label")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from distil.utils.io import atomic_directory, atomic_file
+from distil.utils.io import atomic_directory, atomic_file, reporting_full_disk
 from distil.whisper.generation import Guards
 from distil.whisper.loading import model_from_checkpoint
 from distil.whisper.student import STUDENT_INFO_FILE
@@ -41,7 +41,7 @@ def export_student(checkpoint: str | Path, base_dir: str, out: Path) -> Path:
 
     model = model_from_checkpoint(checkpoint, base_dir)
     Guards().write_into(model.generation_config)  # what openai-whisper and faster-whisper users decode with
-    with atomic_directory(out) as tmp:
+    with reporting_full_disk(out), atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         WhisperProcessor.from_pretrained(base_dir).save_pretrained(tmp)
         info = Path(base_dir) / STUDENT_INFO_FILE
@@ -61,5 +61,5 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         if storage_options is not None:
             raise TypeError(f"{type(self).__name__} does not take storage_options, got {storage_options!r}")
-        with atomic_file(path) as tmp:
+        with reporting_full_disk(path), atomic_file(path) as tmp:
             torch.save(checkpoint, tmp)

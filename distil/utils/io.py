@@ -8,6 +8,7 @@ blocks the next (labelling's shard claims and finalise lock, training's run dire
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -254,3 +255,53 @@ def ensure_writable_directory(path: str | Path, key: str) -> Path:
             f"{key}={directory} is not writable by this user; choose a writable location ({key}=...)"
         )
     return directory
+
+
+def ensure_writable_parent(path: str | Path, key: str) -> Path:
+    """`path` (config key `key`) will be written as a whole (a temporary sibling renamed into place): its parent
+    must exist or be creatable, and be writable. Checked before any model loads."""
+    path = Path(path).expanduser()
+    try:
+        ensure_writable_directory(path.parent, key)
+    except OutputNotWritableError as err:
+        raise OutputNotWritableError(f"{key}={path} cannot be written: {err}") from err
+    return path
+
+
+class OutOfSpaceError(InputError):
+    """A write that ran out of disk space: the message names the path and the space left."""
+
+
+def is_out_of_space(err: BaseException) -> bool:
+    """An exception that means the disk (or quota) is full: ENOSPC/EDQUOT, or torch.save's zip writer
+    (inline_container.cc), which reports a short write as a RuntimeError ("unexpected pos", "file write
+    failed"), or safetensors' Rust error text ("No space left on device")."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(err)
+    if isinstance(err, RuntimeError) and ("unexpected pos" in text or "file write failed" in text):
+        return True
+    return "No space left on device" in text or "os error 28" in text
+
+
+def free_megabytes(path: str | Path) -> float:
+    """Free space (MB) on the file system of `path`, or of its nearest existing parent."""
+    path = Path(path).expanduser().absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free / 1e6
+
+
+@contextmanager
+def reporting_full_disk(path: str | Path) -> Iterator[None]:
+    """Turn a full-disk failure while writing `path` into one line that says so (the temporary the writer had
+    started is already gone: atomic_file and atomic_directory remove it)."""
+    try:
+        yield
+    except Exception as err:
+        if isinstance(err, OutOfSpaceError) or not is_out_of_space(err):
+            raise
+        raise OutOfSpaceError(
+            f"no space left on device writing {path} ({free_megabytes(path):.0f} MB free): free space, or write "
+            "elsewhere (out_dir=..., or DISTIL_HOME=... / paths.root=...)"
+        ) from err

@@ -1,0 +1,1 @@
+"""The configuration schema: what each config key accepts (`schema.py`), checked by every command first."""
