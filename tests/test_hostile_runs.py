@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import dead_pid, write_split
+from helpers import cli, dead_pid, write_split
 
 TEACHER = "whisper-tiny-random"
 
@@ -199,14 +199,8 @@ def test_a_resume_with_other_settings_is_refused_in_one_line_before_anything_loa
     (home / "run" / "checkpoints").mkdir(parents=True)
     (home / "run" / "checkpoints" / "last.ckpt").write_bytes(b"not read: the refusal comes first")
     write_json_atomic(home / "run" / RUN_CONFIG, run_config(compose_train(home)))
-    env = {**os.environ, "DISTIL_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "distil.train", *train_overrides(home, "optim.lr=5e-4", "data.batch_size=4")],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=home,
-        timeout=300,
+    result = cli(
+        "train", *train_overrides(home, "optim.lr=5e-4", "data.batch_size=4"), home=home, check=False
     )
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
@@ -319,15 +313,7 @@ def test_a_second_training_run_on_a_locked_directory_is_refused_naming_the_owner
     (home / "run").mkdir()
     lock = home / "run" / "run.lock"
     lock.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
-    env = {**os.environ, "DISTIL_HOME": str(home), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "distil.train", *train_overrides(home)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=home,
-        timeout=300,
-    )
+    result = cli("train", *train_overrides(home), home=home, check=False)
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
     assert last.startswith("error: ") and f"pid {os.getpid()} on {socket.gethostname()} since" in last, last
