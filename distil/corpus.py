@@ -45,7 +45,7 @@ from omegaconf import DictConfig
 from distil.config.schema import validate
 from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_directory
+from distil.utils.io import ensure_writable_directory, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 
@@ -74,6 +74,7 @@ log = logging.getLogger(__name__)
 
 # An absolute path: with "../conf" the `distil-corpus` console script fails (Hydra then looks for a
 # `conf` Python module because the caller is not a file next to the configs).
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

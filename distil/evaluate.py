@@ -30,7 +30,7 @@ from distil.evaluation.pytorch_backend import PyTorchModel
 from distil.evaluation.scoring import failed_sets, primary_metric
 from distil.evaluation.sections import EvalRun
 from distil.utils.errors import instantiate, one_line_errors
-from distil.utils.io import ensure_writable_directory, write_atomic
+from distil.utils.io import ensure_writable_directory, writable_home, write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
 from distil.whisper.ct2_export import check_quantization
@@ -100,6 +100,7 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     return metrics
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from distil.config.schema import validate
 from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_parent, reporting_full_disk
+from distil.utils.io import ensure_writable_parent, reporting_full_disk, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import (
@@ -66,6 +66,7 @@ def export(cfg: DictConfig) -> Path:
         return export_ct2(hf_dir, out, quantization, device, force, source_name=str(ckpt))
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from distil.config.schema import validate
 from distil.utils.errors import ConfigError, one_line_errors
-from distil.utils.io import ensure_writable_directory, ensure_writable_parent
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper import ct2_import
@@ -50,6 +50,7 @@ def import_model(
     return Path(resolve_model(teacher, models_root, force=force))
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 
 from distil.config.schema import validate
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_parent
+from distil.utils.io import ensure_writable_parent, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
 from distil.whisper.student import init_student, is_complete_student
@@ -36,6 +36,7 @@ def init_student_from_config(cfg: DictConfig) -> Path:
     )
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

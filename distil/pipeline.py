@@ -21,7 +21,7 @@ from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_directory, ensure_writable_parent
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 
@@ -250,6 +250,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     return {"run_directory": str(out_dir), "stages": stages}
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

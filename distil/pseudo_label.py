@@ -76,7 +76,7 @@ from distil.data.label_store import (
 from distil.datamodules.labelling import LabellingDataModule, LabellingProgressBar, LabellingSource
 from distil.modules.transcriber import GenerationSettings, WhisperTranscriber, check_generation
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_directory, read_json, write_json_atomic
+from distil.utils.io import ensure_writable_directory, read_json, writable_home, write_json_atomic
 from distil.utils.parallel import TorchThreads, on_cpu, resolve_parallelism, usable_cores
 from distil.utils.paths import CONF_DIR
 from distil.utils.progress import ProgressLog
@@ -324,6 +324,7 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
     return summary
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

@@ -49,6 +49,7 @@ from distil.utils.io import (
     ensure_writable_parent,
     hold_lock,
     read_json,
+    writable_home,
     write_atomic,
     write_json_atomic,
 )
@@ -428,6 +429,7 @@ def slurm_plugins() -> list:
     return []
 
 
+@writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

@@ -378,5 +378,19 @@ def test_an_unwritable_export_directory_is_one_line(cli_home, tiny_random_dir, t
     assert (
         result.stderr.strip()
         .splitlines()[-1]
-        .startswith(f"error: out_dir={tmp_path / 'blocker' / 'ct2'} cannot be written: cannot create")
+        .startswith(
+            f"error: out_dir={tmp_path / 'blocker' / 'ct2'} cannot be written: out_dir={tmp_path / 'blocker'} is a file"
+        )
+    )
+
+
+@pytest.mark.parametrize("module", ["distil.train", "distil.evaluate"])
+def test_an_unusable_distil_home_is_one_line_before_hydra_makes_its_run_directory(tmp_path, module):
+    """Hydra creates the run directory under DISTIL_HOME before a command's body runs: was Hydra's traceback."""
+    home = tmp_path / "home"
+    home.write_text("a file where DISTIL_HOME should be")
+    result = _cli(home, module)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: DISTIL_HOME={home} is a file, not a directory; choose a directory (DISTIL_HOME=...)"
     )

@@ -244,6 +244,8 @@ class OutputNotWritableError(InputError):
 def ensure_writable_directory(path: str | Path, key: str) -> Path:
     """Create `path` (config key `key`) if needed and check it is writable: found before any model loads."""
     directory = Path(path).expanduser()
+    if directory.exists() and not directory.is_dir():
+        raise OutputNotWritableError(f"{key}={directory} is a file, not a directory; choose a directory ({key}=...)")
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
@@ -305,3 +307,22 @@ def reporting_full_disk(path: str | Path) -> Iterator[None]:
             f"no space left on device writing {path} ({free_megabytes(path):.0f} MB free): free space, or write "
             "elsewhere (out_dir=..., or DISTIL_HOME=... / paths.root=...)"
         ) from err
+
+
+def writable_home(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Outside a command's `hydra.main`: Hydra creates the run directory under `DISTIL_HOME` before the command's
+    body runs, so an unwritable home (a file, a read-only mount) would end in Hydra's traceback. Checked first,
+    it is one line and exit status 1. (`paths.root=` on the command line is Hydra's to create.)"""
+    import functools
+
+    from distil.utils.paths import distil_home
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            ensure_writable_directory(distil_home(), "DISTIL_HOME")
+        except InputError as err:
+            raise SystemExit(f"error: {err}") from None
+        return command(*args, **kwargs)
+
+    return wrapper
