@@ -245,7 +245,9 @@ def ensure_writable_directory(path: str | Path, key: str) -> Path:
     """Create `path` (config key `key`) if needed and check it is writable: found before any model loads."""
     directory = Path(path).expanduser()
     if directory.exists() and not directory.is_dir():
-        raise OutputNotWritableError(f"{key}={directory} is a file, not a directory; choose a directory ({key}=...)")
+        raise OutputNotWritableError(
+            f"{key}={directory} is a file, not a directory; choose a directory ({key}=...)"
+        )
     try:
         directory.mkdir(parents=True, exist_ok=True)
     except OSError as err:
