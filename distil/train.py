@@ -254,7 +254,8 @@ def _train(
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)  # data errors come before any step
     except SIGTERMException:  # Lightning stops after the current batch; FinalCheckpoint saved last.ckpt
         raise SystemExit(
-            f"stopped by SIGTERM at step {trainer.global_step}; last.ckpt saved in {out_dir / CHECKPOINT_DIR}; "
+            f"stopped by {stop_signal(trainer)} at step {trainer.global_step}; last.ckpt saved in "
+            f"{out_dir / CHECKPOINT_DIR}; "
             "rerun the same command to resume"
         ) from None
 
@@ -297,6 +298,14 @@ def _train(
                 )
     write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def stop_signal(trainer: L.Trainer) -> str:
+    """The name of the signal that stopped `fit` (Lightning handles SIGUSR1 through its SIGTERM path)."""
+    from distil.training.callbacks import SchedulerSignals
+
+    received = [c.received for c in trainer.callbacks if isinstance(c, SchedulerSignals) and c.received]
+    return received[0] if received else "SIGTERM"
 
 
 class TrainingDataChangedError(InputError):

@@ -278,6 +278,25 @@ def test_sigterm_stops_training_with_last_ckpt_and_the_rerun_matches_an_uninterr
         torch.testing.assert_close(resumed["state_dict"][key], value, rtol=1e-5, atol=1e-6, msg=key)
 
 
+@pytest.mark.slow  # one training run as a subprocess (~30 s on 2 shared cores)
+def test_sigusr1_stops_training_like_sigterm(tmp_path, tiny_random_dir):
+    """`#SBATCH --signal=USR1@120`: SIGUSR1 (default action: kill, nothing saved) stops like SIGTERM."""
+    import torch
+
+    home = make_home(tmp_path / "stopped", Path(tiny_random_dir).parent, clips=8)
+    samples = home / "run" / "samples" / "rank-0.jsonl"
+    proc = start(home, "distil.train", *train_overrides(home, "trainer.max_steps=40", "record_samples=true"))
+    wait_for(proc, lambda: samples.is_file() and len(samples.read_text().splitlines()) >= 3)
+    proc.send_signal(signal.SIGUSR1)
+    rc, err = finish(proc)
+    last = err.strip().splitlines()[-1]
+    assert rc == 1 and "Traceback" not in err, err[-3000:]
+    assert last.startswith("stopped by SIGUSR1 at step ") and "rerun the same command to resume" in last, last
+    step = int(last.split("at step ")[1].split(";")[0])
+    ckpt = torch.load(home / "run" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == step and 0 < step < 40
+
+
 # --- the run directory lock ---------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ class FinalCheckpoint(L.Callback):
     Runs inside the training processes (also under ddp_spawn) and not after another exception, so a failed
     run leaves the last good checkpoint as it was. Lightning's SIGTERM handler lets the current batch finish
     and then raises `SIGTERMException` in every process at the same step, so saving here is collective like
-    any checkpoint. Inside a submitit job SIGTERM is submitit's (`SubmititSignals`) and never reaches here."""
+    any checkpoint. Inside a submitit job SIGTERM is submitit's (`SchedulerSignals`) and never reaches here."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -37,7 +37,7 @@ class FinalCheckpoint(L.Callback):
 
         if isinstance(exception, SIGTERMException):
             trainer.save_checkpoint(self.path)
-            log.warning("stopped by SIGTERM at step %d; saved %s", trainer.global_step, self.path)
+            log.warning("stopped by a stop signal at step %d; saved %s", trainer.global_step, self.path)
 
 
 class DataFilterReport(L.Callback):
@@ -65,17 +65,23 @@ class DataFilterReport(L.Callback):
             )
 
 
-class SubmititSignals(L.Callback):
-    """Inside a submitit job (hydra/launcher=slurm or slurm_local), leave SIGTERM to submitit.
+class SchedulerSignals(L.Callback):
+    """The signals a scheduler sends before it kills: inside submitit, SIGTERM is submitit's; outside, SIGUSR1
+    stops training like SIGTERM.
 
     SLURM preempts with SIGTERM followed by submitit's checkpoint signal (USR2): submitit ignores the SIGTERM
     and, on USR2, resubmits the job, which resumes from `checkpoints/last.ckpt`. Lightning (2.x) answers the
     SIGTERM itself by stopping `fit` at the end of the current batch, and the process then exits before
     USR2 arrives, without a result and without a requeue (the sweep fails). So once Lightning has installed
-    its handlers, this puts back the one submitit installed. Outside submitit it does nothing."""
+    its handlers, this puts back the one submitit installed.
+
+    Outside submitit, `#SBATCH --signal=USR1@120` (or any scheduler's early-warning SIGUSR1) gets Lightning's
+    SIGTERM handler: the batch in hand finishes, `last.ckpt` is saved, and the run exits non-zero naming the
+    signal (`received`). Lightning's teardown puts the previous SIGUSR1 handler back."""
 
     def __init__(self) -> None:
         self._submitit_handler = None
+        self.received: str | None = None  # the name of the stop signal received, for the exit message
 
     @staticmethod
     def active() -> bool:
@@ -93,8 +99,20 @@ class SubmititSignals(L.Callback):
         import signal
         import threading
 
-        if self._submitit_handler is not None and threading.current_thread() is threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        if self._submitit_handler is not None:
             signal.signal(signal.SIGTERM, self._submitit_handler)
+        elif callable(stop := signal.getsignal(signal.SIGTERM)) and signal.getsignal(signal.SIGUSR1) in (
+            signal.SIG_DFL,
+            None,
+        ):
+
+            def stop_on_usr1(signum, frame):
+                self.received = signal.Signals(signum).name
+                stop(signum, frame)
+
+            signal.signal(signal.SIGUSR1, stop_on_usr1)
 
 
 class ResumeWithConfigOptimiser(L.Callback):
