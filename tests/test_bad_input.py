@@ -384,7 +384,7 @@ def test_an_unwritable_export_directory_is_one_line(cli_home, tiny_random_dir, t
     )
 
 
-@pytest.mark.parametrize("module", ["distil.train", "distil.evaluate"])
+@pytest.mark.parametrize("module", ["distil.train", pytest.param("distil.evaluate", marks=pytest.mark.slow)])
 def test_an_unusable_distil_home_is_one_line_before_hydra_makes_its_run_directory(tmp_path, module):
     """Hydra creates the run directory under DISTIL_HOME before a command's body runs: was Hydra's traceback."""
     home = tmp_path / "home"

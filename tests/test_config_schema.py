@@ -201,7 +201,7 @@ def slow(*args):
 @pytest.mark.parametrize(
     ("module", "overrides", "key"),
     [
-        ("distil.pseudo_label", ["teacher=tiny_random", "batch_size=abc"], "batch_size"),
+        slow("distil.pseudo_label", ["teacher=tiny_random", "batch_size=abc"], "batch_size"),
         ("distil.train", ["teacher=tiny_random", "trainer.max_steps=abc"], "trainer.max_steps"),
         slow("distil.train", ["teacher=tiny_random", "loss.temperature=0"], "loss.temperature"),
         slow(

@@ -256,6 +256,7 @@ def _adam_steps(ckpt: dict) -> set[int]:
     return {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
 
 
+@pytest.mark.slow  # ~25 s: three DDP runs
 def test_two_process_checkpoint_resumes_in_two_and_in_one_process(run, home, tmp_path):
     """Resume step 1 of the 2-process run in 2 processes and in 1: both continue its optimiser and schedule and
     train on the batches that come next (across the epoch boundary); in 2 processes they are the straight

@@ -171,6 +171,7 @@ def test_an_unreadable_jsonl_is_one_line_naming_the_split(tmp_path):
         load_split(DatasetEntry(name="x", path=str(tmp_path / "x")), "train", cache_dir=str(tmp_path / "hf"))
 
 
+@pytest.mark.slow  # a subprocess; the loader test above covers the message in process
 def test_a_corrupt_parquet_file_is_one_line_from_the_command(cli_home):  # noqa: F811 - the fixture
     result = _cli(
         cli_home,

@@ -322,6 +322,7 @@ def test_a_lock_of_a_process_that_has_ended_is_taken_over_and_a_live_one_refused
         pass
 
 
+@pytest.mark.slow  # a subprocess; the lock test above covers the refusal in process
 def test_a_second_training_run_on_a_locked_directory_is_refused_naming_the_owner(tmp_path):
     """A live run (this test process stands in for it) holds the run directory: the second run says whose it is
     and what to do, in one line, before anything loads."""

@@ -77,6 +77,7 @@ def multirun_dir(home: Path, stage: str) -> Path:
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # ~27 s of subprocesses; the default tier keeps the requeue test
 def test_slurm_launcher_takes_nodes_and_tasks_from_the_trainer(home):
     site = home / "site_conf" / "hydra" / "launcher" / "site"
     site.mkdir(parents=True)
@@ -312,6 +313,7 @@ def labelled(out: Path) -> tuple[list[dict], dict]:
     return sorted(rows, key=lambda r: r["pl_index"]), yaml.safe_load((split / "summary.json").read_text())
 
 
+@pytest.mark.slow  # ~27 s: a job array of labelling subprocesses
 def test_labelling_as_a_job_array_matches_one_job(home, tiny_random_dir):
     """`distil-pseudo-label -m hydra/launcher=slurm_local 'shard.index=range(0,3)' shard.count=3`: three
     submitit jobs label a shard each and the last one merges; the result is the single job's."""
