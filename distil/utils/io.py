@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from distil.utils.errors import InputError
+from distil.utils.errors import InputError, one_line_errors
 
 COMPLETE_MARKER = ".distil_complete.json"  # written last into a directory built by `build_directory`
 
@@ -321,10 +321,7 @@ def writable_home(command: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
-        try:
-            ensure_writable_directory(distil_home(), "DISTIL_HOME")
-        except InputError as err:
-            raise SystemExit(f"error: {err}") from None
+        one_line_errors(ensure_writable_directory)(distil_home(), "DISTIL_HOME")
         return command(*args, **kwargs)
 
     return wrapper
