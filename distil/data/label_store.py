@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from lightning.pytorch.callbacks import BasePredictionWriter
 from omegaconf import DictConfig, OmegaConf
 
-from distil.data.entries import DatasetEntry, column_names
+from distil.data.entries import DatasetEntry, column_names, is_hub_id
 from distil.data.label_plan import LabellingSpec, Skip
 from distil.data.text import get_normalizer, sample_wer
 from distil.utils.errors import InputError
@@ -388,8 +388,8 @@ def shard_problems(directory: Path, expected: dict[str, dict]) -> list[str]:
 
 def is_local_path(path: str) -> bool:
     """Whether a dataset `path` names a local directory (else a Hub id), as `distil.data.entries.load_split`
-    decides: it exists, or it starts with `/`, `.` or `~`."""
-    return Path(path).expanduser().exists() or str(path).startswith(("/", ".", "~"))
+    decides: it exists, or it does not have a Hub id's shape (`is_hub_id`)."""
+    return Path(path).expanduser().exists() or not is_hub_id(str(path))
 
 
 def split_directory(path: str, split: str) -> Path | None:

@@ -20,7 +20,7 @@ from distil.data.targets import (
     collate_labels,
     sample_rng,
 )
-from distil.datamodules.filters import DataError, Drop, drop_reason
+from distil.datamodules.filters import DURATION_FILTERS, DataError, Drop, drop_reason
 from distil.utils.errors import ConfigError
 from distil.whisper.generation import is_multilingual_vocabulary
 
@@ -141,9 +141,7 @@ class SpeechCollator:
             duration, problem = decoded_problem(row["audio"])
             if problem is not None:
                 return problem
-        elif duration is None and any(
-            filters.get(k) is not None for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
-        ):
+        elif duration is None and any(filters.get(k) is not None for k in DURATION_FILTERS):
             duration = audio_duration(row["audio"])
         ids = row.get("token_ids")
         truncated = bool(ids) and int(ids[-1]) != self.special.eot  # generation hit max_new_tokens

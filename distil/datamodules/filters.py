@@ -45,6 +45,9 @@ DROP_REASONS = (
     "unreadable_audio",  # raw data only (labelling skipped these from pseudo-labels): see decoded_problem
 )
 
+# The filters that need a clip's duration (from its duration column, else the audio).
+DURATION_FILTERS = ("min_duration_s", "max_duration_s", "max_tokens_per_second")
+
 # A drop: (reason, detail). A detail (not None) means the sample is listed with its id, not only counted:
 # the audio problems of raw data, which labelling lists in skipped.jsonl too.
 Drop = tuple[str, str | None]

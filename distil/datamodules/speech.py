@@ -44,7 +44,7 @@ from distil.data.targets import (
     WHISPER_MAX_LABEL_LENGTH,
 )
 from distil.datamodules.collator import LABEL_SOURCES, SpeechCollator
-from distil.datamodules.filters import DataError, FilterStats, sampling_probabilities
+from distil.datamodules.filters import DURATION_FILTERS, DataError, FilterStats, sampling_probabilities
 from distil.datamodules.mixture import (
     TrainSource,
     TrainStream,
@@ -231,10 +231,7 @@ class SpeechDataModule(L.LightningDataModule):
                 # otherwise the audio is read only for durations from headers.
                 needs_audio = self.label_source == "text" or (
                     src_entry.duration_column not in names
-                    and any(
-                        self.filters[k] is not None
-                        for k in ("min_duration_s", "max_duration_s", "max_tokens_per_second")
-                    )
+                    and any(self.filters[k] is not None for k in DURATION_FILTERS)
                 )
                 source = filter_source(
                     src_entry,
