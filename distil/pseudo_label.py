@@ -187,6 +187,7 @@ def label_split(
         packing=packing,
         max_seconds=float(cfg.packing.max_seconds if packing else 30.0),
         min_seconds=None if cfg.packing.min_seconds is None else float(cfg.packing.min_seconds),
+        single_probability=cfg.packing.get("single_probability"),
         job_index=int(cfg.shard.index),
         job_count=int(cfg.shard.count),
         done=done,
@@ -289,7 +290,9 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
             f"shard.index must be in [0, shard.count), got {cfg.shard.index}/{cfg.shard.count}"
         )
     if cfg.packing.enabled:
-        check_packing_limits(cfg.packing.min_seconds, cfg.packing.max_seconds)
+        check_packing_limits(
+            cfg.packing.min_seconds, cfg.packing.max_seconds, cfg.packing.get("single_probability")
+        )
     if cfg.encoder_cache.enabled:
         _check_encoder_cache(cfg, [entry for entry, _, _ in inputs])
     settings = GenerationSettings(**OmegaConf.to_container(cfg.generation, resolve=True))

@@ -15,6 +15,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import distil.data.synthetic as corpus
+from distil.data.text import english_normalizer
 from distil.data.audio import decode_audio, make_noise
 from distil.data.synthetic_build import build_all
 from distil.data.tts import TTSUnavailable
@@ -85,6 +86,36 @@ def test_sentence_bank_is_natural_english_at_scale():
     assert sum(bool(re.search(r" [A-Z][a-z]+", s)) for s in wordnet) > 2000  # names kept
     assert all(not s[0].islower() and s[-1] in ".?!" for s in wordnet)
     assert (corpus.RESOURCES / "wordnet_LICENSE.txt").read_text().startswith("License: WordNet3.0")
+
+
+def test_sentence_bank_has_short_utterances_the_normaliser_reads_like_whisper_writes():
+    """WordNet's examples have five words or more: the bank's short utterances give the clips that end after
+    one to four words (digit strings, dates, commands, answers), rewritten byte for byte by their script."""
+    sys.path.insert(0, str(corpus.RESOURCES))
+    try:
+        import make_sentences
+    finally:
+        sys.path.pop(0)
+    short = (corpus.RESOURCES / "short_utterances.txt").read_text().splitlines()
+    assert short == make_sentences.build_short()
+    bank = corpus.load_sentences()
+    assert set(short) <= set(bank) and sum(len(s.split()) <= 4 for s in bank) >= 2000
+    assert sum(len(s.split()) == 1 for s in short) > 200
+    assert all(s[0].isupper() or s[0].isdigit() for s in short) and all(s[-1] in ".?" for s in short)
+    # spoken digit strings and the digits Whisper writes for them normalise alike
+    normalise = english_normalizer()
+    digits = [
+        s
+        for s in short
+        if re.fullmatch(r"([A-Z][a-z]+ )?([a-z]+ ){1,6}[a-z]+\.", s)
+        and all(w in make_sentences.DIGIT_WORDS for w in s.lower().rstrip(".").split())
+    ]
+    assert len(digits) > 100
+    for spoken in digits[:20]:
+        written = "".join(
+            str(make_sentences.DIGIT_WORDS.index(w)) for w in spoken.lower().rstrip(".").split()
+        )
+        assert normalise(spoken) == normalise(written), spoken
 
 
 def test_wordnet_examples_become_spoken_sentences():

@@ -498,15 +498,42 @@ def test_pack_units_with_drawn_limits_span_single_clips_to_full_windows():
         list(pack_units(clips, lambda c: speakers[c.index], 30, [].append, min_seconds=40))
 
 
+def test_pack_units_with_single_probability_mixes_single_clips_and_full_windows():
+    """packing.single_probability=p: a unit holds its first clip alone with probability p (one seeded draw per
+    unit, in dataset order), else packs the full window; p=None draws nothing, so older plans are unchanged."""
+    clips = [Clip(i, {"__id": str(i)}, 3.0) for i in range(1000)]
+
+    def sizes(p, seed=5, min_seconds=None):
+        units = pack_units(clips, lambda c: "A", 30, [].append, min_seconds, seed, single_probability=p)
+        return [len(u.clips) for u in units]
+
+    mixed = sizes(0.3)
+    assert mixed == sizes(0.3) and mixed != sizes(0.3, seed=6)
+    assert set(mixed[:-1]) == {1, 10} and sum(mixed) == 1000  # the last unit takes what is left
+    draw = random.Random(5)
+    assert mixed[:-1] == [1 if draw.random() < 0.3 else 10 for _ in mixed[:-1]]  # the rule, unit by unit
+    singles = mixed.count(1) / len(mixed)
+    assert 0.2 < singles < 0.4
+    assert sizes(None) == sizes(0.0) == [10] * 100 and sizes(1.0) == [1] * 1000
+    with_limits = sizes(0.5, min_seconds=0)  # both: singles, and the other units up to their drawn limit
+    assert with_limits.count(1) > len(with_limits) / 2 and len(set(with_limits)) >= 6
+    with pytest.raises(ValueError, match=r"packing.single_probability=1.5 must lie in \[0, 1\]"):
+        sizes(1.5)
+
+
 def test_build_prompt_is_never_doubled():
     assert build_prompt(" Hello there.") == "<|startofprev|> Hello there."
     assert build_prompt("<|startofprev|> Hello") == "<|startofprev|> Hello"
     assert build_prompt("") is None and build_prompt(None) is None
 
 
-@pytest.mark.parametrize(("streaming", "min_seconds"), [(False, "null"), (True, "null"), (True, 0)])
+@pytest.mark.parametrize(
+    ("streaming", "limits"),
+    [(False, "packing.min_seconds=null"), (True, "packing.min_seconds=null"), (True, "packing.min_seconds=0"),
+     (False, "packing.single_probability=0.5")],
+)  # fmt: skip
 def test_packing_respects_speakers_and_builds_prompts(
-    tmp_path, tiny_random_dir, corpus, tts_clips, streaming, min_seconds
+    tmp_path, tiny_random_dir, corpus, tts_clips, streaming, limits
 ):
     _, summary = run(
         tmp_path,
@@ -514,7 +541,7 @@ def test_packing_respects_speakers_and_builds_prompts(
         corpus,
         "packing.enabled=true",
         "packing.max_seconds=12",
-        f"packing.min_seconds={min_seconds}",
+        limits,
         f"streaming={streaming}",
     )
     rows = read_rows(split_out(summary))
@@ -529,6 +556,7 @@ def test_packing_respects_speakers_and_builds_prompts(
         assert sum(seconds_of[i] for i in r["packed_ids"]) <= 12 + 1e-6
         assert r["text"] == " ".join(text_of[i] for i in r["packed_ids"])
         assert r["id"] == r["packed_ids"][0]
+        # (a unit whose predecessor lost all its clips at decoding, a single bad clip, continues nothing)
         if r["pl_continues"]:
             assert previous is not None and previous["speaker"] == r["speaker"]
             assert previous["pl_index"] == r["pl_index"] - 1

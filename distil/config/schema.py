@@ -194,6 +194,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "packing.enabled": boolean,
         "packing.max_seconds": positive,
         "packing.min_seconds": optional(non_negative),
+        "packing.single_probability": optional(probability),
         "packing.without_speaker": Rule("null (refuse) or clips", lambda v: v in (None, "clips")),
         "progress_bar": boolean,
         "progress_log_every_s": positive,

@@ -72,22 +72,24 @@ def shard_files(out_dir: Path) -> list[Path]:
 
 
 def fill_prompts(out_dir: Path) -> None:
-    """Packing: each unit that continues its predecessor gets `<|startofprev|>` + the predecessor's label."""
+    """Packing: each unit that continues its predecessor gets `<|startofprev|>` + the predecessor's label. A unit
+    planned to continue one that has no row (all its clips failed to decode) continues nothing: its
+    `pl_continues` is cleared, so the stored flag always means "the previous row is this one's past"."""
     previous: tuple[int, str] | None = None  # (pl_index, pseudo_label) of the last row seen
     for path in shard_files(out_dir):
         table = pq.read_table(path)
         metadata = table.schema.metadata
         idx = table.column("pl_index").to_pylist()
         labels = table.column("pseudo_label").to_pylist()
-        continues = table.column("pl_continues").to_pylist()
-        prompts = []
-        for i, label, cont in zip(idx, labels, continues, strict=True):
+        planned = table.column("pl_continues").to_pylist()
+        prompts, continues = [], []
+        for i, label, cont in zip(idx, labels, planned, strict=True):
             ok = cont and previous is not None and previous[0] == i - 1
             prompts.append(build_prompt(previous[1]) if ok else None)
+            continues.append(bool(ok))
             previous = (i, label)
-        table = table.set_column(
-            table.schema.get_field_index("prompt"), "prompt", pa.array(prompts, pa.string())
-        )
+        for name, values, kind in (("prompt", prompts, pa.string()), ("pl_continues", continues, pa.bool_())):
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, kind))
         with atomic_file(path) as tmp:
             pq.write_table(table.replace_schema_metadata(metadata), tmp)
 

@@ -24,7 +24,9 @@ With `packing.min_seconds` set, each unit gets its own limit instead of `max_sec
 [min_seconds, max_seconds] when the unit opens (a generator seeded by the split's name, drawn in dataset
 order, so every job, rank and stream derives the same units); a unit's first clip always opens it. The units
 then span single clips to full 30-s windows, as a natural corpus's utterances and leftovers do, instead of
-all being ~30 s (on the demo's synthetic corpus this did not pay; the README has the measurement).
+all being ~30 s. With `packing.single_probability=p`, each unit, when it opens, holds its first clip alone
+with probability p (drawn from the same generator, before the limit): the units are then a mix of single
+clips and full windows, so a student learns both where one utterance ends and how a 30-s window reads.
 Clips whose duration is unknown (no duration column, unreadable header) or that alone exceed `max_seconds`
 are skipped (listed) and break the chain. A clip that passes planning but then fails to decode is left out
 of its unit (listed); the unit keeps its other clips. The same rule runs over a stream, so packing works in
@@ -76,11 +78,18 @@ class Skip:
         return {"ids": self.ids, "indices": self.indices, "reason": self.reason, "detail": self.detail}
 
 
-def check_packing_limits(min_seconds: float | None, max_seconds: float) -> None:
+def check_packing_limits(
+    min_seconds: float | None, max_seconds: float, single_probability: float | None = None
+) -> None:
     if min_seconds is not None and not 0 <= min_seconds <= max_seconds:
         raise DataConfigError(
             f"packing.min_seconds={min_seconds} must lie in [0, packing.max_seconds={max_seconds}]; "
             "set it in that range, or to null to pack every unit up to max_seconds"
+        )
+    if single_probability is not None and not 0 <= single_probability <= 1:
+        raise DataConfigError(
+            f"packing.single_probability={single_probability} must lie in [0, 1]; "
+            "set it in that range, or to null to pack every unit"
         )
 
 
@@ -91,10 +100,12 @@ def pack_units(
     on_skip: Callable[[Skip], None],
     min_seconds: float | None = None,
     seed: int = 0,
+    single_probability: float | None = None,
 ) -> Iterator[Unit]:
     """Group consecutive same-speaker clips up to `max_seconds`, or up to a limit drawn per unit from
-    [min_seconds, max_seconds] (the rule in the module docstring)."""
-    check_packing_limits(min_seconds, max_seconds)
+    [min_seconds, max_seconds], or (with `single_probability`) a single clip (the rule in the module
+    docstring)."""
+    check_packing_limits(min_seconds, max_seconds, single_probability)
     draw = random.Random(seed)
     current: list[Clip] = []
     current_speaker, current_duration, current_continues = None, 0.0, False
@@ -129,8 +140,12 @@ def pack_units(
         current = [clip]
         current_continues = chain_ok and speaker is not None and speaker == previous_speaker
         current_speaker, current_duration = speaker, clip.duration
-        if min_seconds is not None:
+        if single_probability and draw.random() < single_probability:
+            current_limit = 0.0  # nothing more fits: this clip is its unit
+        elif min_seconds is not None:
             current_limit = draw.uniform(min_seconds, max_seconds)
+        else:
+            current_limit = max_seconds
     if current:
         yield close()
 
@@ -178,6 +193,7 @@ class LabellingSpec:
     packing: bool = False
     max_seconds: float = MAX_WHISPER_SECONDS
     min_seconds: float | None = None  # packing: each unit's limit drawn from [min_seconds, max_seconds]
+    single_probability: float | None = None  # packing: the chance that a unit holds one clip only
     job_index: int = 0
     job_count: int = 1
     done: set[int] = field(default_factory=set)  # shards already complete on disk
@@ -190,7 +206,15 @@ class LabellingSpec:
         return zlib.crc32(self.entry.source(self.split).encode())
 
     def pack(self, clips: Iterable[Clip], speaker_of: Callable[[Clip], Any], on_skip) -> Iterator[Unit]:
-        return pack_units(clips, speaker_of, self.max_seconds, on_skip, self.min_seconds, self.packing_seed)
+        return pack_units(
+            clips,
+            speaker_of,
+            self.max_seconds,
+            on_skip,
+            self.min_seconds,
+            self.packing_seed,
+            self.single_probability,
+        )
 
     def wanted(self, shard: int) -> bool:
         return job_owns(shard, self.job_index, self.job_count) and shard not in self.done

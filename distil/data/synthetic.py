@@ -34,9 +34,12 @@ SPLITS = ("train", "validation", "test")
 
 
 RESOURCES = RESOURCES_DIR
-# The bundled bank: WordNet 3.0's usage examples (natural English, resources/extract_wordnet.py) and the
-# project's own normaliser-exercising sentences (numbers, times, money, titles; resources/make_sentences.py).
-DEFAULT_SENTENCES = (RESOURCES / "wordnet_examples.txt", RESOURCES / "sentences.txt")
+# The bundled bank: WordNet 3.0's usage examples (natural English, resources/extract_wordnet.py), the
+# project's own normaliser-exercising sentences (numbers, times, money, titles) and its short utterances (digit
+# strings, dates, commands, one- and two-word answers; both from resources/make_sentences.py).
+DEFAULT_SENTENCES = tuple(
+    RESOURCES / name for name in ("wordnet_examples.txt", "sentences.txt", "short_utterances.txt")
+)
 
 
 PEAK = 0.9  # every clip is scaled to this peak: TTS engines differ a lot in level, some clip

@@ -1,12 +1,15 @@
-"""Write `sentences.txt`: the English sentence bank the synthetic corpora are spoken from.
+"""Write `sentences.txt` and `short_utterances.txt`: the project's part of the English bank the synthetic
+corpora are spoken from.
 
 Every sentence is written for this project (templates and word lists below, no copied corpus), so the
-bank is license-clean. It mixes plain prose with the things Whisper's English normaliser has to
+bank is license-clean. `short_utterances.txt` holds what people say in one to four words and WordNet's
+examples (five words and more) never give: digit strings, numbers, dates and times said alone, commands,
+answers, names and single words. A student that never hears a clip end after one word learns to keep going. It mixes plain prose with the things Whisper's English normaliser has to
 handle: cardinals, ordinals, years, clock times, money, percentages, names and titles (Mr., Mrs.,
 Dr., St.), and punctuation. Money is written "42 dollars" rather than "$42" because espeak-ng reads
 "$42" as "dollar forty-two", which would make the reference disagree with the audio.
 
-Deterministic: `python distil/resources/make_sentences.py` rewrites the same file byte for byte.
+Deterministic: `python distil/data/resources/make_sentences.py` rewrites the same files byte for byte.
 """
 
 from __future__ import annotations
@@ -369,7 +372,92 @@ def build(n_sentences: int = 1200, seed: int = 20240917) -> list[str]:
     return sentences
 
 
+DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
+ANSWERS = """Yes|No|Okay|Sure|Thanks|Thank you|Hello|Hi there|Goodbye|Sorry?|Please|Maybe|Of course|Right|Wait|Not yet
+Me too|Good morning|Good night|Excuse me|Never mind|Hold on|All right|Exactly|No thanks|Yes please|Well done
+See you|Cheers|Really?|Why not?|Go ahead|Not really|I agree""".replace("\n", "|").split("|")
+COMMAND_VERB_OBJECT = {
+    "Turn on": ["the lights", "the radio", "the heating", "the fan", "the television", "the oven"],
+    "Turn off": ["the lights", "the radio", "the heating", "the alarm", "the tap", "the engine"],
+    "Open": ["the door", "the window", "the garage", "the curtains", "a new tab", "the map"],
+    "Close": ["the door", "the window", "the gate", "the app", "the blinds"],
+    "Play": ["some music", "the next song", "the news", "my playlist", "the radio"],
+    "Call": FIRST[:20],
+    "Text": FIRST[20:],
+    "Find": ["a pharmacy", "the nearest station", "a cheap hotel", "my phone", "a parking space"],
+}
+COMMAND_PLAIN = """Stop|Go back|Start again|Pause|Next page|Volume up|Volume down|Cancel that|Repeat that
+Skip this one|Louder, please|Mute|Undo|Scroll down|Go home|Take a photo|Read it again|Save it""".replace(
+    "\n", "|"
+).split("|")
+
+
+def spoken_digits(r: random.Random, n: int) -> str:
+    # never a leading "zero": Whisper's normaliser turns "zero four one" into "41" but "041" stays "041"
+    return " ".join([r.choice(DIGIT_WORDS[1:])] + [r.choice(DIGIT_WORDS) for _ in range(n - 1)])
+
+
+# Each returns one short utterance (one to about six words), the way a person would write it down.
+SHORT = [
+    lambda r: spoken_digits(r, r.randint(2, 7)).capitalize() + ".",
+    lambda r: (
+        f"{r.choice(['My number is', 'The code is', 'Extension', 'Room', 'Gate', 'Flight'])} {spoken_digits(r, r.randint(3, 5))}."
+    ),
+    lambda r: f"{r.randint(2, 999)}.",
+    lambda r: (
+        f"{r.choice(['Page', 'Chapter', 'Platform', 'Bus', 'Row', 'Seat', 'Level'])} {r.randint(1, 120)}."
+    ),
+    lambda r: f"{r.choice(MONTH)} {ordinal(r.randint(1, 28))}.",
+    lambda r: f"The {ordinal(r.randint(1, 28))} of {r.choice(MONTH)}.",
+    lambda r: f"{r.choice(MONTH)} {year(r)}.",
+    lambda r: f"{r.choice(WEEKDAY)} at {clock(r)}.",
+    lambda r: f"At {clock(r)}.",
+    lambda r: (
+        f"{r.choice(['Half past', 'Quarter past', 'Quarter to'])} {r.choice(DIGIT_WORDS[1:] + ['ten', 'eleven', 'twelve'])}."
+    ),
+    lambda r: f"{money(r).capitalize()}.",
+    lambda r: f"{pct(r)}.",
+    lambda r: f"In {year(r)}.",
+    lambda r: (lambda verb: f"{verb} {r.choice(COMMAND_VERB_OBJECT[verb])}.")(
+        r.choice(list(COMMAND_VERB_OBJECT))
+    ),
+    lambda r: f"{r.choice(COMMAND_PLAIN)}.",
+    lambda r: f"Set an alarm for {clock(r)}.",
+    lambda r: f"Set a timer for {r.choice([2, 3, 5, 10, 15, 20, 25, 30, 45])} minutes.",
+    lambda r: f"Remind me on {r.choice(WEEKDAY)}.",
+    lambda r: (lambda a: a if a.endswith("?") else f"{a}.")(r.choice(ANSWERS)),
+    lambda r: f"{r.choice(ANSWERS).rstrip('?')}, {r.choice(FIRST)}.",
+    lambda r: f"{r.choice(WEEKDAY + MONTH + CITY)}.",
+    lambda r: f"{r.choice(FIRST)} {r.choice(SURNAME)}.",
+    lambda r: f"{r.choice(TITLE)} {r.choice(SURNAME)}, please.",
+    lambda r: f"The {r.choice(COLOUR)} {r.choice(ITEM + ANIMAL)}.",
+    lambda r: f"{r.choice(COLOUR + ADJ).capitalize()}.",
+    lambda r: f"{r.choice(['A', 'The'])} {r.choice(ANIMAL + ITEM + FOOD + OCCUPATION)}.",
+    lambda r: f"To {r.choice(CITY)}, please.",
+    lambda r: f"{r.randint(2, 12)} {r.choice(ITEMS)}.",
+]
+
+
+def build_short(n_utterances: int = 2500, seed: int = 20261207) -> list[str]:
+    r = random.Random(seed)
+    utterances: list[str] = []
+    seen: set[str] = set()
+    attempts = 0
+    while len(utterances) < n_utterances:
+        attempts += 1
+        if attempts > 200 * n_utterances:
+            raise RuntimeError("templates cannot produce enough distinct short utterances")
+        text = SHORT[attempts % len(SHORT)](r).replace(".m..", ".m.")
+        if text.lower() in seen:
+            continue
+        seen.add(text.lower())
+        utterances.append(text)
+    r.shuffle(utterances)
+    return utterances
+
+
 if __name__ == "__main__":
-    out = Path(__file__).with_name("sentences.txt")
-    out.write_text("\n".join(build()) + "\n")
-    print(f"wrote {out}")
+    for name, lines in (("sentences.txt", build()), ("short_utterances.txt", build_short())):
+        out = Path(__file__).with_name(name)
+        out.write_text("\n".join(lines) + "\n")
+        print(f"wrote {out}")
