@@ -15,9 +15,9 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 import distil.data.synthetic as corpus
-from distil.data.text import english_normalizer
 from distil.data.audio import decode_audio, make_noise
 from distil.data.synthetic_build import build_all
+from distil.data.text import english_normalizer
 from distil.data.tts import TTSUnavailable
 from distil.utils.paths import CONF_DIR
 
