@@ -96,6 +96,9 @@ NOT_RUN_CONFIG = (
     "data.validation_splits",
     "data.validation_datasets",
 )
+# Settings added after runs were first recorded, with the value that reproduces how a run without them trained:
+# a record that lacks one (a run started before it existed) is read as having that value.
+ADDED_SETTINGS = {"optim.min_lr_ratio": 0.0, "optim.decay_fraction": 0.1}
 # Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
 # or train, so the saved weights or optimiser state no longer fit.
 NOT_FORCEABLE = (
@@ -405,7 +408,8 @@ def check_run_config(
         if write:
             write_json_atomic(path, settings)
         return []
-    changes = run_config_changes(read_json(path), settings)
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings}
+    changes = run_config_changes({**added, **read_json(path)}, settings)
     if not changes:
         return []
     fixed = [c for c in changes if c.split(" ")[0] in NOT_FORCEABLE]
