@@ -248,6 +248,8 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "val.max_new_tokens": count,
         "val.num_beams": count,
         "checkpoint.every_n_steps": count,
+        "checkpoint.average_last": optional(count),
+        "ema.decay": optional(Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)),
     },
     "evaluate": {
         "backend": one_of(*BACKENDS),
