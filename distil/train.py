@@ -71,6 +71,8 @@ RUN_LOCK = "run.lock"  # held by the process that writes the run directory (pid,
 # cadence, logging, progress, devices, export.
 RUN_CONFIG_KEYS = (
     "optim",
+    "ema",
+    "checkpoint.average_last",
     "loss",
     "data",
     "student",
@@ -96,6 +98,14 @@ NOT_RUN_CONFIG = (
     "data.validation_splits",
     "data.validation_datasets",
 )
+# Settings added after runs were first recorded, with the value that reproduces how a run without them trained:
+# a record that lacks one (a run started before it existed) is read as having that value.
+ADDED_SETTINGS = {
+    "optim.min_lr_ratio": 0.0,
+    "optim.decay_fraction": 0.1,
+    "ema.decay": None,
+    "checkpoint.average_last": None,
+}
 # Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
 # or train, so the saved weights or optimiser state no longer fit.
 NOT_FORCEABLE = (
@@ -285,12 +295,15 @@ def _train(
     if not trainer.is_global_zero:  # under DDP (script launcher) the other ranks return here
         return summary
     if cfg.get("export", True):
-        exports = {"last": out_dir / CHECKPOINT_DIR / "last.ckpt", "best": best_path}
+        last = out_dir / CHECKPOINT_DIR / "last.ckpt"
+        exports = {"last": last, "best": best_path}
         summary["exports"] = {
             name: str(export_student(ckpt, student_dir, out_dir / name))
             for name, ckpt in exports.items()
             if ckpt
         }
+        for name, weights in averaged_exports(trainer, final).items():  # averaged/, ema/
+            summary["exports"][name] = str(export_student(last, student_dir, out_dir / name, weights))
         for name, hf_dir in list(summary["exports"].items()):
             for q in ct2_quantizations:  # the run owns these directories: replace an export of older weights
                 summary["exports"][f"{name}-ct2-{q}"] = str(
@@ -298,6 +311,26 @@ def _train(
                 )
     write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
+
+
+def averaged_exports(trainer: L.Trainer, final: dict) -> dict[str, dict[str, torch.Tensor]]:
+    """The weight averages to export beside best and last, as HF weights, from the final checkpoint's state of
+    the averaging callbacks (this process's trainer may not have trained: ddp_spawn): `averaged` (the mean of
+    the last `checkpoint.average_last` saves) and `ema` (`ema.decay`), when on."""
+    from distil.training.averaging import EMA, CheckpointAverage, average_weights
+
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for callback in trainer.callbacks:
+        state = final.get("callbacks", {}).get(callback.state_key)
+        if isinstance(callback, CheckpointAverage) and callback.keep is not None and state:
+            callback.load_state_dict(state)
+            steps = callback.averaged_steps()
+            log.info("averaging the trained weights of steps %s", ", ".join(map(str, steps)))
+            snapshots = [torch.load(callback.path(s), map_location="cpu", weights_only=True) for s in steps]
+            out["averaged"] = average_weights(snapshots)
+        elif isinstance(callback, EMA) and callback.decay is not None and state and state.get("weights"):
+            out["ema"] = {k.removeprefix("student."): v.cpu() for k, v in state["weights"].items()}
+    return out
 
 
 def stop_signal(trainer: L.Trainer) -> str:
@@ -405,7 +438,8 @@ def check_run_config(
         if write:
             write_json_atomic(path, settings)
         return []
-    changes = run_config_changes(read_json(path), settings)
+    added = {k: v for k, v in ADDED_SETTINGS.items() if k in settings}
+    changes = run_config_changes({**added, **read_json(path)}, settings)
     if not changes:
         return []
     fixed = [c for c in changes if c.split(" ")[0] in NOT_FORCEABLE]

@@ -136,6 +136,18 @@ BAD = [
         "data.validation_datasets=[{name: v, path: x, splits: []}]",
         "data.validation_datasets.0.splits",
     ),
+    (
+        "train",
+        "optim.schedule=exponential",
+        "optim.schedule must be one of ['constant', 'linear', 'cosine', 'wsd'], got 'exponential'",
+    ),
+    ("train", "optim.decay_fraction=1.5", "optim.decay_fraction must be a fraction in [0, 1], got 1.5"),
+    ("train", "ema.decay=1", "ema.decay must be a number in (0, 1) or null, got 1"),
+    (
+        "train",
+        "checkpoint.average_last=0",
+        "checkpoint.average_last must be a positive integer or null, got 0",
+    ),
     ("evaluate", "eval.batch_size=0", "eval.batch_size must be a positive integer, got 0"),
     ("evaluate", "eval.guards.no_speech_threshold=2", "eval.guards.no_speech_threshold=2"),
     ("corpus", "sentence_pools.test=1.5", "sentence_pools.test must be a probability in [0, 1], got 1.5"),

@@ -220,6 +220,8 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "optim.eps": positive,
         "optim.warmup_steps": non_negative_int,
         "optim.schedule": one_of(*SCHEDULES),
+        "optim.min_lr_ratio": Rule("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+        "optim.decay_fraction": Rule("a fraction in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
         "loss.labels": one_of("pseudo", "text"),
         "loss.temperature": positive,
         "loss.*_weight": non_negative,
@@ -246,6 +248,8 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "val.max_new_tokens": count,
         "val.num_beams": count,
         "checkpoint.every_n_steps": count,
+        "checkpoint.average_last": optional(count),
+        "ema.decay": optional(Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)),
     },
     "evaluate": {
         "backend": one_of(*BACKENDS),

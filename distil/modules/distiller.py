@@ -30,7 +30,7 @@ from distil.data.encoder_cache import EncoderCache
 from distil.evaluation.scoring import validation_metrics
 from distil.training.loss_terms import LossTerm, StepOutputs, build_terms, term_config
 from distil.training.losses import IGNORE_INDEX, hidden_layer_pairs
-from distil.training.optim import build_optimizers
+from distil.training.optim import apply_schedule, build_optimizers
 from distil.training.teacher import (
     DistillationSetupError,
     check_compatible,
@@ -351,6 +351,12 @@ class WhisperDistiller(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
         else:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def on_train_start(self) -> None:
+        # The rates of a resumed run are its own config's formula at the restored step (Lightning restores the
+        # rates the checkpointed run last computed; e.g. another trainer.max_steps would apply one step late).
+        for config in self.trainer.lr_scheduler_configs:
+            apply_schedule(config.scheduler.optimizer, config.scheduler)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["distil_rng"] = {"torch": torch.get_rng_state()}

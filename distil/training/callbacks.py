@@ -131,6 +131,8 @@ class ResumeWithConfigOptimiser(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         import torch
 
+        from distil.training.optim import apply_schedule
+
         fresh = pl_module.configure_optimizers()
         fresh_optimizer = fresh["optimizer"] if isinstance(fresh, dict) else fresh
         fresh_scheduler = fresh.get("lr_scheduler", {}).get("scheduler") if isinstance(fresh, dict) else None
@@ -144,11 +146,7 @@ class ResumeWithConfigOptimiser(L.Callback):
             ):
                 scheduler.lr_lambdas = fresh_scheduler.lr_lambdas
                 scheduler.base_lrs = [group["initial_lr"] for group in optimizer.param_groups]
-                for group, base, factor in zip(
-                    optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True
-                ):
-                    group["lr"] = base * factor(scheduler.last_epoch)
-                scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+                apply_schedule(optimizer, scheduler)
         self.applied = [group["lr"] for group in optimizer.param_groups]
         if self.changes:
             log.warning(
@@ -157,6 +155,32 @@ class ResumeWithConfigOptimiser(L.Callback):
                 "; ".join(self.changes),
                 ", ".join(f"{lr:.3g}" for lr in sorted(set(self.applied))),
             )
+
+
+class LearningRateLog(L.Callback):
+    """`optim/lr` in the loggers (TensorBoard) at every optimiser step: the rate that step applies, read from the
+    optimiser itself (so what is logged is what trained, after warm-up, schedule and any resume). Logged at step
+    s (Lightning's global_step before the update) is the rate of the update from s to s + 1, i.e.
+    `optim.lr * lr_lambda(s, ...)` (distil/training/optim.py). Every step, whatever `trainer.log_every_n_steps`;
+    groups with different rates (a custom optimiser setup) are logged as `optim/lr/group<i>`."""
+
+    def __init__(self) -> None:
+        self._logged_step = -1
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int
+    ) -> None:
+        step = int(trainer.global_step)
+        if step == self._logged_step or not trainer.optimizers:  # accumulation: one record per optimiser step
+            return
+        self._logged_step = step
+        rates = [float(group["lr"]) for group in trainer.optimizers[0].param_groups]
+        if len(set(rates)) == 1:
+            metrics = {"optim/lr": rates[0]}
+        else:
+            metrics = {f"optim/lr/group{i}": lr for i, lr in enumerate(rates)}
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
 
 
 class ModelOptions(L.Callback):

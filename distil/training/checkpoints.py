@@ -34,12 +34,22 @@ def resolve_ckpt_path(ckpt_path: str | None, out_dir: Path) -> str | None:
     return str(ckpt_path)
 
 
-def export_student(checkpoint: str | Path, base_dir: str, out: Path) -> Path:
+def export_student(
+    checkpoint: str | Path, base_dir: str, out: Path, weights: dict[str, torch.Tensor] | None = None
+) -> Path:
     """The student of a training checkpoint as a complete HF directory (weights, configs, processor), atomically;
-    its generation_config.json carries the loop guards' thresholds (`distil.whisper.generation.Guards`)."""
+    its generation_config.json carries the loop guards' thresholds (`distil.whisper.generation.Guards`).
+    `weights` (HF keys, e.g. an average of the trained ones) replace the checkpoint's where given."""
     from transformers import WhisperProcessor
 
     model = model_from_checkpoint(checkpoint, base_dir)
+    if weights:
+        own = model.state_dict()
+        unknown = sorted(k for k in weights if k not in own)
+        if unknown:
+            raise KeyError(f"weights not in the student: {unknown[:3]}")
+        model.load_state_dict(weights, strict=False)
+        model.tie_weights()
     Guards().write_into(model.generation_config)  # what openai-whisper and faster-whisper users decode with
     with reporting_full_disk(out), atomic_directory(out) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
