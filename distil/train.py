@@ -73,6 +73,7 @@ RUN_CONFIG_KEYS = (
     "optim",
     "ema",
     "checkpoint.average_last",
+    "augment",
     "loss",
     "data",
     "student",
@@ -105,6 +106,14 @@ ADDED_SETTINGS = {
     "optim.decay_fraction": 0.1,
     "ema.decay": None,
     "checkpoint.average_last": None,
+    "augment.specaugment.enabled": False,
+    "augment.specaugment.consistent": True,
+    "augment.specaugment.mask_time_prob": 0.05,
+    "augment.specaugment.mask_time_length": 10,
+    "augment.specaugment.mask_time_min_masks": 2,
+    "augment.specaugment.mask_feature_prob": 0.0,
+    "augment.specaugment.mask_feature_length": 10,
+    "augment.specaugment.mask_feature_min_masks": 0,
 }
 # Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
 # or train, so the saved weights or optimiser state no longer fit.

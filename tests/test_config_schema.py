@@ -148,6 +148,21 @@ BAD = [
         "checkpoint.average_last=0",
         "checkpoint.average_last must be a positive integer or null, got 0",
     ),
+    (
+        "train",
+        "augment.specaugment.mask_time_length=4000",
+        "augment.specaugment.mask_time_length must be a positive integer <= 3000, got 4000",
+    ),
+    (
+        "train",
+        "augment.specaugment.mask_feature_length=200",
+        "augment.specaugment.mask_feature_length must be a positive integer <= 128, got 200",
+    ),
+    (
+        "train",
+        "augment.specaugment.mask_time_prob=1.5",
+        "augment.specaugment.mask_time_prob must be a probability in [0, 1], got 1.5",
+    ),
     ("evaluate", "eval.batch_size=0", "eval.batch_size must be a positive integer, got 0"),
     ("evaluate", "eval.guards.no_speech_threshold=2", "eval.guards.no_speech_threshold=2"),
     ("corpus", "sentence_pools.test=1.5", "sentence_pools.test must be a probability in [0, 1], got 1.5"),
@@ -160,6 +175,16 @@ def test_a_bad_value_is_refused_naming_the_key(hydra_conf, command, override, me
     with pytest.raises(ConfigError) as err:
         validate(compose(command, [override]), command)
     assert str(err.value).startswith(message), err.value
+
+
+def test_settings_that_cannot_be_combined_are_refused_naming_both_keys(hydra_conf):
+    cfg = compose("train", ["augment.specaugment.enabled=true", "encoder_cache.enabled=true"])
+    with pytest.raises(
+        ConfigError, match=r"^augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true"
+    ):
+        validate(cfg, "train")
+    validate(compose("train", ["augment.specaugment.enabled=true"]), "train")
+    validate(compose("train", ["encoder_cache.enabled=true"]), "train")
 
 
 def test_interpolations_are_resolved_before_the_check(hydra_conf):

@@ -250,6 +250,14 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "checkpoint.every_n_steps": count,
         "checkpoint.average_last": optional(count),
         "ema.decay": optional(Rule("a number in (0, 1)", lambda v: _is_number(v) and 0 < v < 1)),
+        "augment.specaugment.enabled": boolean,
+        "augment.specaugment.consistent": boolean,
+        "augment.specaugment.mask_*_prob": probability,
+        # a span longer than its axis: Whisper's 3000 frames; the largest mel axis (large-v3's 128 bins), the
+        # model's own (80 for the others) checked when the student's config is read
+        "augment.specaugment.mask_time_length": at_most(3000, count),
+        "augment.specaugment.mask_feature_length": at_most(128, count),
+        "augment.specaugment.mask_*_min_masks": non_negative_int,
     },
     "evaluate": {
         "backend": one_of(*BACKENDS),
@@ -339,9 +347,31 @@ def _check(node: DictConfig | ListConfig, path: list[str], rules: dict, where: s
             _check(value, here, rules, where)
 
 
+def _specaugment_without_encoder_cache(cfg: DictConfig) -> str | None:
+    """The encoder-output cache stores the encoder outputs of the clean features: masked inputs cannot use it."""
+    if OmegaConf.select(cfg, "augment.specaugment.enabled", default=False) and OmegaConf.select(
+        cfg, "encoder_cache.enabled", default=False
+    ):
+        return (
+            "augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true: the cache stores the "
+            "encoder outputs of the clean features; turn one of them off"
+        )
+    return None
+
+
+# Settings that are each valid but cannot be combined: (stage -> checks returning the one-line error or None).
+CROSS_CHECKS: dict[str, list[Callable[[DictConfig], str | None]]] = {
+    "train": [_specaugment_without_encoder_cache],
+}
+
+
 def validate(cfg: DictConfig, stage: str, where: str = "") -> DictConfig:
     """Check every key of `cfg` (the composed config of command `stage`) that has a rule, before any model or
     dataset loads. Raises `ConfigError` ("<where><key> must be <what it takes>, got <value>") at the first bad
     value; `where` says which of distil-pipeline's stages the config is."""
     _check(cfg, [], stage_rules(stage), where)
+    for check in CROSS_CHECKS.get(stage, []):
+        problem = check(cfg)
+        if problem:
+            raise ConfigError(where + problem)
     return cfg

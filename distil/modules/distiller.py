@@ -28,6 +28,7 @@ import torch
 
 from distil.data.encoder_cache import EncoderCache
 from distil.evaluation.scoring import validation_metrics
+from distil.training.augment import SpecAugment, apply_specaugment, specaugment_seed
 from distil.training.loss_terms import LossTerm, StepOutputs, build_terms, term_config
 from distil.training.losses import IGNORE_INDEX, hidden_layer_pairs
 from distil.training.optim import apply_schedule, build_optimizers
@@ -80,11 +81,20 @@ class WhisperDistiller(L.LightningModule):
         task: str | None = None,
         full_logits: bool = False,
         fused_optimizer: bool | None = None,
+        specaugment: Mapping[str, Any] | None = None,
+        seed: int = 0,
     ):
         """`loss_terms`: `{key: LossTerm or its config}` (conf/loss/*.yaml `terms`); default: 0.8 CE + KL at T = 2.
         `optimizer(params, ...)` and `scheduler(optimizer)` are partials (Hydra `_partial_: true`, see
-        conf/train.yaml `module.optimizer` / `module.scheduler`); defaults: AdamW at 1e-4, constant rate."""
+        conf/train.yaml `module.optimizer` / `module.scheduler`); defaults: AdamW at 1e-4, constant rate.
+        `specaugment`: `augment.specaugment` (distil.training.augment), applied in `training_step` with masks
+        seeded by `seed` (the run's), the global step and the batch index."""
         super().__init__()
+        self.specaugment = SpecAugment.from_config(specaugment)
+        if self.specaugment is not None:  # a mask longer than the mel axis: refused before the models load
+            from transformers import WhisperConfig
+
+            self.specaugment.check(WhisperConfig.from_pretrained(student_dir).num_mel_bins)
         self.save_hyperparameters(ignore=["optimizer", "scheduler", "loss_terms"])
         terms = build_terms(DEFAULT_TERMS if loss_terms is None else dict(loss_terms))
         # Recorded as plain configs (checkpoints load with weights_only).
@@ -157,6 +167,11 @@ class WhisperDistiller(L.LightningModule):
     def set_encoder_cache(self, cache: EncoderCache | None) -> None:
         if cache is not None:
             check_encoder_cache(self.freeze_encoder, self.teacher is not None, self.share_encoder)
+            if self.specaugment is not None:  # the cache holds encoder outputs of clean inputs
+                raise DistillationSetupError(
+                    "augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true: the cache "
+                    "stores the encoder outputs of the clean features; turn one of them off"
+                )
         self.encoder_cache = cache
 
     def encoder_fingerprint(self) -> str:
@@ -180,7 +195,19 @@ class WhisperDistiller(L.LightningModule):
             return enc, enc, None
         feats = batch["input_features"].to(self.device, dtype)
         teacher = self.teacher
+        clean = batch.get(
+            "teacher_input_features"
+        )  # augment.specaugment.consistent=false: the teacher's input
+        t_feats = feats if clean is None or teacher is None else clean.to(self.device, dtype)
         if teacher is None or self.share_encoder:
+            if (
+                t_feats is not feats
+            ):  # the shared encoder, twice: masked for the student, clean for the teacher
+                with torch.no_grad():
+                    enc_t = self.student.model.encoder(t_feats).last_hidden_state
+                with torch.set_grad_enabled(not self.freeze_encoder and torch.is_grad_enabled()):
+                    enc = self.student.model.encoder(feats).last_hidden_state
+                return enc, enc_t, None
             if self.freeze_encoder:
                 with torch.no_grad():
                     enc = self.student.model.encoder(feats).last_hidden_state
@@ -192,7 +219,7 @@ class WhisperDistiller(L.LightningModule):
         with torch.set_grad_enabled(not self.freeze_encoder and torch.is_grad_enabled()):
             s_out = self.student.model.encoder(feats, output_hidden_states=need_hidden)
         with torch.no_grad():
-            t_out = teacher.model.encoder(feats, output_hidden_states=need_hidden)
+            t_out = teacher.model.encoder(t_feats, output_hidden_states=need_hidden)
         term = None
         if need_hidden and not self.freeze_encoder:  # a frozen student encoder gets no gradient from MSE
             term = (s_out.hidden_states, t_out.hidden_states, self.layer_pairs["encoder"], None)
@@ -251,7 +278,23 @@ class WhisperDistiller(L.LightningModule):
         parts["loss"] = total.detach()
         return total, parts
 
+    def augment_features(self, batch: dict[str, Any], batch_idx: int = 0) -> dict[str, Any]:
+        """The batch with SpecAugment applied to its features (`augment.specaugment`; training only): one masked
+        tensor that the student's and the teacher's encoders both read (`consistent=false`: the teacher reads
+        the clean features, as `teacher_input_features`). Masks drawn from (seed, global step, batch index)."""
+        spec = self.specaugment
+        if spec is None or "input_features" not in batch:
+            return batch
+        index = batch.get("batch_index", batch_idx)
+        seed = specaugment_seed(int(self.hparams.seed), int(self.global_step), int(index))
+        masked = apply_specaugment(batch["input_features"], spec, seed)
+        out = {**batch, "input_features": masked}
+        if not spec.consistent:
+            out["teacher_input_features"] = batch["input_features"]
+        return out
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        batch = self.augment_features(batch, batch_idx)
         loss, parts = self.compute_loss(batch)
         finite = torch.isfinite(loss.detach())
         if self.trainer is not None and self.trainer.world_size > 1:  # every rank stops together

@@ -1,0 +1,120 @@
+"""Training-time augmentation (issue 35): SpecAugment on the log-mel input.
+
+SpecAugment (`augment.specaugment`): time and mel-bin masks drawn by transformers' own
+`_compute_mask_indices` (the function Whisper's encoder uses with `config.apply_spec_augment`), with the same
+keys and meanings as `WhisperConfig` (`mask_time_prob`, `mask_time_length`, `mask_time_min_masks`,
+`mask_feature_prob`, `mask_feature_length`, `mask_feature_min_masks`), masked positions set to 0 as Whisper
+does. Whisper masks inside its encoder only in training mode, and distil's teacher (and frozen encoder) run in
+eval mode, so `WhisperDistiller.training_step` masks the features itself, once per batch, and gives the SAME
+tensor to the student and the teacher (`consistent=false`: the teacher gets the clean features, the ablation).
+The masks are a pure function of (run seed, global step, batch index) (`specaugment_seed`), so a resumed run
+draws the masks the uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import torch
+
+from distil.utils.errors import ConfigError
+
+WHISPER_FRAMES = 3000  # 30 s of log-mel frames: Whisper's input is always padded or cut to this
+
+
+@dataclass(frozen=True)
+class SpecAugment:
+    """`augment.specaugment`, in `WhisperConfig`'s meanings (see transformers' `_compute_mask_indices`): about
+    `mask_*_prob` of the axis is covered by spans of `mask_*_length` (at least `mask_*_min_masks` spans)."""
+
+    enabled: bool = False
+    consistent: bool = True
+    mask_time_prob: float = 0.05
+    mask_time_length: int = 10
+    mask_time_min_masks: int = 2
+    mask_feature_prob: float = 0.0
+    mask_feature_length: int = 10
+    mask_feature_min_masks: int = 0
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any] | None) -> SpecAugment | None:
+        """The settings when enabled, else None; unknown keys are refused."""
+        if not config or not config.get("enabled"):
+            return None
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise ConfigError(f"augment.specaugment has no key(s) {unknown}; it takes {sorted(known)}")
+        return cls(**dict(config))
+
+    def check(self, num_mel_bins: int, frames: int = WHISPER_FRAMES) -> None:
+        """A mask must fit its axis: one line naming the key."""
+        if self.mask_time_length > frames:
+            raise ConfigError(
+                f"augment.specaugment.mask_time_length={self.mask_time_length} is longer than the input "
+                f"({frames} frames)"
+            )
+        if self.mask_feature_length > num_mel_bins:
+            raise ConfigError(
+                f"augment.specaugment.mask_feature_length={self.mask_feature_length} is longer than the input "
+                f"({num_mel_bins} mel bins)"
+            )
+
+
+def specaugment_seed(seed: int, step: int, batch_index: int = 0) -> int:
+    """The mask generator's seed for one batch: from the run's seed, the global (optimiser) step and the
+    batch's index in the global batch order (micro-batches of one step, under gradient accumulation or on
+    several processes, draw different masks). A hash, so the same on every process and after a resume."""
+    digest = hashlib.blake2b(f"specaugment\x1f{seed}\x1f{step}\x1f{batch_index}".encode(), digest_size=4)
+    return int.from_bytes(digest.digest(), "little")  # numpy seeds are 32-bit
+
+
+def specaugment_masks(
+    shape: Sequence[int], spec: SpecAugment, seed: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(time mask [batch, frames], feature mask [batch, mel bins]) for features of `shape` [batch, mel bins,
+    frames], True where masked (None: that axis is not masked), drawn by transformers' `_compute_mask_indices`.
+
+    That function draws from numpy's global generator: it is seeded with `seed` for the call and its previous
+    state restored after, so the masks depend on `seed` alone and nothing else's draws shift."""
+    from transformers.models.whisper.modeling_whisper import _compute_mask_indices
+
+    batch, bins, frames = (int(n) for n in shape)
+    spec.check(bins, frames)
+    state = np.random.get_state()
+    try:
+        np.random.seed(seed)
+        time = feature = None
+        if spec.mask_time_prob > 0:  # as WhisperModel._mask_input_features: an axis with prob 0 is left alone
+            time = _compute_mask_indices(
+                (batch, frames),
+                spec.mask_time_prob,
+                spec.mask_time_length,
+                min_masks=spec.mask_time_min_masks,
+            )
+        if spec.mask_feature_prob > 0:
+            feature = _compute_mask_indices(
+                (batch, bins),
+                spec.mask_feature_prob,
+                spec.mask_feature_length,
+                min_masks=spec.mask_feature_min_masks,
+            )
+    finally:
+        np.random.set_state(state)
+    as_tensor = lambda m: None if m is None else torch.from_numpy(np.asarray(m, dtype=bool))  # noqa: E731
+    return as_tensor(time), as_tensor(feature)
+
+
+def apply_specaugment(features: torch.Tensor, spec: SpecAugment, seed: int) -> torch.Tensor:
+    """A masked copy of `features` [batch, mel bins, frames]: masked frames and bins set to 0, as Whisper does."""
+    time, feature = specaugment_masks(features.shape, spec, seed)
+    out = features.clone()
+    if time is not None:
+        out.masked_fill_(time.to(out.device)[:, None, :], 0.0)
+    if feature is not None:
+        out.masked_fill_(feature.to(out.device)[:, :, None], 0.0)
+    return out
