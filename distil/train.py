@@ -114,6 +114,7 @@ ADDED_SETTINGS = {
     "augment.specaugment.mask_feature_prob": 0.0,
     "augment.specaugment.mask_feature_length": 10,
     "augment.specaugment.mask_feature_min_masks": 0,
+    "augment.bpe_dropout": 0.0,
 }
 # Settings a checkpoint cannot be continued under, even with resume=force: they change which parameters exist
 # or train, so the saved weights or optimiser state no longer fit.
@@ -211,7 +212,9 @@ def _train(
     student_dir = resolve_student(cfg, teacher_dir)
 
     # Validation sets are named from the config alone; their data is loaded (and checked) in setup.
-    datamodule = instantiate(cfg.data, processor_dir=student_dir)
+    # augment.bpe_dropout re-tokenizes the training labels in the collator (recorded once, as augment.*).
+    bpe_dropout = float(OmegaConf.select(cfg, "augment.bpe_dropout", default=0.0) or 0.0)
+    datamodule = instantiate(cfg.data, processor_dir=student_dir, bpe_dropout=bpe_dropout)
     val_names, val_languages = datamodule.validation_set_names()
     module = instantiate(  # loads the teacher only if a loss term needs it; compatibility errors come here
         cfg.module,

@@ -163,3 +163,130 @@ def test_the_augment_keys_are_recorded_and_older_records_read_them_as_off(tmp_pa
     assert recorded["augment.specaugment.enabled"] is False
     write_json_atomic(tmp_path / RUN_CONFIG, {k: v for k, v in settings.items() if k not in recorded})
     assert check_run_config(tmp_path, settings, resuming=True, force=False) == []
+
+
+# ------------------------------------------------------------------ BPE dropout
+
+
+def label_rows(tokenizer, texts, timestamps=False):
+    """Stored pseudo-label rows: `<|startoftranscript|><|notimestamps|> text <|endoftext|>`, or with timestamps
+    `<|startoftranscript|><|0.00|> text <|1.00|><|1.00|> text <|2.00|><|endoftext|>`, and a prompt."""
+    from helpers import wave
+
+    from distil.data.audio import encode_flac
+
+    tok = tokenizer
+    sot, eot = tok.convert_tokens_to_ids("<|startoftranscript|>"), tok.eos_token_id
+    t = {s: tok.convert_tokens_to_ids(f"<|{s}|>") for s in ("0.00", "1.00", "2.00")}
+    rows = []
+    for i, text in enumerate(texts):
+        ids = tok(" " + text, add_special_tokens=False).input_ids
+        if timestamps:
+            half = tok(" and then some more words", add_special_tokens=False).input_ids
+            token_ids = [sot, t["0.00"], *ids, t["1.00"], t["1.00"], *half, t["2.00"], eot]
+        else:
+            token_ids = [sot, tok.convert_tokens_to_ids("<|notimestamps|>"), *ids, eot]
+        rows.append(
+            {
+                "audio": {"bytes": encode_flac(wave(0.5, i), 16_000), "path": None},
+                "sample_id": f"s{i}",
+                "source": "a/train",
+                "token_ids": token_ids,
+                "prompt": " what came before, unchanged",
+            }
+        )
+    return rows
+
+
+TEXTS = [
+    "The lighthouse keeper painted the railings a bright shade of green.",
+    "Martha planted tomatoes, beans and sunflowers behind the old barn.",
+    "Twelve students finished the chemistry exam before noon.",
+]
+
+
+def test_bpe_dropout_keeps_the_text_and_the_special_tokens_and_p0_keeps_the_ids(tokenizer):
+    from distil.data.targets import SpecialTokens
+    from distil.training.augment import BPEDropout
+
+    special = SpecialTokens.from_tokenizer(tokenizer)
+    rows = label_rows(tokenizer, TEXTS, timestamps=True)
+    dropout = BPEDropout(tokenizer, 0.5, special.is_text)
+    changed = 0
+    for row in rows:
+        stored = row["token_ids"]
+        dropped = dropout(stored)
+        changed += dropped != stored
+        # the same text, special tokens included (timestamps, prefix, end), in the same order
+        assert tokenizer.decode(dropped) == tokenizer.decode(stored)
+        assert [i for i in dropped if not special.is_text(i)] == [i for i in stored if not special.is_text(i)]
+        assert len(dropped) >= len(stored)  # smaller pieces
+    assert changed == len(rows)
+    assert BPEDropout(tokenizer, 0.0, special.is_text)(rows[0]["token_ids"]) == rows[0]["token_ids"]
+    # a prompt before <|startoftranscript|> is left alone (start=)
+    prompt = [special.startofprev, *tokenizer(" what came before", add_special_tokens=False).input_ids]
+    out = dropout(prompt + rows[0]["token_ids"], start=len(prompt))
+    assert out[: len(prompt)] == prompt
+    with pytest.raises(ConfigError, match=r"^augment.bpe_dropout must be a probability in \[0, 1\], got 2"):
+        BPEDropout(tokenizer, 2, special.is_text)
+
+
+def test_the_collator_trains_on_dropped_out_labels_and_the_teacher_scores_them(tiny_dir, tokenizer):
+    from transformers import WhisperFeatureExtractor
+
+    from distil.datamodules.collator import SpeechCollator
+    from distil.training.losses import IGNORE_INDEX
+
+    fe = WhisperFeatureExtractor.from_pretrained(tiny_dir)
+    rows = label_rows(tokenizer, TEXTS)
+
+    def collate(p, **kw):
+        return SpeechCollator(fe, tokenizer, bpe_dropout=p, seed=3, **kw)(rows, epoch=0)
+
+    plain, zero, dropped = collate(0.0), collate(0.0), collate(0.5)
+    assert torch.equal(plain["labels"], zero["labels"])  # p = 0: the stored ids
+    assert torch.equal(plain["decoder_input_ids"], zero["decoder_input_ids"])
+    assert plain["labels"].shape[1] < dropped["labels"].shape[1]  # differ from the stored labels ...
+    for stored, new in zip(plain["labels"], dropped["labels"], strict=True):
+        assert tokenizer.decode(stored[stored != IGNORE_INDEX]) == tokenizer.decode(new[new != IGNORE_INDEX])
+    for stored, new in zip(plain["decoder_input_ids"], dropped["decoder_input_ids"], strict=True):
+        assert new[0] == stored[0]  # ... the same prefix, and the same text
+    # with the prompt (always used here): the prompt's ids are the stored prompt's, masked out of the loss
+    prompted = collate(0.5, condition_on_prev_probability=1.0)
+    reference = collate(0.0, condition_on_prev_probability=1.0)
+    n = len(tokenizer(rows[0]["prompt"], add_special_tokens=False).input_ids) + 1
+    assert torch.equal(prompted["decoder_input_ids"][:, :n], reference["decoder_input_ids"][:, :n])
+    # the online teacher reads the same (dropped-out) decoder inputs: a student identical to it has KL 0
+    module = WhisperDistiller(tiny_dir, tiny_dir).eval()
+    with torch.no_grad():
+        _, parts = module.compute_loss(dropped)
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_a_training_run_with_bpe_dropout_trains_on_dropped_out_labels(home, tmp_path):  # noqa: F811
+    import lightning as L
+    from transformers import WhisperTokenizerFast
+
+    from distil.train import run_config, train
+    from distil.training.losses import IGNORE_INDEX
+
+    labels: list[torch.Tensor] = []
+
+    class Watch(L.Callback):
+        def on_train_batch_start(self, trainer, module, rows, batch_idx):
+            labels.extend(rows["labels"].cpu())
+
+    cfg = compose_train(
+        home, ["out_dir=" + str(tmp_path / "run"), "export=false", "augment.bpe_dropout=0.5"], steps=2
+    )
+    assert run_config(cfg)["augment.bpe_dropout"] == 0.5  # recorded in run_config.json
+    train(cfg, callbacks=[Watch()])
+    tok = WhisperTokenizerFast.from_pretrained(home / "models" / "whisper-tiny-random")
+    eot = tok.eos_token_id
+    resegmented = 0
+    for row in labels:
+        text_ids = [int(i) for i in row if i != IGNORE_INDEX and i < eot]
+        plain = tok(tok.decode(text_ids), add_special_tokens=False).input_ids
+        assert tok.decode(plain) == tok.decode(text_ids)
+        resegmented += plain != text_ids
+    assert len(labels) == 4 and resegmented >= 1

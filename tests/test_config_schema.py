@@ -163,6 +163,7 @@ BAD = [
         "augment.specaugment.mask_time_prob=1.5",
         "augment.specaugment.mask_time_prob must be a probability in [0, 1], got 1.5",
     ),
+    ("train", "augment.bpe_dropout=1.5", "augment.bpe_dropout must be a probability in [0, 1], got 1.5"),
     ("evaluate", "eval.batch_size=0", "eval.batch_size must be a positive integer, got 0"),
     ("evaluate", "eval.guards.no_speech_threshold=2", "eval.guards.no_speech_threshold=2"),
     ("corpus", "sentence_pools.test=1.5", "sentence_pools.test must be a probability in [0, 1], got 1.5"),

@@ -258,6 +258,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "augment.specaugment.mask_time_length": at_most(3000, count),
         "augment.specaugment.mask_feature_length": at_most(128, count),
         "augment.specaugment.mask_*_min_masks": non_negative_int,
+        "augment.bpe_dropout": probability,
     },
     "evaluate": {
         "backend": one_of(*BACKENDS),

@@ -1,5 +1,5 @@
 """Rows -> model batches: log-mel features, per-sample/per-epoch targets (`distil.data.targets`), padding;
-reference text -> label ids for fine-tuning.
+reference text -> label ids for fine-tuning; training labels re-tokenized with BPE dropout (`augment.bpe_dropout`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from distil.data.targets import (
     sample_rng,
 )
 from distil.datamodules.filters import DURATION_FILTERS, DataError, Drop, drop_reason
+from distil.training.augment import BPEDropout
 from distil.utils.errors import ConfigError
 from distil.whisper.generation import is_multilingual_vocabulary
 
@@ -100,7 +101,10 @@ class SpeechCollator:
         language: str | None = None,
         task: str | None = None,
         encoder_cache: EncoderCache | None = None,
+        bpe_dropout: float = 0.0,
     ):
+        """`bpe_dropout`: p > 0 re-tokenizes each training label's text spans with BPE dropout p (`__call__` only:
+        validation and the filters see the stored labels)."""
         if label_source not in LABEL_SOURCES:
             raise ConfigError(f"label_source must be one of {LABEL_SOURCES}, got {label_source!r}")
         self.feature_extractor = feature_extractor
@@ -113,6 +117,7 @@ class SpeechCollator:
         self.max_label_length = int(max_label_length)
         self.seed = int(seed)
         self.encoder_cache = encoder_cache
+        self.bpe_dropout = BPEDropout(tokenizer, bpe_dropout, self.special.is_text) if bpe_dropout else None
         pad = tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else self.special.eot)
 
@@ -120,6 +125,21 @@ class SpeechCollator:
         if self.label_source == "text":
             return self.text_labeler(row["text"], row.get("language"))
         return [int(i) for i in row["token_ids"]]
+
+    def training_label_ids(self, row: Mapping[str, Any]) -> list[int]:
+        """The label ids a training batch uses: the stored ones, or with `bpe_dropout` their text spans
+        re-tokenized with BPE dropout (the same text; a stored `<|startofprev|>` prompt, the special prefix,
+        timestamps and `<|endoftext|>` untouched). A label that would then no longer fit `max_label_length`
+        keeps its stored ids (it would lose its end to truncation)."""
+        ids = self.label_ids(row)
+        if self.bpe_dropout is None:
+            return ids
+        special = self.special
+        start = ids.index(special.sot) if ids and ids[0] == special.startofprev and special.sot in ids else 0
+        dropped = self.bpe_dropout(ids, start=start)
+        if len(dropped) - start > self.max_label_length + 1 >= len(ids) - start:
+            return ids
+        return dropped
 
     def label_length(self, row: Mapping[str, Any]) -> int | None:
         """The label's length as the filters count it (without the special prefix and end-of-text)."""
@@ -190,7 +210,7 @@ class SpeechCollator:
             batch["input_features"] = self.features(rows)
         targets = [
             build_targets(
-                self.label_ids(r),
+                self.training_label_ids(r),
                 self.special,
                 sample_rng(self.seed, epoch, key),
                 prompt_ids=self.prompt_ids(r),

@@ -110,6 +110,7 @@ class SpeechDataModule(L.LightningDataModule):
         encoder_cache: EncoderCache | None = None,
         max_epochs: int | None = None,
         cache_dir: str | None = None,
+        bpe_dropout: float = 0.0,
     ):
         super().__init__()
         self.cache_dir = cache_dir  # datasets' arrow cache for map-style loading
@@ -171,6 +172,7 @@ class SpeechDataModule(L.LightningDataModule):
         self.count_streamed_filters = count_streamed_filters
         self.language, self.task = language, task
         self.encoder_cache = encoder_cache
+        self.bpe_dropout = float(bpe_dropout)  # augment.bpe_dropout: training labels only (the collator)
         self.max_epochs = max_epochs
         self.filter_stats: dict[str, FilterStats] = {}
         self.val_names: list[str] = []
@@ -201,6 +203,7 @@ class SpeechDataModule(L.LightningDataModule):
             language=self.language,
             task=self.task,
             encoder_cache=self.encoder_cache,
+            bpe_dropout=self.bpe_dropout,
         )
 
     def source_path(self, entry: DatasetEntry) -> str:

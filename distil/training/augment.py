@@ -1,4 +1,4 @@
-"""Training-time augmentation (issue 35): SpecAugment on the log-mel input.
+"""Training-time augmentation (issue 35): SpecAugment on the log-mel input and BPE dropout on the labels.
 
 SpecAugment (`augment.specaugment`): time and mel-bin masks drawn by transformers' own
 `_compute_mask_indices` (the function Whisper's encoder uses with `config.apply_spec_augment`), with the same
@@ -9,11 +9,17 @@ eval mode, so `WhisperDistiller.training_step` masks the features itself, once p
 tensor to the student and the teacher (`consistent=false`: the teacher gets the clean features, the ablation).
 The masks are a pure function of (run seed, global step, batch index) (`specaugment_seed`), so a resumed run
 draws the masks the uninterrupted run would have drawn.
+
+BPE dropout (`augment.bpe_dropout`): `BPEDropout` re-tokenizes each text span of a label (the runs of ordinary
+tokens between special tokens; the prefix, timestamps, `<|endoftext|>` and a `<|startofprev|>` prompt are kept as
+they are) with a copy of the tokenizer whose BPE model has `dropout=p` (tokenizers' `BPE(dropout=p)`: each merge
+is skipped with probability p, so a word comes out in smaller pieces). The new ids spell exactly the same bytes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
@@ -118,3 +124,54 @@ def apply_specaugment(features: torch.Tensor, spec: SpecAugment, seed: int) -> t
     if feature is not None:
         out.masked_fill_(feature.to(out.device)[:, :, None], 0.0)
     return out
+
+
+class BPEDropout:
+    """Label ids re-tokenized with BPE dropout `p`, text spans only (see the module's doc).
+
+    `tokenizer`: the (fast) Whisper tokenizer; its backend's JSON with `model.dropout = p` makes the dropout
+    copy. A span whose new ids would not spell the same bytes (it cannot happen for a whole span of valid
+    text; it guards a span cut inside a character) keeps its ids. The dropout draws are tokenizers' own
+    (unseeded): each call segments afresh."""
+
+    def __init__(self, tokenizer, p: float, is_text):
+        from tokenizers import Tokenizer
+
+        if not 0 <= p <= 1:
+            raise ConfigError(f"augment.bpe_dropout must be a probability in [0, 1], got {p!r}")
+        self.p = float(p)
+        self.is_text = is_text
+        backend = tokenizer.backend_tokenizer
+        self.backend = backend
+        spec = json.loads(backend.to_str())
+        if spec["model"].get("type") != "BPE":
+            raise ConfigError(f"augment.bpe_dropout needs a BPE tokenizer, got {spec['model'].get('type')}")
+        spec["model"]["dropout"] = self.p
+        self.dropout = Tokenizer.from_str(json.dumps(spec)) if self.p > 0 else None
+
+    def _bytes(self, ids: Sequence[int]) -> str:
+        """The byte-level spelling of ids (tokens concatenated): equal iff the ids spell the same bytes."""
+        return "".join(self.backend.id_to_token(int(i)) or "" for i in ids)
+
+    def span(self, ids: list[int]) -> list[int]:
+        text = self.backend.decode(ids, skip_special_tokens=False)
+        new = self.dropout.encode(text, add_special_tokens=False).ids
+        return new if self._bytes(new) == self._bytes(ids) else ids
+
+    def __call__(self, ids: Sequence[int], start: int = 0) -> list[int]:
+        """`ids` with each maximal run of text tokens from index `start` on re-tokenized (p=0: unchanged)."""
+        ids = [int(i) for i in ids]
+        if self.dropout is None:
+            return ids
+        out, run = ids[:start], []
+        for i in ids[start:]:
+            if self.is_text(i):
+                run.append(i)
+                continue
+            if run:
+                out += self.span(run)
+                run = []
+            out.append(i)
+        if run:
+            out += self.span(run)
+        return out
