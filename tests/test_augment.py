@@ -96,6 +96,14 @@ def test_student_and_teacher_encoders_read_the_same_masked_features(student_dir,
         ablation.compute_loss(ablation.augment_features(batch, batch_idx=3))
     assert torch.equal(inputs.seen["student"][0], expected)
     assert torch.equal(inputs.seen["teacher"][0], batch["input_features"])
+    # the shared frozen encoder: one pass, on the masked tensor, for both models
+    shared = WhisperDistiller(student_dir, tiny_dir, specaugment=SPEC, seed=5)
+    assert shared.share_encoder
+    inputs = EncoderInputs(shared)
+    with torch.no_grad():
+        shared.compute_loss(shared.augment_features(batch, batch_idx=3))
+    assert len(inputs.seen["student"]) == 1 and not inputs.seen["teacher"]
+    assert torch.equal(inputs.seen["student"][0], expected)
     # off: nothing changes
     off = WhisperDistiller(student_dir, tiny_dir, specaugment={**SPEC, "enabled": False})
     assert off.augment_features(batch) is batch
