@@ -353,23 +353,32 @@ The puppy chewed one shoe from every pair in the house.
 """
 
 
-def build(n_sentences: int = 1200, seed: int = 20240917) -> list[str]:
-    r = random.Random(seed)
-    sentences = list(dict.fromkeys(PLAIN.splitlines()))
-    seen = set(sentences)
+def draw_distinct(
+    templates: list, n: int, r: random.Random, lines: list[str], key=str, keep=lambda text: True
+) -> list[str]:
+    """Add template outputs to `lines` until it holds `n` distinct ones (by `key`) that `keep` accepts;
+    the templates take turns, each drawing its slots from `r`. Returns `lines` shuffled."""
+    seen = {key(line) for line in lines}
     attempts = 0
-    while len(sentences) < n_sentences:
+    while len(lines) < n:
         attempts += 1
-        if attempts > 200 * n_sentences:
-            raise RuntimeError("templates cannot produce enough distinct sentences")
+        if attempts > 200 * n:
+            raise RuntimeError("templates cannot produce enough distinct lines")
         # a clock time like "3 p.m." may already end the sentence with its own full stop
-        text = TEMPLATES[attempts % len(TEMPLATES)](r).replace(".m..", ".m.")
-        if text in seen or not 5 <= len(text.split()) <= 20:
+        text = templates[attempts % len(templates)](r).replace(".m..", ".m.")
+        if key(text) in seen or not keep(text):
             continue
-        seen.add(text)
-        sentences.append(text)
-    r.shuffle(sentences)
-    return sentences
+        seen.add(key(text))
+        lines.append(text)
+    r.shuffle(lines)
+    return lines
+
+
+def build(n_sentences: int = 1200, seed: int = 20240917) -> list[str]:
+    sentences = list(dict.fromkeys(PLAIN.splitlines()))
+    return draw_distinct(
+        TEMPLATES, n_sentences, random.Random(seed), sentences, keep=lambda t: 5 <= len(t.split()) <= 20
+    )
 
 
 DIGIT_WORDS = "zero one two three four five six seven eight nine".split()
@@ -439,21 +448,7 @@ SHORT = [
 
 
 def build_short(n_utterances: int = 2500, seed: int = 20261207) -> list[str]:
-    r = random.Random(seed)
-    utterances: list[str] = []
-    seen: set[str] = set()
-    attempts = 0
-    while len(utterances) < n_utterances:
-        attempts += 1
-        if attempts > 200 * n_utterances:
-            raise RuntimeError("templates cannot produce enough distinct short utterances")
-        text = SHORT[attempts % len(SHORT)](r).replace(".m..", ".m.")
-        if text.lower() in seen:
-            continue
-        seen.add(text.lower())
-        utterances.append(text)
-    r.shuffle(utterances)
-    return utterances
+    return draw_distinct(SHORT, n_utterances, random.Random(seed), [], key=str.lower)
 
 
 if __name__ == "__main__":
