@@ -170,6 +170,19 @@ def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir):
         metrics["model"]["decoder_macs_per_token"]
         < results["evaluate"]["teacher"]["model"]["decoder_macs_per_token"]
     )
+    # The evaluated export's model card: Hub metadata the Hub client parses, the run's WERs in its model-index.
+    from huggingface_hub import ModelCard
+
+    exports = results["train"]["exports"]
+    card = ModelCard.load(Path(exports["best"]) / "README.md", ignore_metadata_errors=False)
+    wers = {
+        r.dataset_name: r.metric_value for r in card.data.eval_results if r.metric_name.startswith("short")
+    }
+    assert wers == {f"{s} (short-form)": round(e["wer"], 2) for s, e in metrics["short_form"]["sets"].items()}
+    assert card.data.pipeline_tag == "automatic-speech-recognition" and "distil-whisper" in card.data.tags
+    assert "distil-train experiment=tiny_random_smoke" in card.text  # the command that made it
+    last = ModelCard.load(Path(exports["last"]) / "README.md", ignore_metadata_errors=False)
+    assert last.data.eval_results is None  # its weights were not evaluated
 
 
 def test_pipeline_run_notebook_executes_against_the_run(pipeline_run, monkeypatch):
