@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 from distil.config.schema import validate
 from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
+from distil.utils.hub import push_from_config
 from distil.utils.io import ensure_writable_parent, reporting_full_disk, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
@@ -41,7 +42,14 @@ from distil.whisper.student import is_complete_student
 
 def export(cfg: DictConfig, command: str | None = None) -> Path:
     """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out_dir`, with
-    a model card (README.md) when it is a distilled student; `command`: the command line, for the card."""
+    a model card (README.md) when it is a distilled student, and upload it to `cfg.push_to_hub` if set;
+    `command`: the command line, for the card."""
+    out = _export(cfg, command)
+    push_from_config(cfg, out)
+    return out
+
+
+def _export(cfg: DictConfig, command: str | None) -> Path:
     quantization, device = str(cfg.quantization), str(cfg.device)
     check_quantization(quantization, device)
     model, force = cfg.model, bool(cfg.force)

@@ -176,6 +176,13 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
             (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
+    if cfg.get("push_to_hub"):  # the evaluated student, its card now holding the results
+        from distil.utils.hub import HubUploadError, push_from_config
+
+        student_dir = _trained_student_dir(cfg, train_summary)
+        if not student_dir:
+            raise HubUploadError(f"push_to_hub={cfg.push_to_hub}: this run has no trained student to upload")
+        results["hub_commit"] = push_from_config(cfg, student_dir)
 
 
 def update_cards(

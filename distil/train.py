@@ -44,6 +44,7 @@ from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimi
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
 from distil.utils.errors import InputError, instantiate, one_line_errors
+from distil.utils.hub import push_from_config
 from distil.utils.io import (
     LockHeldError,
     ensure_writable_directory,
@@ -329,6 +330,10 @@ def _train(
     write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).
     write_run_cards(out_dir, summary.get("exports") or {}, command)
+    exports = summary.get("exports") or {}
+    if cfg.get("push_to_hub") and exports:  # the best export (else last), with its card
+        summary["hub_commit"] = push_from_config(cfg, exports.get("best") or exports["last"])
+        write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
