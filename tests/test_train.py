@@ -143,7 +143,7 @@ def test_end_to_end_train_exports_pipeline_loadable_students(home, caplog):
             for d in (name, f"{name}-ct2-int8")
         )
         assert (hf.data.library_name, ct2.data.library_name) == ("transformers", "ctranslate2")
-        assert hf.data.base_model is None and "1 layers of the teacher's 2" in hf.text
+        assert hf.data.base_model is None and "decoder: 1 layer of the teacher's 2" in hf.text
         assert f"`{name}-ct2-int8`" in hf.text and "WhisperModel(" in ct2.text
     assert summary["global_step"] == 4
     progress = [r.getMessage() for r in caplog.records if r.name == "distil.progress"]

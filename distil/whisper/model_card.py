@@ -288,6 +288,14 @@ def _millions(n: Any) -> str:
     return f"{n / 1e6:.1f} M" if isinstance(n, int | float) else "unknown"
 
 
+def _layers(n: int) -> str:
+    return f"{n} layer" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
 def _num(v: Any) -> str:
     return f"{v:.2f}" if isinstance(v, int | float) else "-"
 
@@ -344,8 +352,8 @@ def _model_lines(facts: dict) -> list[str]:
         dec_of = f" of the teacher's {s['teacher_decoder_layers']}" if "teacher_decoder_layers" in s else ""
         maps = s.get("decoder_layer_map")
         lines += [
-            f"- encoder: {s['encoder_layers']} layers{enc_of}",
-            f"- decoder: {s['decoder_layers']} layers{dec_of}"
+            f"- encoder: {_layers(s['encoder_layers'])}{enc_of}",
+            f"- decoder: {_layers(s['decoder_layers'])}{dec_of}"
             + (f" (initialised from teacher layers {maps})" if maps else ""),
             f"- parameters: {_millions(s.get('parameters'))}",
         ]
@@ -385,30 +393,22 @@ def _training_lines(facts: dict) -> list[str]:
     settings, training = facts["settings"], facts["training"]
     lines = [] if settings or training else ["The training run's records were not found beside this export."]
     if settings:
-        loss = {
-            k.removeprefix("loss."): v
-            for k, v in settings.items()
-            if k.startswith("loss.") and "." not in k[5:]
-        }
-        lines += [
-            f"- recipe: loss `{loss.get('name')}` on {loss.get('labels')} labels "
-            f"({', '.join(f'{k} {v}' for k, v in sorted(loss.items()) if k not in ('name', 'labels'))}); "
-            f"AdamW lr {settings.get('optim.lr')}, {settings.get('optim.schedule', 'constant')} schedule after "
-            f"{settings.get('optim.warmup_steps')} warm-up steps; seed {settings.get('seed')}",
-        ]
-    if training:
-        minutes = (
-            training["train_seconds"] / 60 if isinstance(training.get("train_seconds"), int | float) else None
-        )
+        loss = {k[5:]: v for k, v in settings.items() if k.startswith("loss.") and "." not in k[5:]}
+        weights = ", ".join(f"{k} {v}" for k, v in sorted(loss.items()) if k not in ("name", "labels"))
+        optimizer = str(settings.get("module.optimizer._target_", "AdamW")).rsplit(".", 1)[-1]
         lines.append(
-            f"- {training.get('global_step')} optimiser steps, effective batch {training.get('effective_batch_size')}"
-            + (f", {minutes:.1f} min of training in its last invocation" if minutes is not None else "")
-            + (
-                f"; best validation WER {training['best_val_wer_weighted']:.2f} %"
-                if isinstance(training.get("best_val_wer_weighted"), int | float)
-                else ""
-            )
+            f"- recipe: loss `{loss.get('name')}` on {loss.get('labels')} labels ({weights}); {optimizer} "
+            f"lr {settings.get('optim.lr')}, {settings.get('optim.schedule', 'constant')} schedule after "
+            f"{settings.get('optim.warmup_steps')} warm-up steps; seed {settings.get('seed')}"
         )
+    if training:
+        seconds, best = training.get("train_seconds"), training.get("best_val_wer_weighted")
+        line = f"- {training.get('global_step')} optimiser steps, effective batch {training.get('effective_batch_size')}"
+        if isinstance(seconds, int | float):
+            line += f", {_duration(seconds)} of training in its last invocation"
+        if isinstance(best, int | float):
+            line += f"; best validation WER {best:.2f} %"
+        lines.append(line)
     for d in facts["datasets"]:
         where = (
             f"[{d['hub_id']}](https://huggingface.co/datasets/{d['hub_id']})"
