@@ -7,11 +7,13 @@
 Reads top to bottom: check the quantisation, the model and the output directory (before any work), turn a
 training checkpoint into a Hugging Face directory, then convert (`distil.whisper.ct2_export`). The output,
 `out_dir` or `<model>-ct2-<quantization>` beside the model, loads with `faster_whisper.WhisperModel(out)`;
-exporting the same model and quantisation again does nothing.
+exporting the same model and quantisation again does nothing (but rewrite the model card, README.md, which a
+distilled student's export carries: distil.whisper.model_card).
 """
 
 from __future__ import annotations
 
+import shlex
 import tempfile
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from omegaconf import DictConfig
 from distil.config.schema import validate
 from distil.training.checkpoints import export_student
 from distil.utils.errors import one_line_errors
+from distil.utils.hub import push_from_config
 from distil.utils.io import ensure_writable_parent, reporting_full_disk, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import write_run_info
@@ -32,11 +35,21 @@ from distil.whisper.ct2_export import (
     export_ct2,
 )
 from distil.whisper.loading import is_checkpoint
+from distil.whisper.model_card import card_facts, write_card
 from distil.whisper.models import resolve_model
+from distil.whisper.student import is_complete_student
 
 
-def export(cfg: DictConfig) -> Path:
-    """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out_dir`."""
+def export(cfg: DictConfig, command: str | None = None) -> Path:
+    """Export `cfg.model` (a model config, a Whisper directory or a training checkpoint) to `cfg.out_dir`, with
+    a model card (README.md) when it is a distilled student, and upload it to `cfg.push_to_hub` if set;
+    `command`: the command line, for the card."""
+    out = _export(cfg, command)
+    push_from_config(cfg, out)
+    return out
+
+
+def _export(cfg: DictConfig, command: str | None) -> Path:
     quantization, device = str(cfg.quantization), str(cfg.device)
     check_quantization(quantization, device)
     model, force = cfg.model, bool(cfg.force)
@@ -51,7 +64,8 @@ def export(cfg: DictConfig) -> Path:
             raise ExportInputError(f"model {source} is not a local directory: download it first")
         out = Path(cfg.out_dir or f"{source}-ct2-{quantization}")
         with reporting_full_disk(out):
-            return export_ct2(source, out, quantization, device, force)
+            export_ct2(source, out, quantization, device, force)
+            return _with_card(out, source, quantization, None, command)
 
     ckpt = Path(str(path)).expanduser()
     if not ckpt.is_file() or not model.get("base"):
@@ -63,7 +77,25 @@ def export(cfg: DictConfig) -> Path:
     check_output(out)
     with tempfile.TemporaryDirectory(prefix="distil-export-") as tmp, reporting_full_disk(out):
         hf_dir = export_student(ckpt, str(base), Path(tmp) / "student")
-        return export_ct2(hf_dir, out, quantization, device, force, source_name=str(ckpt))
+        export_ct2(hf_dir, out, quantization, device, force, source_name=str(ckpt))
+        # The checkpoint's run directory (<run>/checkpoints/<name>.ckpt) holds the records the card reads.
+        return _with_card(out, hf_dir, quantization, ckpt.parent.parent, command)
+
+
+def _with_card(out: Path, source: Path, quantization: str, run_dir: Path | None, command: str | None) -> Path:
+    """`out` with its README.md model card when it is a distilled student (distil_student.json); a teacher or
+    another Whisper model gets none: distil knows nothing of how it was made."""
+    if is_complete_student(source):
+        runs = [d for d in (run_dir, source.parent) if d and (d / "run_config.json").is_file()]
+        facts = card_facts(
+            out,
+            run_dir=runs[0] if runs else None,
+            source_dir=source,
+            quantization=quantization,
+            export_command=command,
+        )
+        write_card(out, facts)
+    return out
 
 
 @writable_home
@@ -71,8 +103,10 @@ def export(cfg: DictConfig) -> Path:
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg, "export")  # every key's type and range, before any model or data loads
+    from hydra.core.hydra_config import HydraConfig
+
     write_run_info(cfg)
-    print(export(cfg))
+    print(export(cfg, shlex.join(["distil-export", *HydraConfig.get().overrides.task])))
 
 
 if __name__ == "__main__":

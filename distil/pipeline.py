@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,7 @@ from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
 from distil.utils.errors import one_line_errors
-from distil.utils.io import ensure_writable_directory, ensure_writable_parent, writable_home
+from distil.utils.io import ensure_writable_directory, ensure_writable_parent, read_json, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import hydra_output_dir, write_run_info
 
@@ -141,7 +142,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         stage_cfg, _, overrides = run("train")
         # The directory `distil-train <overrides>` would use.
         stage_cfg.out_dir = resolve_out_dir(stage_cfg, override_dirname(overrides))
-        train_summary = train(stage_cfg)
+        train_summary = train(stage_cfg, command=shlex.join(["distil-train", *overrides]))
         results["train"] = train_summary
     if "evaluate" in cfg.stages:
         from distil.evaluate import evaluate
@@ -149,7 +150,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         teacher_cfg = compose_stage("init_student", stage_overrides(cfg, "init_student"), cfg.paths).teacher
         teacher_dir = resolve_model(teacher_cfg, models_root=cfg.paths.models)
         student_dir = _trained_student_dir(cfg, train_summary)
-        evals = {}
+        evals, set_paths = {}, {}
         for role, model_dir, extra in [
             (
                 "teacher",
@@ -164,12 +165,59 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
             model = ["model=path", f"model.path={_quoted(model_dir)}", f"model.name={role}"]
             stage_cfg, stage_dir, _ = run("evaluate", model + extra, tag=f"evaluate_{role}")
             evals[role] = evaluate(stage_cfg, stage_dir)
+            set_paths = {
+                **_set_paths(stage_cfg.eval.get("sets")),
+                **_set_paths(OmegaConf.select(stage_cfg, "eval.long_form.sets")),
+            }
         results["evaluate"] = evals
         results["comparison"] = compare(evals)
+        update_cards(cfg, train_summary, student_dir, evals, set_paths)
         print(headline_table(evals))
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
             (out / "metrics.json").write_text(json.dumps(evals["student"], indent=2, default=str) + "\n")
+    if cfg.get("push_to_hub"):  # the evaluated student, its card now holding the results
+        from distil.utils.hub import HubUploadError, push_from_config
+
+        student_dir = _trained_student_dir(cfg, train_summary)
+        if not student_dir:
+            raise HubUploadError(f"push_to_hub={cfg.push_to_hub}: this run has no trained student to upload")
+        results["hub_commit"] = push_from_config(cfg, student_dir)
+
+
+def update_cards(
+    cfg: DictConfig, train_summary: dict | None, student_dir: str | None, evals: dict, set_paths: dict
+) -> None:
+    """The training run's exported students' model cards, rewritten with the evaluation's results: the
+    evaluated export's card (and its CTranslate2 exports') gets the model-index, the others say they were not
+    evaluated."""
+    from distil.whisper.model_card import evaluation_summary, write_run_cards
+
+    summary = train_summary
+    if summary is None:  # training ran in an earlier invocation: its record
+        from distil.train import override_dirname, resolve_out_dir
+
+        overrides = stage_overrides(cfg, "train")
+        run_dir = Path(
+            resolve_out_dir(compose_stage("train", overrides, cfg.paths), override_dirname(overrides))
+        )
+        summary = (
+            read_json(run_dir / "train_summary.json") if (run_dir / "train_summary.json").is_file() else None
+        )
+    exports = (summary or {}).get("exports") or {}
+    if "student" not in evals or not exports or not student_dir:
+        return
+    evaluated = Path(student_dir).name  # best (or last): the export the student's evaluation loaded
+    evaluation = evaluation_summary(evals, set_paths)
+    for card in write_run_cards(summary["out_dir"], exports, summary.get("command"), evaluation, evaluated):
+        log.info("model card: %s", card)
+
+
+def _set_paths(sets: DictConfig | None) -> dict[str, str]:
+    """Each evaluation set's dataset path (a Hub id names the set's dataset in the model-index)."""
+    return {
+        name: str(entry.get("path")) for name, entry in (sets or {}).items() if entry and entry.get("path")
+    }
 
 
 def deployment_role(cfg: DictConfig, student_dir: str | None) -> list[tuple[str, str, list[str]]]:

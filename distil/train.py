@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -43,6 +44,7 @@ from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimi
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
 from distil.utils.errors import InputError, instantiate, one_line_errors
+from distil.utils.hub import push_from_config
 from distil.utils.io import (
     LockHeldError,
     ensure_writable_directory,
@@ -56,6 +58,7 @@ from distil.utils.io import (
 from distil.utils.paths import CONF_DIR, safe_dirname
 from distil.utils.runinfo import write_run_info
 from distil.whisper.ct2_export import check_quantization, export_ct2
+from distil.whisper.model_card import write_run_cards
 from distil.whisper.models import resolve_model
 from distil.whisper.student import init_student, is_complete_student
 
@@ -165,8 +168,9 @@ def resolve_student(cfg: DictConfig, teacher_dir: str) -> str:
     )
 
 
-def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
-    """Run (or resume) one distillation run; returns a summary with the best validation WER."""
+def train(cfg: DictConfig, callbacks: list | None = None, command: str | None = None) -> dict[str, Any]:
+    """Run (or resume) one distillation run; returns a summary with the best validation WER. `command` (the
+    command line that made the run) is recorded in the summary and the exports' model cards."""
     from contextlib import nullcontext
 
     from lightning.pytorch.utilities import rank_zero_only
@@ -191,7 +195,7 @@ def train(cfg: DictConfig, callbacks: list | None = None) -> dict[str, Any]:
             ckpt_path and resume == "force"
         ):  # every rank, so all apply the same values (rank 0 wrote the record)
             callbacks = [*(callbacks or []), ResumeWithConfigOptimiser(changes)]
-        return _train(cfg, out_dir, ckpt_path, ct2_quantizations, started, callbacks)
+        return _train(cfg, out_dir, ckpt_path, ct2_quantizations, started, callbacks, command)
 
 
 def _train(
@@ -201,6 +205,7 @@ def _train(
     ct2_quantizations: list[str],
     started: float,
     callbacks: list | None,
+    command: str | None = None,
 ) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -303,6 +308,7 @@ def _train(
         "data_filter": json.loads((out_dir / DATA_FILTER_REPORT).read_text()),
         "best_val_wer_weighted": None if best.best_model_score is None else float(best.best_model_score),
         "best_checkpoint": best_path,
+        "command": command,
     }
     if not trainer.is_global_zero:  # under DDP (script launcher) the other ranks return here
         return summary
@@ -322,6 +328,12 @@ def _train(
                     export_ct2(hf_dir, out_dir / f"{name}-ct2-{q}", q, force=True)
                 )
     write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).
+    write_run_cards(out_dir, summary.get("exports") or {}, command)
+    exports = summary.get("exports") or {}
+    if cfg.get("push_to_hub") and exports:  # the best export (else last), with its card
+        summary["hub_commit"] = push_from_config(cfg, exports.get("best") or exports["last"])
+        write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
@@ -510,7 +522,7 @@ def main(cfg: DictConfig) -> float | None:
     # Lightning's DDP launcher re-runs this command in the other processes (LOCAL_RANK/RANK set): they share
     # the Hydra run directory, which rank 0 alone writes.
     run_dir = rank_zero_only(write_run_info)(cfg)
-    summary = train(cfg)
+    summary = train(cfg, command=shlex.join(["distil-train", *HydraConfig.get().overrides.task]))
     if run_dir is not None:  # rank 0: the job directory's metrics.json is what the sweep collector tabulates
         write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
     return summary.get("best_val_wer_weighted")

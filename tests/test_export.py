@@ -297,6 +297,7 @@ def test_command_exports_a_training_checkpoint(tiny_random_dir, tts_clips, tmp_p
     out = export(compose_export([*overrides, "quantization=float32"]))
     assert out == ckpt.parent / "last-ct2-float32"
     assert json.loads((out / EXPORT_INFO).read_text())["source"] == str(ckpt)
+    assert not (out / "README.md").exists()  # not a distilled student (no distil_student.json): no model card
     feats = features(tiny_random_dir, tts_clips[:2])
     assert ct2_ids(out, feats, EN_PROMPT, 16) == pytorch_ids(tiny_random_dir, feats, 16)
     marker = (out / COMPLETE_MARKER).stat().st_mtime_ns

@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
+from test_hub_upload import fake_hub_session, uploaded_card
 from transformers import AutoTokenizer
 
 from distil.evaluation.report import headline_table
@@ -110,18 +111,28 @@ def test_comparison_reads_any_sections_headline_and_marks_what_a_model_lacks():
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_random_dir):
-    """One whole pipeline run of the default recipe (packed, timestamped labels) on the tiny random teacher."""
+def fake_hub():
+    """The Hub the pipeline uploads to (tests/test_hub_upload.py: the real client, a mocked HTTP transport)."""
+    with fake_hub_session() as hub:
+        yield hub
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_random_dir, fake_hub):
+    """One whole pipeline run of the default recipe (packed, timestamped labels) on the tiny random teacher,
+    uploading the student at the end."""
     tmp_path = tmp_path_factory.mktemp("pipeline")
     run_dir = tmp_path / "run"
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         # Reuse the session's model cache (the tiny random teacher is built once per test session).
-        cfg = _pipeline_cfg(tmp_path, [f"paths.models={tiny_random_dir.parent}"])
+        cfg = _pipeline_cfg(
+            tmp_path, [f"paths.models={tiny_random_dir.parent}", "push_to_hub=me/tiny-student"]
+        )
         results = run_pipeline(cfg, run_dir)
     return tmp_path, run_dir, results
 
 
-def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir):
+def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir, fake_hub):
     tmp_path, run_dir, results = pipeline_run
     assert set(results) >= {"corpus", "pseudo_label", "init_student", "train", "evaluate", "comparison"}
     labels = tmp_path / "pseudo_labels" / "whisper-tiny-random"
@@ -170,6 +181,26 @@ def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir):
         metrics["model"]["decoder_macs_per_token"]
         < results["evaluate"]["teacher"]["model"]["decoder_macs_per_token"]
     )
+    # The evaluated export's model card: Hub metadata the Hub client parses, the run's WERs in its model-index.
+    from huggingface_hub import ModelCard
+
+    exports = results["train"]["exports"]
+    card = ModelCard.load(Path(exports["best"]) / "README.md", ignore_metadata_errors=False)
+    wers = {
+        r.dataset_name: r.metric_value for r in card.data.eval_results if r.metric_name.startswith("short")
+    }
+    assert wers == {f"{s} (short-form)": round(e["wer"], 2) for s, e in metrics["short_form"]["sets"].items()}
+    assert card.data.pipeline_tag == "automatic-speech-recognition" and "distil-whisper" in card.data.tags
+    assert "distil-train experiment=tiny_random_smoke" in card.text  # the command that made it
+    last = ModelCard.load(Path(exports["last"]) / "README.md", ignore_metadata_errors=False)
+    assert last.data.eval_results is None  # its weights were not evaluated
+    # push_to_hub: the evaluated student was uploaded after the evaluation, its card holding the results.
+    [commit] = fake_hub.commits
+    assert fake_hub.created == {"name": "tiny-student", "organization": "me", "visibility": "private"}
+    assert set(commit["files"]) == {
+        p.name for p in Path(exports["best"]).iterdir() if not p.name.startswith(".")
+    }
+    assert uploaded_card(commit).data.eval_results == card.data.eval_results
 
 
 def test_pipeline_run_notebook_executes_against_the_run(pipeline_run, monkeypatch):

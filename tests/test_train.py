@@ -132,9 +132,19 @@ def test_end_to_end_train_exports_pipeline_loadable_students(home, caplog):
     with pytest.warns(LabellerMismatchWarning, match="another-teacher"):
         summary = train(cfg)
     out = Path(cfg.out_dir)
+    from huggingface_hub import ModelCard
+
     for name in ("best", "last"):  # faster-whisper directories of both exports
         assert summary["exports"][f"{name}-ct2-int8"] == str(out / f"{name}-ct2-int8")
         assert (out / f"{name}-ct2-int8" / "model.bin").is_file()
+        # Each export carries its model card (the tiny random teacher has no Hub id: no base_model, no licence).
+        hf, ct2 = (
+            ModelCard.load(out / d / "README.md", ignore_metadata_errors=False)
+            for d in (name, f"{name}-ct2-int8")
+        )
+        assert (hf.data.library_name, ct2.data.library_name) == ("transformers", "ctranslate2")
+        assert hf.data.base_model is None and "decoder: 1 layer of the teacher's 2" in hf.text
+        assert f"`{name}-ct2-int8`" in hf.text and "WhisperModel(" in ct2.text
     assert summary["global_step"] == 4
     progress = [r.getMessage() for r in caplog.records if r.name == "distil.progress"]
     assert any(line.startswith("training: 4/4 (100%), ") and "train/loss" in line for line in progress)

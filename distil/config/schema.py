@@ -29,6 +29,7 @@ from distil.evaluation.sections import ALGORITHMS
 from distil.modules.transcriber import DTYPES
 from distil.training.optim import SCHEDULES
 from distil.utils.errors import ConfigError
+from distil.utils.hub import is_repo_id
 
 STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")  # distil-pipeline's, in order
 
@@ -125,6 +126,14 @@ def _precisions() -> tuple:
 
 
 split_name = Rule("a split name", lambda v: isinstance(v, str) and v != "")
+text = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
+# The upload keys of the commands that write a model (distil.utils.hub): checked before any model loads.
+HUB_RULES: dict[str, Rule] = {
+    "push_to_hub": optional(Rule("a Hub repository id owner/name", is_repo_id)),
+    "hub.private": boolean,
+    "hub.revision": optional(text),
+    "hub.commit_message": optional(text),
+}
 
 # Key pattern -> rule, for the config groups several commands share (teacher, student, data, trainer, ...).
 RULES: dict[str, Rule] = {
@@ -259,6 +268,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "augment.specaugment.mask_feature_length": at_most(128, count),
         "augment.specaugment.mask_*_min_masks": non_negative_int,
         "augment.bpe_dropout": probability,
+        **HUB_RULES,
     },
     "evaluate": {
         "backend": one_of(*BACKENDS),
@@ -290,7 +300,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "eval.noise.samples": count,
         "eval.noise.seed": integer,
     },
-    "export": {},
+    "export": dict(HUB_RULES),
     "import_model": {},
     "init_student": {"overwrite": boolean},
     "corpus": {
@@ -316,6 +326,7 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "audio_hours": optional(positive),
         "train.wer_threshold": optional(non_negative),
         "overrides.*": list_of(Rule("an override (key=value)", lambda v: isinstance(v, str))),
+        **HUB_RULES,
     },
 }
 
@@ -360,9 +371,16 @@ def _specaugment_without_encoder_cache(cfg: DictConfig) -> str | None:
     return None
 
 
+def _push_without_export(cfg: DictConfig) -> str | None:
+    """Training uploads its exported student: with export=false there is none."""
+    if cfg.get("push_to_hub") and not cfg.get("export", True):
+        return f"push_to_hub={cfg.push_to_hub} uploads the run's exported student: it needs export=true"
+    return None
+
+
 # Settings that are each valid but cannot be combined: (stage -> checks returning the one-line error or None).
 CROSS_CHECKS: dict[str, list[Callable[[DictConfig], str | None]]] = {
-    "train": [_specaugment_without_encoder_cache],
+    "train": [_specaugment_without_encoder_cache, _push_without_export],
 }
 
 
