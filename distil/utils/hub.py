@@ -24,12 +24,14 @@ class HubUploadError(InputError):
     """The Hub refused the upload (no token, no write access, a bad revision...)."""
 
 
-def is_repo_id(value: Any) -> bool:
-    """`owner/name` as the Hub accepts it (huggingface_hub's own validator), the owner required: a bare name
-    would go to whichever account the token belongs to."""
+def is_repo_id(value: Any, owner_required: bool = True) -> bool:
+    """A Hub repository id as huggingface_hub's own validator accepts it; `owner/name` when `owner_required`
+    (an upload target: a bare name would go to whichever account the token belongs to)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    if not isinstance(value, str) or value.count("/") != 1 or not all(value.split("/")):
+    if not isinstance(value, str) or not value:
+        return False
+    if owner_required and (value.count("/") != 1 or not all(value.split("/"))):
         return False
     try:
         validate_repo_id(value)

@@ -18,6 +18,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from distil.utils.hub import is_repo_id
 from distil.utils.io import read_json, write_atomic, write_json_atomic
 from distil.whisper.dimensions import PACKAGED, WHISPER_DIMENSIONS, from_config
 
@@ -31,17 +32,9 @@ RUN_CONFIG, TRAIN_SUMMARY, RUN_INFO = "run_config.json", "train_summary.json", "
 
 def is_hub_id(value: Any) -> bool:
     """Whether `value` reads as a Hub repository id (`owner/name` or a legacy `name`), not a local path."""
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    if not isinstance(value, str) or not value or Path(value).expanduser().exists():
+    if not isinstance(value, str) or not value or value.startswith(("/", ".", "~")):
         return False
-    if value.startswith(("/", ".", "~")):
-        return False
-    try:
-        validate_repo_id(value)
-    except HFValidationError:
-        return False
-    return True
+    return not Path(value).expanduser().exists() and is_repo_id(value, owner_required=False)
 
 
 def _json(path: Path) -> Any:
