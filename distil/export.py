@@ -13,7 +13,6 @@ distilled student's export carries: distil.whisper.model_card).
 
 from __future__ import annotations
 
-import shlex
 import tempfile
 from pathlib import Path
 
@@ -26,7 +25,7 @@ from distil.utils.errors import one_line_errors
 from distil.utils.hub import push_from_config
 from distil.utils.io import ensure_writable_parent, reporting_full_disk, writable_home
 from distil.utils.paths import CONF_DIR
-from distil.utils.runinfo import write_run_info
+from distil.utils.runinfo import command_line, write_run_info
 from distil.whisper.ct2_export import (
     ExportInputError,
     check_output,
@@ -103,10 +102,8 @@ def _with_card(out: Path, source: Path, quantization: str, run_dir: Path | None,
 @one_line_errors
 def main(cfg: DictConfig) -> None:
     validate(cfg, "export")  # every key's type and range, before any model or data loads
-    from hydra.core.hydra_config import HydraConfig
-
     write_run_info(cfg)
-    print(export(cfg, shlex.join(["distil-export", *HydraConfig.get().overrides.task])))
+    print(export(cfg, command_line("distil-export")))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from distil.evaluation.scoring import headline_columns, headlines, primary_metri
 from distil.utils.errors import one_line_errors
 from distil.utils.io import ensure_writable_directory, ensure_writable_parent, read_json, writable_home
 from distil.utils.paths import CONF_DIR
-from distil.utils.runinfo import hydra_output_dir, write_run_info
+from distil.utils.runinfo import command_line, hydra_output_dir, write_run_info
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +141,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         stage_cfg, _, overrides = run("train")
         # The directory `distil-train <overrides>` would use.
         stage_cfg.out_dir = resolve_out_dir(stage_cfg, override_dirname(overrides))
-        train_summary = train(stage_cfg, command=shlex.join(["distil-train", *overrides]))
+        train_summary = train(stage_cfg, command=command_line("distil-train", overrides))
         results["train"] = train_summary
     if "evaluate" in cfg.stages:
         from distil.evaluate import evaluate
@@ -195,15 +194,8 @@ def update_cards(
 
     summary = train_summary
     if summary is None:  # training ran in an earlier invocation: its record
-        from distil.train import override_dirname, resolve_out_dir
-
-        overrides = stage_overrides(cfg, "train")
-        run_dir = Path(
-            resolve_out_dir(compose_stage("train", overrides, cfg.paths), override_dirname(overrides))
-        )
-        summary = (
-            read_json(run_dir / "train_summary.json") if (run_dir / "train_summary.json").is_file() else None
-        )
+        record = earlier_train_dir(cfg) / "train_summary.json"
+        summary = read_json(record) if record.is_file() else None
     exports = (summary or {}).get("exports") or {}
     if "student" not in evals or not exports or not student_dir:
         return
@@ -233,15 +225,20 @@ def _quoted(path: str | Path) -> str:
     return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
+def earlier_train_dir(cfg: DictConfig) -> Path:
+    """The run directory of the training stage when it ran in an earlier invocation (the one
+    `distil-train <the stage's overrides>` uses)."""
+    from distil.train import override_dirname, resolve_out_dir
+
+    overrides = stage_overrides(cfg, "train")
+    return Path(resolve_out_dir(compose_stage("train", overrides, cfg.paths), override_dirname(overrides)))
+
+
 def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | None:
     """The distilled student to evaluate: the best export of this run's training, else its last export."""
     if train_summary is None:
-        from distil.train import override_dirname, resolve_out_dir
-
-        overrides = stage_overrides(cfg, "train")
-        train_cfg = compose_stage("train", overrides, cfg.paths)
-        out_dir = resolve_out_dir(train_cfg, override_dirname(overrides))
-        exports = {k: Path(out_dir) / k for k in ("best", "last")}
+        out_dir = earlier_train_dir(cfg)
+        exports = {k: out_dir / k for k in ("best", "last")}
         exports = {k: str(v) for k, v in exports.items() if (v / "config.json").is_file()}
     else:
         exports = train_summary.get("exports") or {}

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shlex
 import time
 import warnings
 from collections.abc import Iterator, Sequence
@@ -56,7 +55,7 @@ from distil.utils.io import (
     write_json_atomic,
 )
 from distil.utils.paths import CONF_DIR, safe_dirname
-from distil.utils.runinfo import write_run_info
+from distil.utils.runinfo import command_line, write_run_info
 from distil.whisper.ct2_export import check_quantization, export_ct2
 from distil.whisper.model_card import write_run_cards
 from distil.whisper.models import resolve_model
@@ -327,13 +326,17 @@ def _train(
                 summary["exports"][f"{name}-ct2-{q}"] = str(
                     export_ct2(hf_dir, out_dir / f"{name}-ct2-{q}", q, force=True)
                 )
-    write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+    def save_summary() -> None:
+        write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+
+    save_summary()
     # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).
-    write_run_cards(out_dir, summary.get("exports") or {}, command)
     exports = summary.get("exports") or {}
+    write_run_cards(out_dir, exports, command)
     if cfg.get("push_to_hub") and exports:  # the best export (else last), with its card
         summary["hub_commit"] = push_from_config(cfg, exports.get("best") or exports["last"])
-        write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        save_summary()
     return summary
 
 
@@ -341,7 +344,7 @@ def averaged_exports(trainer: L.Trainer, final: dict) -> dict[str, dict[str, tor
     """The weight averages to export beside best and last, as HF weights, from the final checkpoint's state of
     the averaging callbacks (this process's trainer may not have trained: ddp_spawn): `averaged` (the mean of
     the last `checkpoint.average_last` saves) and `ema` (`ema.decay`), when on."""
-    from distil.training.averaging import EMA, CheckpointAverage, average_weights
+    from distil.training.averaging import EMA, CheckpointAverage, average_weights, student_weights
 
     out: dict[str, dict[str, torch.Tensor]] = {}
     for callback in trainer.callbacks:
@@ -353,7 +356,7 @@ def averaged_exports(trainer: L.Trainer, final: dict) -> dict[str, dict[str, tor
             snapshots = [torch.load(callback.path(s), map_location="cpu", weights_only=True) for s in steps]
             out["averaged"] = average_weights(snapshots)
         elif isinstance(callback, EMA) and callback.decay is not None and state and state.get("weights"):
-            out["ema"] = {k.removeprefix("student."): v.cpu() for k, v in state["weights"].items()}
+            out["ema"] = student_weights(state["weights"])
     return out
 
 
@@ -522,7 +525,7 @@ def main(cfg: DictConfig) -> float | None:
     # Lightning's DDP launcher re-runs this command in the other processes (LOCAL_RANK/RANK set): they share
     # the Hydra run directory, which rank 0 alone writes.
     run_dir = rank_zero_only(write_run_info)(cfg)
-    summary = train(cfg, command=shlex.join(["distil-train", *HydraConfig.get().overrides.task]))
+    summary = train(cfg, command=command_line("distil-train"))
     if run_dir is not None:  # rank 0: the job directory's metrics.json is what the sweep collector tabulates
         write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
     return summary.get("best_val_wer_weighted")

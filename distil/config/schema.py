@@ -27,6 +27,7 @@ from distil.datamodules.speech import STOPPING_STRATEGIES
 from distil.evaluation.ct2_backend import BACKENDS
 from distil.evaluation.sections import ALGORITHMS
 from distil.modules.transcriber import DTYPES
+from distil.training.augment import SPECAUGMENT_WITH_CACHE
 from distil.training.optim import SCHEDULES
 from distil.utils.errors import ConfigError
 from distil.utils.hub import is_repo_id
@@ -51,6 +52,10 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+def _in_unit_interval(v: Any) -> bool:
+    return _is_number(v) and 0 <= v <= 1
+
+
 boolean = Rule("true or false", lambda v: isinstance(v, bool))
 integer = Rule("an integer", _is_int)
 number = Rule("a number", _is_number)
@@ -58,7 +63,7 @@ count = Rule("a positive integer", lambda v: _is_int(v) and v >= 1)
 non_negative_int = Rule("an integer >= 0", lambda v: _is_int(v) and v >= 0)
 positive = Rule("a positive number", lambda v: _is_number(v) and v > 0)
 non_negative = Rule("a number >= 0", lambda v: _is_number(v) and v >= 0)
-probability = Rule("a probability in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1)
+probability = Rule("a probability in [0, 1]", _in_unit_interval)
 null = Rule("null", lambda v: v is None)
 auto = Rule("auto", lambda v: v == "auto")
 
@@ -229,8 +234,8 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "optim.eps": positive,
         "optim.warmup_steps": non_negative_int,
         "optim.schedule": one_of(*SCHEDULES),
-        "optim.min_lr_ratio": Rule("a number in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
-        "optim.decay_fraction": Rule("a fraction in [0, 1]", lambda v: _is_number(v) and 0 <= v <= 1),
+        "optim.min_lr_ratio": Rule("a number in [0, 1]", _in_unit_interval),
+        "optim.decay_fraction": Rule("a fraction in [0, 1]", _in_unit_interval),
         "loss.labels": one_of("pseudo", "text"),
         "loss.temperature": positive,
         "loss.*_weight": non_negative,
@@ -364,10 +369,7 @@ def _specaugment_without_encoder_cache(cfg: DictConfig) -> str | None:
     if OmegaConf.select(cfg, "augment.specaugment.enabled", default=False) and OmegaConf.select(
         cfg, "encoder_cache.enabled", default=False
     ):
-        return (
-            "augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true: the cache stores the "
-            "encoder outputs of the clean features; turn one of them off"
-        )
+        return SPECAUGMENT_WITH_CACHE
     return None
 
 

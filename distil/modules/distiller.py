@@ -28,7 +28,12 @@ import torch
 
 from distil.data.encoder_cache import EncoderCache
 from distil.evaluation.scoring import validation_metrics
-from distil.training.augment import SpecAugment, apply_specaugment, specaugment_seed
+from distil.training.augment import (
+    SPECAUGMENT_WITH_CACHE,
+    SpecAugment,
+    apply_specaugment,
+    specaugment_seed,
+)
 from distil.training.loss_terms import LossTerm, StepOutputs, build_terms, term_config
 from distil.training.losses import IGNORE_INDEX, hidden_layer_pairs
 from distil.training.optim import apply_schedule, build_optimizers
@@ -168,10 +173,7 @@ class WhisperDistiller(L.LightningModule):
         if cache is not None:
             check_encoder_cache(self.freeze_encoder, self.teacher is not None, self.share_encoder)
             if self.specaugment is not None:  # the cache holds encoder outputs of clean inputs
-                raise DistillationSetupError(
-                    "augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true: the cache "
-                    "stores the encoder outputs of the clean features; turn one of them off"
-                )
+                raise DistillationSetupError(SPECAUGMENT_WITH_CACHE)
         self.encoder_cache = cache
 
     def encoder_fingerprint(self) -> str:
@@ -195,14 +197,12 @@ class WhisperDistiller(L.LightningModule):
             return enc, enc, None
         feats = batch["input_features"].to(self.device, dtype)
         teacher = self.teacher
-        clean = batch.get(
-            "teacher_input_features"
-        )  # augment.specaugment.consistent=false: the teacher's input
+        # augment.specaugment.consistent=false: the teacher reads the clean features
+        clean = batch.get("teacher_input_features")
         t_feats = feats if clean is None or teacher is None else clean.to(self.device, dtype)
         if teacher is None or self.share_encoder:
-            if (
-                t_feats is not feats
-            ):  # the shared encoder, twice: masked for the student, clean for the teacher
+            # the shared encoder, twice: masked for the student, clean for the teacher
+            if t_feats is not feats:
                 with torch.no_grad():
                     enc_t = self.student.model.encoder(t_feats).last_hidden_state
                 with torch.set_grad_enabled(not self.freeze_encoder and torch.is_grad_enabled()):

@@ -30,6 +30,12 @@ import torch
 from distil.utils.errors import ConfigError
 
 WHISPER_FRAMES = 3000  # 30 s of log-mel frames: Whisper's input is always padded or cut to this
+# The encoder-output cache holds the encoder outputs of clean features: masked inputs cannot read it. Refused by
+# the config check (distil.config.schema) before models load, and by the module for a caller that skips it.
+SPECAUGMENT_WITH_CACHE = (
+    "augment.specaugment.enabled=true cannot train with encoder_cache.enabled=true: the cache stores the "
+    "encoder outputs of the clean features; turn one of them off"
+)
 
 
 @dataclass(frozen=True)

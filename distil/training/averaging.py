@@ -129,9 +129,8 @@ class CheckpointAverage(L.Callback):
 
     def __init__(self, dir: str | Path, keep: int | None = None, every_n_steps: int = 100):
         self.dir, self.keep, self.every_n_steps = Path(dir), keep, int(every_n_steps)
-        self.saved: list[
-            int
-        ] = []  # the cadence's saves, oldest first: at most `keep`, `keep - 1` beside `final`
+        # the cadence's saves, oldest first: at most `keep`, `keep - 1` beside `final`
+        self.saved: list[int] = []
         self.final: int | None = None  # the final step, when not one of the cadence's
 
     def path(self, step: int) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 from pathlib import Path
 
@@ -36,6 +37,16 @@ def hydra_output_dir() -> Path | None:
         return Path(HydraConfig.get().runtime.output_dir)
     except (ImportError, ValueError):
         return None
+
+
+def command_line(command: str, overrides: list[str] | None = None) -> str:
+    """The command line that reproduces a run: `command` with `overrides` (default: this Hydra job's), quoted
+    for a shell."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        overrides = list(HydraConfig.get().overrides.task)
+    return shlex.join([command, *overrides])
 
 
 def write_run_info(cfg: DictConfig, out_dir: str | Path | None = None) -> Path:
