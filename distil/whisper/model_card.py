@@ -95,8 +95,6 @@ def student_facts(hf_dir: Path) -> dict[str, Any]:
 def evaluation_summary(evals: dict[str, dict], set_paths: dict[str, Any] | None = None) -> dict[str, Any]:
     """The evaluation results a card shows, from each role's metrics.json (`distil.evaluate`): per set the
     short-form error rate and the long-form WER of each algorithm, the RTFx and the parameter count."""
-    from distil.evaluation.scoring import headlines
-
     set_paths = set_paths or {}
     roles: dict[str, Any] = {}
     for role, metrics in evals.items():
@@ -114,9 +112,7 @@ def evaluation_summary(evals: dict[str, dict], set_paths: dict[str, Any] | None 
             }
             if entry.get("status") == "ok" and algos:
                 long[name] = algos
-        rtfx = (
-            headlines(metrics).get("rtfx", {}).get("value")
-        )  # the latency section's, as the report reads it
+        rtfx = ((metrics.get("latency") or {}).get("headline") or {}).get("rtfx", {}).get("value")
         roles[role] = {
             "short_form": short,
             "long_form": long,
