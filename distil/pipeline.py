@@ -20,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
-from distil.utils.errors import one_line_errors
+from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.io import ensure_writable_directory, ensure_writable_parent, read_json, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import command_line, hydra_output_dir, write_run_info
@@ -34,11 +34,16 @@ def stage_overrides(cfg: DictConfig, stage: str) -> list[str]:
         "corpus": list(cfg.recipe.get("corpus") or []),
         "pseudo_label": [f"teacher={cfg.recipe.teacher}", *(cfg.recipe.get("pseudo_label") or [])],
         "init_student": [f"teacher={cfg.recipe.teacher}", f"student={cfg.recipe.student}"],
-        "train": _train_choices(cfg),
+        "train": _train_choices(cfg) + list(cfg.recipe.get("train") or []),
         "evaluate": list(cfg.recipe.get("evaluate") or []),
     }[stage]
-    if stage == "train" and cfg.train.wer_threshold is not None:
-        shared.append(f"data.wer_threshold={cfg.train.wer_threshold}")
+    if (
+        stage == "train"
+    ):  # the pipeline's sweepable training choices, forwarded as distil-train would take them
+        forwarded = {"ablation": "ablation", "seed": "seed", "wer_threshold": "data.wer_threshold"}
+        shared += [
+            f"{key}={cfg.train[name]}" for name, key in forwarded.items() if cfg.train.get(name) is not None
+        ]
     return shared + list(cfg.overrides.get(stage) or [])
 
 
@@ -71,7 +76,19 @@ def validate_stages(cfg: DictConfig) -> None:
     validate(cfg, "pipeline")
     for stage in STAGES:
         if stage in cfg.stages:
-            validate(compose_stage(stage, stage_overrides(cfg, stage), cfg.paths), stage, f"{stage} stage: ")
+            stage_cfg = compose_stage(stage, stage_overrides(cfg, stage), cfg.paths)
+            validate(stage_cfg, stage, f"{stage} stage: ")
+            if stage == "train":
+                check_export_choice(cfg.train.get("export") or "auto", stage_cfg)
+
+
+def check_export_choice(wanted: str, train_cfg: DictConfig) -> None:
+    """`train.export=averaged|ema` needs the training run to write that export."""
+    needs = {"averaged": "checkpoint.average_last", "ema": "ema.decay"}.get(wanted)
+    if needs and OmegaConf.select(train_cfg, needs) is None:
+        raise ConfigError(
+            f"train.export={wanted}: the training stage writes no {wanted!r} export; set {needs} (or train.export=auto)"
+        )
 
 
 def check_outputs(cfg: DictConfig) -> None:
@@ -153,7 +170,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         for role, model_dir, extra in [
             (
                 "teacher",
-                teacher_dir,
+                teacher_dir if cfg.get("evaluate_teacher", True) else None,
                 [f"++eval.speculative.assistant={_quoted(student_dir)}"] if student_dir else [],
             ),
             ("student", student_dir, ["++eval.speculative=null"]),  # a model is not its own assistant
@@ -234,15 +251,28 @@ def earlier_train_dir(cfg: DictConfig) -> Path:
     return Path(resolve_out_dir(compose_stage("train", overrides, cfg.paths), override_dirname(overrides)))
 
 
+# `train.export: auto` evaluates the first of these the training wrote: a run that averages checkpoints or keeps
+# an EMA was asked for that model (the recipe of distil-large-v3.5 ships its averaged checkpoints).
+AUTO_EXPORT_ORDER = ("averaged", "ema", "best", "last")
+
+
 def _trained_student_dir(cfg: DictConfig, train_summary: dict | None) -> str | None:
-    """The distilled student to evaluate: the best export of this run's training, else its last export."""
+    """The distilled student to evaluate: the training export `train.export` names (auto: AUTO_EXPORT_ORDER)."""
     if train_summary is None:
         out_dir = earlier_train_dir(cfg)
-        exports = {k: out_dir / k for k in ("best", "last")}
+        exports = {k: out_dir / k for k in AUTO_EXPORT_ORDER}
         exports = {k: str(v) for k, v in exports.items() if (v / "config.json").is_file()}
     else:
         exports = train_summary.get("exports") or {}
-    return exports.get("best") or exports.get("last")
+    wanted = cfg.train.get("export") or "auto"
+    if wanted == "auto":
+        return next((exports[k] for k in AUTO_EXPORT_ORDER if k in exports), None)
+    if wanted not in exports and exports:
+        raise ConfigError(
+            f"train.export={wanted}: the training run wrote no {wanted!r} export (it wrote {sorted(exports)}); "
+            "set checkpoint.average_last / ema.decay for averaged / ema, or train.export=auto"
+        )
+    return exports.get(wanted)
 
 
 def compare(evals: dict[str, dict]) -> dict[str, dict[str, Any]]:
@@ -287,8 +317,10 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
             entry.update({k: plan[k] for k in ("run_directory", "resume", "trainer", "model")})
             entry["estimate"] = estimate_training(stage_cfg)
         elif stage == "evaluate":
-            roles = ["teacher", "student"] + (
-                [f"student-ct2-{cfg.deploy_compute_type}"] if cfg.get("deploy_compute_type") else []
+            roles = (
+                ["teacher"] * bool(cfg.get("evaluate_teacher", True))
+                + ["student"]
+                + ([f"student-ct2-{cfg.deploy_compute_type}"] if cfg.get("deploy_compute_type") else [])
             )
             entry["models"] = roles
         stages[stage] = entry
