@@ -1,11 +1,13 @@
 """Turn a Hydra multirun directory into one table (CSV) and one plot (PNG).
 
-    python -m distil.collect <multirun dir> [--x KEY] [--y METRIC ...] [--out DIR]
+    python -m distil.collect <multirun dir> [--x KEY] [--y METRIC ...] [--over KEY] [--out DIR]
 
 Every job directory holds `.hydra/overrides.yaml` (what the job changed) and `metrics.json` (what it
 measured, e.g. from `distil.evaluate`). One row per job: the job number, its overrides, its status and every
 numeric metric flattened to a dotted column name (`short_form.average.wer_macro`). The plot draws the chosen
-metrics against the swept override (default: the first override that varies across jobs).
+metrics against the swept override (default: the first override that varies across jobs). `--over train.seed`
+also merges the jobs that differ only in that key (the seeds of one row): each metric's mean and sample standard
+deviation over them (`summary_over_<key>.csv`, the plot's error bars).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import argparse
 import csv
 import json
 import math
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -101,7 +104,33 @@ def columns(rows: Sequence[dict]) -> list[str]:
         k for k in keys if k not in ("job", "status") and all(isinstance(r.get(k, ""), str) for r in rows)
     ]
     metrics = sorted(k for k in keys if k not in overrides and k not in ("job", "status"))
-    return ["job", *overrides, "status", *metrics]
+    job, status = ([k] if k in keys else [] for k in ("job", "status"))  # merged rows (--over) have neither
+    return [*job, *overrides, *status, *metrics]
+
+
+def aggregate(rows: Sequence[dict], over: str) -> list[dict]:
+    """The finished jobs that differ only in `over` as one row: `n` jobs, the values of `over` they had, and per
+    metric the mean and, as `<metric>.std`, the sample standard deviation (0 for a single job)."""
+    keys = [k for k in swept_keys(rows) if k != over]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            groups.setdefault(tuple(row.get(k) for k in keys), []).append(row)
+    metrics = [c for c in columns(rows) if c not in ("job", "status") and c not in keys and c != over]
+    out = []
+    for values, members in groups.items():
+        merged: dict = {
+            **dict(zip(keys, values, strict=True)),
+            over: ",".join(str(m.get(over)) for m in members),
+        }
+        merged["n"] = len(members)
+        for metric in metrics:
+            numbers = [m[metric] for m in members if isinstance(m.get(metric), (int, float))]
+            if numbers:
+                merged[metric] = statistics.fmean(numbers)
+                merged[f"{metric}.std"] = statistics.stdev(numbers) if len(numbers) > 1 else 0.0
+        out.append(merged)
+    return out
 
 
 def write_csv(rows: Sequence[dict], path: Path) -> Path:
@@ -146,7 +175,9 @@ def plot(
         if not pts:
             continue
         xs = [_as_number(xs_raw[i]) if numeric else str(xs_raw[i]) for i, _ in pts]
-        ax.plot(xs, [v for _, v in pts], marker="o", label=metric)
+        spread = [rows[i].get(f"{metric}.std") for i, _ in pts]  # aggregated rows: the spread over seeds
+        errors = spread if all(isinstance(e, (int, float)) for e in spread) else None
+        ax.errorbar(xs, [v for _, v in pts], yerr=errors, marker="o", capsize=3, label=metric)
     ax.set_xlabel(x)
     ax.set_ylabel("value (WER in %)" if all("wer" in m for m in metrics) else "value")
     ax.grid(alpha=0.3)
@@ -161,10 +192,15 @@ def plot(
 
 
 def format_table(rows: Sequence[dict], keys: Sequence[str]) -> str:
-    def cell(v):
-        return f"{v:.2f}" if isinstance(v, float) else str(v if v is not None else "")
+    """Aligned columns; a metric with a `<metric>.std` beside it reads "mean ± std"."""
 
-    table = [list(keys)] + [[cell(r.get(k)) for k in keys] for r in rows]
+    def cell(row, key):
+        value, spread = row.get(key), row.get(f"{key}.std")
+        if isinstance(value, float) and isinstance(spread, float):
+            return f"{value:.2f} ± {spread:.2f}"
+        return f"{value:.2f}" if isinstance(value, float) else str(value if value is not None else "")
+
+    table = [list(keys)] + [[cell(r, k) for k in keys] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(keys))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)) for line in table)
 
@@ -174,6 +210,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("multirun_dir", type=Path)
     parser.add_argument("--x", help="override key for the x axis (default: the first swept key)")
     parser.add_argument("--y", nargs="+", help="metric columns to plot (default: the WER columns)")
+    parser.add_argument(
+        "--over", help="merge the jobs that differ only in this override key (e.g. train.seed): mean ± std"
+    )
     parser.add_argument(
         "--out", type=Path, help="where to write summary.csv / summary.png (default: the multirun dir)"
     )
@@ -190,9 +229,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         if unknown:
             print(f"error: unknown metric column(s) {unknown}; available: {columns(rows)}", file=sys.stderr)
             return 2
+    metrics = args.y or default_metrics(rows)
     csv_path = write_csv(rows, out / "summary.csv")
-    png_path = plot(rows, out / "summary.png", args.x, args.y)
-    shown = ["job", *swept_keys(rows), "status", *(args.y or default_metrics(rows))]
+    if args.over:
+        if args.over not in swept_keys(rows):
+            print(
+                f"error: --over {args.over}: not a key the jobs vary; they vary {swept_keys(rows)}",
+                file=sys.stderr,
+            )
+            return 2
+        failed = [r["job"] for r in rows if r.get("status") != "ok"]
+        if failed:
+            print(f"warning: jobs {failed} have no metrics and are left out of the means", file=sys.stderr)
+        rows = aggregate(rows, args.over)
+        csv_path = write_csv(rows, out / f"summary_over_{args.over}.csv")
+        shown = [k for k in swept_keys(rows) if k != args.over] + ["n", args.over, *metrics]
+    else:
+        shown = ["job", *swept_keys(rows), "status", *metrics]
+    png_path = plot(
+        rows, out / (f"summary_over_{args.over}.png" if args.over else "summary.png"), args.x, args.y
+    )
     print(format_table(rows, shown))
     print(f"\ntable: {csv_path}\nplot:  {png_path}")
     return 0

@@ -57,6 +57,29 @@ def test_fake_multirun_becomes_a_sorted_table_and_a_plot(tmp_path, capsys):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5_000
 
 
+def test_over_a_seed_merges_each_rows_jobs_into_mean_and_standard_deviation(tmp_path, capsys):
+    root = tmp_path / "multirun"
+    wers = {("baseline", 1): 20.0, ("baseline", 2): 24.0, ("linear", 1): 15.0, ("linear", 2): 16.0}
+    for num, ((row, seed), wer) in enumerate(wers.items()):
+        fake_job(root, num, [f"train.seed={seed}", f"train.ablation={row}"], long_metrics(wer, 1.0))
+    fake_job(root, 4, ["train.seed=3", "train.ablation=linear"], None)  # failed: not in the means
+
+    assert main([str(root), "--over", "train.seed"]) == 0
+    captured = capsys.readouterr()
+    assert "jobs ['4'] have no metrics" in captured.err
+    assert "22.00 ± 2.83" in captured.out  # mean of 20 and 24, sample standard deviation 2 * sqrt(2)
+    with (root / "summary_over_train.seed.csv").open() as handle:
+        table = {r["train.ablation"]: r for r in csv.DictReader(handle)}
+    assert table["linear"]["n"] == "2" and table["linear"]["train.seed"] == "1,2"
+    assert float(table["linear"]["long_form.sets.longform.chunked.wer"]) == 15.5
+    assert abs(float(table["linear"]["long_form.sets.longform.chunked.wer.std"]) - 0.7071) < 1e-4
+    assert "job" not in table["linear"] and (root / "summary_over_train.seed.png").stat().st_size > 5_000
+    assert (root / "summary.csv").exists()  # the per-job table is still written
+
+    assert main([str(root), "--over", "not.swept"]) == 2
+    assert "not a key the jobs vary" in capsys.readouterr().err
+
+
 def test_collector_errors_are_clear(tmp_path, capsys):
     assert main([str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err

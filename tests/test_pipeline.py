@@ -8,12 +8,23 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import PROJECT_ROOT, TINY_CORPUS
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from test_hub_upload import fake_hub_session, uploaded_card
 from transformers import AutoTokenizer
 
+from distil.config.schema import validate
 from distil.evaluation.report import headline_table
 from distil.evaluation.scoring import headline, primary_metric
-from distil.pipeline import STAGES, compare, compose_stage, run_pipeline, stage_overrides
+from distil.pipeline import (
+    STAGES,
+    _trained_student_dir,
+    compare,
+    compose_stage,
+    run_pipeline,
+    stage_overrides,
+    validate_stages,
+)
+from distil.utils.errors import ConfigError
 from distil.utils.paths import CONF_DIR
 
 TINY_EVAL = [
@@ -46,7 +57,7 @@ def _pipeline_cfg(tmp_path, extra=()):
 
 def test_stage_overrides_forward_the_shared_choices(tmp_path):
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        same = _pipeline_cfg(tmp_path, ["train.wer_threshold=15"])
+        same = _pipeline_cfg(tmp_path, ["train.wer_threshold=15", "train.seed=3", "train.ablation=linear"])
         other_student = _pipeline_cfg(tmp_path, ["recipe.student=2dec"])
         assert stage_overrides(same, "pseudo_label")[0] == "teacher=tiny_random"
         # The experiment already picks tiny_random/1dec: the training run directory is the same as
@@ -54,6 +65,8 @@ def test_stage_overrides_forward_the_shared_choices(tmp_path):
         # ... then the pipeline's own overrides.train (_pipeline_cfg trains on the labeller's encoder cache)
         assert stage_overrides(same, "train") == [
             "experiment=tiny_random_smoke",
+            "ablation=linear",
+            "seed=3",
             "data.wer_threshold=15",
             "encoder_cache.enabled=true",
         ]
@@ -82,6 +95,69 @@ def test_every_recipe_composes_every_stage(recipe, tmp_path):
             demo_sizes = default_corpus.corpora[engine].sizes
             assert spec.sizes.get("train", 0) == scale * demo_sizes.get("train", 0), engine
             assert spec.sizes.get("test") == demo_sizes.get("test"), engine
+
+
+ABLATION_ROWS = sorted(p.stem for p in (CONF_DIR / "ablation").glob("*.yaml"))
+
+
+def test_every_ablation_row_is_the_demo_with_its_own_changes(tmp_path):
+    """sweep=ablate_v35: each row composes into a valid training config that differs from the baseline in
+    exactly the knobs it names (the SpecAugment rows also leave the encoder-output cache off), and the sweep
+    runs all rows for two seeds without evaluating the teacher."""
+    knobs = ["optim.schedule", "augment.specaugment.enabled", "augment.specaugment.consistent"]
+    knobs += ["augment.bpe_dropout", "checkpoint.average_last", "encoder_cache.enabled"]
+    rows = {}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        for row in ABLATION_ROWS:
+            cfg = compose(
+                config_name="pipeline", overrides=[f"paths.root={tmp_path}", f"train.ablation={row}"]
+            )
+            stage_cfg = compose_stage("train", stage_overrides(cfg, "train"), cfg.paths)
+            validate(stage_cfg, "train")
+            rows[row] = {k: OmegaConf.select(stage_cfg, k) for k in knobs}
+        sweep = compose(config_name="pipeline", overrides=["sweep=ablate_v35"], return_hydra_config=True)
+    changed = {row: {k for k in knobs if values[k] != rows["baseline"][k]} for row, values in rows.items()}
+    specaugment = {"augment.specaugment.enabled", "encoder_cache.enabled"}
+    assert changed == {
+        "baseline": set(),
+        "specaugment": specaugment,
+        "specaugment_inconsistent": specaugment | {"augment.specaugment.consistent"},
+        "bpe_dropout": {"augment.bpe_dropout"},
+        "linear": {"optim.schedule"},
+        "average": {"checkpoint.average_last"},
+        "all": specaugment | {"augment.bpe_dropout", "optim.schedule", "checkpoint.average_last"},
+    }
+    assert rows["baseline"]["optim.schedule"] == "constant" and rows["baseline"]["encoder_cache.enabled"]
+    params = sweep.hydra.sweeper.params
+    assert sorted(params["train.ablation"].split(",")) == ABLATION_ROWS and params["train.seed"] == "1,2"
+    assert sweep.evaluate_teacher is False
+
+
+def test_the_evaluated_export_is_the_one_train_export_names(tmp_path):
+    exports = {"best": "/r/best", "last": "/r/last", "averaged": "/r/averaged"}
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        pick = {
+            choice: _trained_student_dir(
+                _pipeline_cfg(tmp_path, [f"train.export={choice}"]), {"exports": exports}
+            )
+            for choice in ("auto", "best", "last", "averaged")
+        }
+        assert pick == {
+            "auto": "/r/averaged",
+            "best": "/r/best",
+            "last": "/r/last",
+            "averaged": "/r/averaged",
+        }
+        assert _trained_student_dir(_pipeline_cfg(tmp_path), {"exports": {"last": "/r/last"}}) == "/r/last"
+        with pytest.raises(ConfigError, match="train.export=ema: the training run wrote no 'ema' export"):
+            _trained_student_dir(_pipeline_cfg(tmp_path, ["train.export=ema"]), {"exports": exports})
+        # Refused before any stage runs when the training stage would not write it.
+        with pytest.raises(ConfigError, match="train.export=averaged: .* set checkpoint.average_last"):
+            validate_stages(_pipeline_cfg(tmp_path, ["stages=[train]", "train.export=averaged"]))
+        average = "overrides.train=['checkpoint.average_last=2']"
+        validate_stages(_pipeline_cfg(tmp_path, ["stages=[train]", "train.export=averaged", average]))
+        with pytest.raises(ConfigError, match="train.export"):
+            validate_stages(_pipeline_cfg(tmp_path, ["stages=[train]", "train.export=newest"]))
 
 
 @pytest.mark.unit
@@ -221,6 +297,26 @@ def _file_times(*roots):
 
 
 @pytest.mark.slow  # ~40 s: a second whole pipeline run (make test-slow)
+def test_evaluate_stage_alone_can_skip_the_teacher_and_read_another_export(pipeline_run, tiny_random_dir):
+    """What each job of an ablation sweep does at its end: only the student, from the export train.export names."""
+    tmp_path, _, first = pipeline_run
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        cfg = _pipeline_cfg(
+            tmp_path,
+            [
+                f"paths.models={tiny_random_dir.parent}",
+                "stages=[evaluate]",
+                "evaluate_teacher=false",
+                "deploy_compute_type=null",
+                "train.export=last",
+            ],
+        )
+        results = run_pipeline(cfg, tmp_path / "run_student_only")
+    assert set(results["evaluate"]) == {"student"}
+    assert Path(results["evaluate"]["student"]["model"]["path"]) == Path(first["train"]["exports"]["last"])
+    assert (tmp_path / "run_student_only" / "metrics.json").is_file()  # what the sweep collector reads
+
+
 def test_rerun_with_a_changed_evaluation_setting_redoes_only_the_evaluation(pipeline_run, tiny_random_dir):
     """The same pipeline again with one evaluation setting changed: corpus, labels, student and training
     checkpoints are reused untouched; only the evaluation (with the new setting) and the report are new."""
