@@ -74,14 +74,20 @@ log = logging.getLogger(__name__)
 
 # An absolute path: with "../conf" the `distil-corpus` console script fails (Hydra then looks for a
 # `conf` Python module because the caller is not a file next to the configs).
+def run_command(cfg: DictConfig) -> dict[str, dict[str, str]]:
+    """What `distil-corpus` does with its composed config (also `distil.run("corpus", ...)`):
+    {"corpora": {name: directory}}."""
+    validate(cfg, "corpus")  # every key's type and range, before any model or data loads
+    ensure_writable_directory(cfg.out_dir, "out_dir")
+    write_run_info(cfg)
+    return {"corpora": {name: str(path) for name, path in build_all(cfg).items()}}
+
+
 @writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    validate(cfg, "corpus")  # every key's type and range, before any model or data loads
-    ensure_writable_directory(cfg.out_dir, "out_dir")
-    write_run_info(cfg)
-    for name, path in build_all(cfg).items():
+    for name, path in run_command(cfg)["corpora"].items():
         print(f"{name}: {path}")
 
 

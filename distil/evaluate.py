@@ -100,16 +100,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     return metrics
 
 
-@writable_home
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
-@one_line_errors
-def main(cfg: DictConfig) -> float | None:
+def run_command(cfg: DictConfig) -> dict[str, Any]:
+    """What `distil-evaluate` does with its composed config (also `distil.run("evaluate", ...)`): {"metrics": ...}."""
     validate(cfg, "evaluate")  # every key's type and range, before any model or data loads
     from distil.utils.runinfo import write_run_info
 
     out = write_run_info(cfg)
-    metrics = evaluate(cfg, out)
-    return primary_metric(metrics)
+    return {"metrics": evaluate(cfg, out)}
+
+
+@writable_home
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
+@one_line_errors
+def main(cfg: DictConfig) -> float | None:
+    return primary_metric(run_command(cfg)["metrics"])
 
 
 if __name__ == "__main__":

@@ -97,13 +97,18 @@ def _with_card(out: Path, source: Path, quantization: str, run_dir: Path | None,
     return out
 
 
+def run_command(cfg: DictConfig) -> dict[str, str]:
+    """What `distil-export` does with its composed config (also `distil.run("export", ...)`): {"out_dir": ...}."""
+    validate(cfg, "export")  # every key's type and range, before any model or data loads
+    write_run_info(cfg)
+    return {"out_dir": str(export(cfg, command_line("distil-export")))}
+
+
 @writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    validate(cfg, "export")  # every key's type and range, before any model or data loads
-    write_run_info(cfg)
-    print(export(cfg, command_line("distil-export")))
+    print(run_command(cfg)["out_dir"])
 
 
 if __name__ == "__main__":

@@ -50,10 +50,9 @@ def import_model(
     return Path(resolve_model(teacher, models_root, force=force))
 
 
-@writable_home
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
-@one_line_errors
-def main(cfg: DictConfig) -> None:
+def run_command(cfg: DictConfig) -> dict[str, str]:
+    """What `distil-import-model` does with its composed config (also `distil.run("import_model", ...)`):
+    {"model_dir": the Hugging Face directory}."""
     validate(cfg, "import_model")  # every key's type and range, before any model or data loads
     if cfg.get("out_dir"):
         ensure_writable_parent(cfg.out_dir, "out_dir")
@@ -63,7 +62,14 @@ def main(cfg: DictConfig) -> None:
     path = import_model(
         cfg.teacher, cfg.get("ct2_dir"), cfg.get("out_dir"), cfg.paths.models, bool(cfg.get("force"))
     )
-    print(path)
+    return {"model_dir": str(path)}
+
+
+@writable_home
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    print(run_command(cfg)["model_dir"])
 
 
 if __name__ == "__main__":

@@ -36,14 +36,19 @@ def init_student_from_config(cfg: DictConfig) -> Path:
     )
 
 
+def run_command(cfg: DictConfig) -> dict[str, str]:
+    """What `distil-init-student` does with its composed config (also `distil.run("init_student", ...)`):
+    {"student_dir": ...}."""
+    validate(cfg, "init_student")  # every key's type and range, before any model or data loads
+    write_run_info(cfg)
+    return {"student_dir": str(init_student_from_config(cfg))}
+
+
 @writable_home
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="init_student")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    validate(cfg, "init_student")  # every key's type and range, before any model or data loads
-    write_run_info(cfg)
-    out = init_student_from_config(cfg)
-    print(f"student written to {out}")
+    print(f"student written to {run_command(cfg)['student_dir']}")
 
 
 if __name__ == "__main__":

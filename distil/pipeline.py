@@ -327,19 +327,25 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
     return {"run_directory": str(out_dir), "stages": stages}
 
 
-@writable_home
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
-@one_line_errors
-def main(cfg: DictConfig) -> float | None:
+def run_command(cfg: DictConfig) -> dict[str, Any]:
+    """What `distil-pipeline` does with its composed config (also `distil.run("pipeline", ...)`): each stage's
+    result and the comparison (pipeline_summary.json), or {"plan": ...} with dry_run=true (printed too)."""
     validate_stages(cfg)  # every key's type and range (its own and its stages'), before anything runs
     if cfg.get("dry_run"):
         from distil.utils.launch import launcher_plan, print_dry_run
 
-        plan = dry_run_plan(cfg, hydra_output_dir())
-        print_dry_run("distil-pipeline", {**plan, "launcher": launcher_plan(cfg, "distil-pipeline")})
-        return None
+        plan = {**dry_run_plan(cfg, hydra_output_dir()), "launcher": launcher_plan(cfg, "distil-pipeline")}
+        print_dry_run("distil-pipeline", plan)
+        return {"plan": plan}
     out = write_run_info(cfg)
-    results = run_pipeline(cfg, hydra_output_dir() or out)
+    return run_pipeline(cfg, hydra_output_dir() or out)
+
+
+@writable_home
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
+@one_line_errors
+def main(cfg: DictConfig) -> float | None:
+    results = run_command(cfg)
     student = (results.get("evaluate") or {}).get("student")
     return primary_metric(student) if student else None
 

@@ -327,10 +327,9 @@ def pseudo_label(cfg: DictConfig, run_dir: str | Path | None = None, callbacks: 
     return summary
 
 
-@writable_home
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
-@one_line_errors
-def main(cfg: DictConfig) -> float | None:
+def run_command(cfg: DictConfig) -> dict[str, Any]:
+    """What `distil-pseudo-label` does with its composed config (also `distil.run("pseudo_label", ...)`): the
+    labelling summary ({"splits": ...}), or {"plan": ...} with dry_run=true (printed too)."""
     validate(cfg, "pseudo_label")  # every key's type and range, before any model or data loads
     if cfg.get("dry_run"):
         from distil.training.sizing import estimate_labelling
@@ -353,10 +352,17 @@ def main(cfg: DictConfig) -> float | None:
             "estimate": estimate_labelling(cfg),
         }
         print_dry_run("distil-pseudo-label", plan)
-        return None
+        return {"plan": plan}
     write_run_info(cfg)
-    summary = merge(cfg) if cfg.get("merge") else pseudo_label(cfg)
-    wers = [s["wer"] for s in summary["splits"].values() if s.get("wer") is not None]
+    return merge(cfg) if cfg.get("merge") else pseudo_label(cfg)
+
+
+@writable_home
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
+@one_line_errors
+def main(cfg: DictConfig) -> float | None:
+    summary = run_command(cfg)
+    wers = [s["wer"] for s in summary.get("splits", {}).values() if s.get("wer") is not None]
     return sum(wers) / len(wers) if wers else None
 
 

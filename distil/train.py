@@ -499,10 +499,9 @@ def slurm_plugins() -> list:
     return []
 
 
-@writable_home
-@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
-@one_line_errors
-def main(cfg: DictConfig) -> float | None:
+def run_command(cfg: DictConfig) -> dict[str, Any]:
+    """What `distil-train` does with its composed config (also `distil.run("train", ...)`): the training summary
+    (`out_dir`, `exports`, the best validation WER, ...), or {"plan": ...} with dry_run=true (printed too)."""
     validate(cfg, "train")  # every key's type and range, before any model or data loads
     from hydra.core.hydra_config import HydraConfig
     from lightning.pytorch.utilities import rank_zero_only
@@ -521,14 +520,21 @@ def main(cfg: DictConfig) -> float | None:
             "estimate": estimate_training(cfg),
         }
         print_dry_run("distil-train", plan)
-        return None
+        return {"plan": plan}
     # Lightning's DDP launcher re-runs this command in the other processes (LOCAL_RANK/RANK set): they share
     # the Hydra run directory, which rank 0 alone writes.
     run_dir = rank_zero_only(write_run_info)(cfg)
     summary = train(cfg, command=command_line("distil-train"))
     if run_dir is not None:  # rank 0: the job directory's metrics.json is what the sweep collector tabulates
         write_json_atomic(run_dir / "metrics.json", json.loads(json.dumps(summary, default=str)))
-    return summary.get("best_val_wer_weighted")
+    return summary
+
+
+@writable_home
+@hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
+@one_line_errors
+def main(cfg: DictConfig) -> float | None:
+    return run_command(cfg).get("best_val_wer_weighted")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ COMMANDS = {
     "pipeline",
     "export",
     "collect",
+    "api",  # distil.run: any command from Python
 }
 # Lower levels never import higher ones (equal levels may import each other).
 LEVELS = {

@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from test_hub_upload import fake_hub_session, uploaded_card
 from transformers import AutoTokenizer
 
+import distil
 from distil.config.schema import validate
 from distil.evaluation.report import headline_table
 from distil.evaluation.scoring import headline, primary_metric
@@ -40,8 +41,8 @@ TINY_EVAL = [
 ]
 
 
-def _pipeline_cfg(tmp_path, extra=()):
-    overrides = [
+def _pipeline_overrides(tmp_path, extra=()) -> list[str]:
+    return [
         f"paths.root={tmp_path}",
         "recipe.teacher=tiny_random",
         "recipe.student=1dec",
@@ -52,7 +53,10 @@ def _pipeline_cfg(tmp_path, extra=()):
         "overrides.evaluate=[" + ",".join(f"'{o}'" for o in TINY_EVAL) + "]",
         *extra,
     ]
-    return compose(config_name="pipeline", overrides=overrides)
+
+
+def _pipeline_cfg(tmp_path, extra=()):
+    return compose(config_name="pipeline", overrides=_pipeline_overrides(tmp_path, extra))
 
 
 def test_stage_overrides_forward_the_shared_choices(tmp_path):
@@ -198,14 +202,11 @@ def pipeline_run(tmp_path_factory, tiny_random_dir, fake_hub):
     """One whole pipeline run of the default recipe (packed, timestamped labels) on the tiny random teacher,
     uploading the student at the end."""
     tmp_path = tmp_path_factory.mktemp("pipeline")
-    run_dir = tmp_path / "run"
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        # Reuse the session's model cache (the tiny random teacher is built once per test session).
-        cfg = _pipeline_cfg(
-            tmp_path, [f"paths.models={tiny_random_dir.parent}", "push_to_hub=me/tiny-student"]
-        )
-        results = run_pipeline(cfg, run_dir)
-    return tmp_path, run_dir, results
+    # Run as `distil-pipeline <overrides>` runs it (distil.run): its run directory, with its config.yaml, under
+    # paths.root. The session's model cache is reused (the tiny random teacher is built once per test session).
+    overrides = [f"paths.models={tiny_random_dir.parent}", "push_to_hub=me/tiny-student"]
+    results = distil.run("pipeline", _pipeline_overrides(tmp_path, overrides))
+    return tmp_path, Path(results["run_dir"]), results
 
 
 def test_whole_pipeline_runs_every_stage(pipeline_run, tiny_random_dir, fake_hub):
