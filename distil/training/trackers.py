@@ -1,0 +1,83 @@
+"""The experiment trackers of a training run (`logger=`, conf/logger/*.yaml): TensorBoard, Weights & Biases and
+MLflow, alone or together, each one of Lightning's own loggers.
+
+Everything distil records goes to every selected tracker through Lightning's logger API (`log_hyperparams`,
+`log_metrics`), never through one tracker's own calls: the run's config, the loss terms and validation WER (the
+module's `self.log`), the learning rate and the data filters' counts (callbacks), and the run's final results.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+# Lightning logger class -> (the module it imports, distil's extra that installs it).
+TRACKER_PACKAGES = {
+    "lightning.pytorch.loggers.WandbLogger": ("wandb", "wandb"),
+    "distil.training.trackers.mlflow_logger": ("mlflow", "mlflow"),
+    "lightning.pytorch.loggers.MLFlowLogger": ("mlflow", "mlflow"),
+}
+
+
+def mlflow_logger(**kwargs: Any) -> Any:
+    """Lightning's `MLFlowLogger`. Without a tracking server (`tracking_uri` null: MLFLOW_TRACKING_URI unset) it
+    writes a file store in the run directory, which MLflow 3 refuses (it prefers a database) unless
+    MLFLOW_ALLOW_FILE_STORE=true: set for this process when the user has not set it (mlflow-skinny, distil's
+    extra, has no database driver)."""
+    from lightning.pytorch.loggers import MLFlowLogger
+
+    if not kwargs.get("tracking_uri"):
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    return MLFlowLogger(**kwargs)
+
+
+def missing_tracker_package(cfg: DictConfig) -> str | None:
+    """A selected tracker whose package is not installed, as the one-line error (None when all are): checked
+    with the config, before any model loads, instead of Lightning's ModuleNotFoundError at the Trainer."""
+    for name, node in (cfg.get("logger") or {}).items():
+        target = node.get("_target_") if isinstance(node, DictConfig) else None
+        module, extra = TRACKER_PACKAGES.get(str(target), (None, None))
+        if module and importlib.util.find_spec(module) is None:
+            return (
+                f"logger={name} needs the {module} package, which is not installed: "
+                f"pip install 'distil[{extra}]' (or choose another logger, e.g. logger=tensorboard)"
+            )
+    return None
+
+
+def log_config(loggers: Iterable, cfg: DictConfig) -> None:
+    """The run's resolved config as hyper-parameters, under `config` (`config/optim/lr` in MLflow): Lightning
+    logs the module's own hyper-parameters beside it (`student_dir` the resolved path where the config has null),
+    and MLflow refuses a parameter logged twice with two values."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams({"config": config})
+
+
+def log_final(loggers: Iterable, summary: dict[str, Any]) -> None:
+    """The run's final results, `final/<key>`, at its last step; then each tracker is closed (flushed, its run
+    marked finished)."""
+    final = {
+        f"final/{key}": float(summary[key])
+        for key in ("best_val_wer_weighted", "global_step", "train_seconds")
+        if isinstance(summary.get(key), int | float) and math.isfinite(summary[key])
+    }
+    for logger in loggers:
+        logger.log_metrics(final, step=int(summary["global_step"]))
+        logger.finalize("success")
+        close(logger)
+
+
+def close(logger: Any) -> None:
+    """End a W&B run (its offline directory complete, the next run in this process a new one); the other
+    trackers are closed by `finalize`."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    # `_experiment`, not `experiment`: the property would start a run where none was started.
+    if isinstance(logger, WandbLogger) and getattr(logger, "_experiment", None) is not None:
+        logger.experiment.finish()
