@@ -17,10 +17,11 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.choices import choice_error, known_choices
 from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
-from distil.utils.errors import one_line_errors
+from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.io import ensure_writable_directory, ensure_writable_parent, read_json, writable_home
 from distil.utils.paths import CONF_DIR
 from distil.utils.runinfo import command_line, hydra_output_dir, write_run_info
@@ -59,7 +60,15 @@ def _train_choices(cfg: DictConfig) -> list[str]:
 
 
 def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictConfig:
-    stage_cfg = compose(config_name=stage, overrides=overrides)
+    from hydra.errors import MissingConfigException
+
+    try:
+        stage_cfg = compose(config_name=stage, overrides=overrides)
+    except MissingConfigException as err:  # overrides.train=[logger=nope]: one line, not Hydra's listing
+        group, _, value = str(err.missing_cfg_file).rpartition("/")
+        if not group or not err.options:
+            raise
+        raise ConfigError(f"{stage} stage: {choice_error(group, value, err.options)}") from None
     OmegaConf.set_struct(stage_cfg, False)
     stage_cfg.paths = paths  # one root for the whole pipeline, whatever the environment says
     return stage_cfg
@@ -296,6 +305,7 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
 
 
 @writable_home
+@known_choices  # recipe=nope: one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:
