@@ -43,7 +43,7 @@ from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimiser
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
-from distil.training.trackers import log_config, log_final
+from distil.training.trackers import log_config, log_final, run_ids
 from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.hub import push_from_config
 from distil.utils.io import (
@@ -333,6 +333,7 @@ def _train(
     def save_summary() -> None:
         write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
+    summary["trackers"] = run_ids(cfg, trainer.loggers)  # the runs the pipeline's evaluation joins
     save_summary()
     log_final(trainer.loggers, summary)
     # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).

@@ -3,6 +3,7 @@ to W&B in offline mode, and the one-line errors for a tracker that does not exis
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from test_train import compose_train, home, models_root  # noqa: F401  (fixtures
 from distil.config.choices import unknown_choice
 from distil.config.schema import validate
 from distil.train import train
+from distil.training.trackers import log_evaluation
 from distil.utils.errors import ConfigError
 from distil.utils.paths import CONF_DIR
 
@@ -45,6 +47,29 @@ def test_mlflow_file_store_gets_config_losses_wer_filter_counts_and_final_result
     )
     assert run.data.tags["out_dir"] == str(out) and run.info.status == "FINISHED"
 
+    # The pipeline's evaluation of the student joins the same runs (train_summary.json's `trackers`).
+    recorded = json.loads((out / "train_summary.json").read_text())
+    assert recorded["trackers"] == {"mlflow": run.info.run_id}
+    log_evaluation(cfg, recorded, "student", {"model": {"size": 1}, "short_form": {"average": {"wer": 12.5}}})
+    (run,) = mlflow.search_runs(experiment_names=[cfg.name], output_format="list")
+    assert run.data.metrics["eval/student/short_form/average/wer"] == 12.5
+    assert "eval/student/model/size" not in run.data.metrics
+    assert _tensorboard_tags(out / "tensorboard") >= {
+        "eval/student/short_form/average/wer",
+        "val/wer_weighted",
+    }
+
+
+def _tensorboard_tags(directory: Path) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags: set[str] = set()
+    for events in directory.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
 
 def test_wandb_offline_writes_its_run_directory(home, monkeypatch):  # noqa: F811
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -53,6 +78,8 @@ def test_wandb_offline_writes_its_run_directory(home, monkeypatch):  # noqa: F81
     train(cfg)
     out = Path(cfg.out_dir)
     (run_dir,) = (out / "wandb").glob("offline-run-*")
+    recorded = json.loads((out / "train_summary.json").read_text())["trackers"]
+    assert run_dir.name.endswith(f"-{recorded['wandb']}")  # the run the pipeline's evaluation joins
     (records,) = run_dir.glob("run-*.wandb")  # what `wandb sync` uploads: the run's records, keys in clear
     logged = records.read_bytes()
     for key in ("train/loss", "val/wer_weighted", "optim/lr", "data/a/train/kept", "final/global_step"):

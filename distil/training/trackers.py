@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -57,6 +57,43 @@ def log_config(loggers: Iterable, cfg: DictConfig) -> None:
     config = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams({"config": config})
+
+
+# The argument that attaches a Lightning logger to an existing run (TensorBoard: the same directory is enough).
+RUN_ID_ARGUMENT = {
+    "lightning.pytorch.loggers.WandbLogger": "id",
+    "lightning.pytorch.loggers.MLFlowLogger": "run_id",
+    "distil.training.trackers.mlflow_logger": "run_id",
+}
+
+
+def run_ids(cfg: DictConfig, loggers: Sequence) -> dict[str, str]:
+    """Each tracker's run id by its name under `logger` (train_summary.json's `trackers`), for later results
+    (the pipeline's evaluation of the student) to join the same runs. `loggers` are in the config's order."""
+    nodes = (cfg.get("logger") or {}).items()
+    return {
+        name: str(logger.version)
+        for (name, node), logger in zip(nodes, loggers, strict=False)
+        if str(node.get("_target_")) in RUN_ID_ARGUMENT and logger.version
+    }
+
+
+def log_evaluation(cfg: DictConfig, summary: dict[str, Any], role: str, metrics: dict[str, Any]) -> None:
+    """An evaluation of the trained student (distil-evaluate's metrics) in the training run's trackers, the same
+    runs (`summary["trackers"]`), every number as `eval/<role>/<section>/...` at the run's last step."""
+    from distil.utils.errors import instantiate
+    from distil.utils.tensorboard import numeric_leaves
+
+    ids = summary.get("trackers") or {}
+    values = numeric_leaves({k: v for k, v in metrics.items() if k != "model"}, f"eval/{role}")
+    for name, node in (cfg.get("logger") or {}).items():
+        argument = RUN_ID_ARGUMENT.get(str(node.get("_target_")))
+        if argument and name not in ids:
+            continue  # a tracker the training did not log to: no run to join
+        logger = instantiate(node, **({argument: ids[name]} if argument else {}))
+        logger.log_metrics(values, step=int(summary["global_step"]))
+        logger.finalize("success")
+        close(logger)
 
 
 def log_final(loggers: Iterable, summary: dict[str, Any]) -> None:
