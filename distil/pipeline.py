@@ -229,9 +229,8 @@ def log_to_trackers(cfg: DictConfig, train_summary: dict | None, evals: dict) ->
     if summary is None:
         return
     train_cfg = compose_stage("train", stage_overrides(cfg, "train"), cfg.paths)
-    train_cfg.out_dir = summary[
-        "out_dir"
-    ]  # the trackers' paths (TensorBoard's, the MLflow file store) are in it
+    # The trackers' paths (TensorBoard's, the MLflow file store) are in the training's run directory.
+    train_cfg.out_dir = summary["out_dir"]
     for role, metrics in evals.items():
         if role != "teacher":
             log_evaluation(train_cfg, summary, role, metrics)

@@ -43,7 +43,7 @@ from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimiser
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
-from distil.training.trackers import log_config, log_final, run_ids
+from distil.training.trackers import FinalResults, close, log_config, run_ids
 from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.hub import push_from_config
 from distil.utils.io import (
@@ -250,7 +250,11 @@ def _train(
         cfg.trainer,
         default_root_dir=str(out_dir),
         logger=[instantiate(c) for c in (cfg.get("logger") or {}).values()],  # logger=null: none
-        callbacks=[instantiate(c) for c in cfg.callbacks.values()] + list(callbacks or []),
+        callbacks=[
+            *(instantiate(c) for c in cfg.callbacks.values()),
+            *(callbacks or []),
+            FinalResults(started),
+        ],
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
     # The trainer knows each process's rank from the launcher's environment before fit: only rank 0 writes.
@@ -335,7 +339,8 @@ def _train(
 
     summary["trackers"] = run_ids(cfg, trainer.loggers)  # the runs the pipeline's evaluation joins
     save_summary()
-    log_final(trainer.loggers, summary)
+    for logger in trainer.loggers:
+        close(logger)
     # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).
     exports = summary.get("exports") or {}
     write_run_cards(out_dir, exports, command)

@@ -11,9 +11,11 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
 # Lightning logger class -> (the module it imports, distil's extra that installs it).
@@ -96,23 +98,29 @@ def log_evaluation(cfg: DictConfig, summary: dict[str, Any], role: str, metrics:
         close(logger)
 
 
-def log_final(loggers: Iterable, summary: dict[str, Any]) -> None:
-    """The run's final results, `final/<key>`, at its last step; then each tracker is closed (flushed, its run
-    marked finished)."""
-    final = {
-        f"final/{key}": float(summary[key])
-        for key in ("best_val_wer_weighted", "global_step", "train_seconds")
-        if isinstance(summary.get(key), int | float) and math.isfinite(summary[key])
-    }
-    for logger in loggers:
-        logger.log_metrics(final, step=int(summary["global_step"]))
-        logger.finalize("success")
-        close(logger)
+class FinalResults(L.Callback):
+    """The run's final results in every tracker, `final/best_val_wer_weighted`, `final/global_step` and
+    `final/train_seconds` (since `started`), at the last step: at the end of training, before Lightning closes the
+    trackers (TensorBoard would otherwise open a second event file), in the process that trained."""
+
+    def __init__(self, started: float):
+        self.started = started
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        best = trainer.checkpoint_callback.best_model_score if trainer.checkpoint_callback else None
+        final = {
+            "final/global_step": float(trainer.global_step),
+            "final/train_seconds": time.time() - self.started,
+        }
+        if best is not None and math.isfinite(float(best)):
+            final["final/best_val_wer_weighted"] = float(best)
+        for logger in trainer.loggers:
+            logger.log_metrics(final, step=trainer.global_step)
 
 
 def close(logger: Any) -> None:
-    """End a W&B run (its offline directory complete, the next run in this process a new one); the other
-    trackers are closed by `finalize`."""
+    """End a W&B run (its offline directory complete, the next run in this process a new one); Lightning's
+    `finalize` closes the other trackers, and leaves W&B's open."""
     from lightning.pytorch.loggers import WandbLogger
 
     # `_experiment`, not `experiment`: the property would start a run where none was started.
