@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel is on disk here; on a GPU machine pass e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,models,ct2,slurm
+EXTRAS ?= dev,models,ct2,slurm,wandb,mlflow
 STAMP := $(VENV)/.distil-installed
 # TTS engines and voices for the synthetic corpora; WordNet to regenerate the sentence bank (distil/data/resources).
 DEBIAN_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts wordnet-base

@@ -17,6 +17,7 @@ import hydra
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.choices import choice_error, known_choices
 from distil.config.schema import STAGES, validate
 from distil.evaluation.report import headline_table, write_report
 from distil.evaluation.scoring import headline_columns, headlines, primary_metric
@@ -64,7 +65,15 @@ def _train_choices(cfg: DictConfig) -> list[str]:
 
 
 def compose_stage(stage: str, overrides: list[str], paths: DictConfig) -> DictConfig:
-    stage_cfg = compose(config_name=stage, overrides=overrides)
+    from hydra.errors import MissingConfigException
+
+    try:
+        stage_cfg = compose(config_name=stage, overrides=overrides)
+    except MissingConfigException as err:  # overrides.train=[logger=nope]: one line, not Hydra's listing
+        group, _, value = str(err.missing_cfg_file).rpartition("/")
+        if not group or not err.options:
+            raise
+        raise ConfigError(f"{stage} stage: {choice_error(group, value, err.options)}") from None
     OmegaConf.set_struct(stage_cfg, False)
     stage_cfg.paths = paths  # one root for the whole pipeline, whatever the environment says
     return stage_cfg
@@ -188,6 +197,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
         results["evaluate"] = evals
         results["comparison"] = compare(evals)
         update_cards(cfg, train_summary, student_dir, evals, set_paths)
+        log_to_trackers(cfg, train_summary, evals)
         print(headline_table(evals))
         # The sweep collector reads `metrics.json` in each job directory: the student's evaluation.
         if "student" in evals:
@@ -209,10 +219,7 @@ def update_cards(
     evaluated."""
     from distil.whisper.model_card import evaluation_summary, write_run_cards
 
-    summary = train_summary
-    if summary is None:  # training ran in an earlier invocation: its record
-        record = earlier_train_dir(cfg) / "train_summary.json"
-        summary = read_json(record) if record.is_file() else None
+    summary = train_record(cfg, train_summary)
     exports = (summary or {}).get("exports") or {}
     if "student" not in evals or not exports or not student_dir:
         return
@@ -220,6 +227,30 @@ def update_cards(
     evaluation = evaluation_summary(evals, set_paths)
     for card in write_run_cards(summary["out_dir"], exports, summary.get("command"), evaluation, evaluated):
         log.info("model card: %s", card)
+
+
+def train_record(cfg: DictConfig, train_summary: dict | None) -> dict | None:
+    """The training stage's summary: this run's, else the record of training in an earlier invocation."""
+    if train_summary is not None:
+        return train_summary
+    record = earlier_train_dir(cfg) / "train_summary.json"
+    return read_json(record) if record.is_file() else None
+
+
+def log_to_trackers(cfg: DictConfig, train_summary: dict | None, evals: dict) -> None:
+    """The student's evaluation (each role but the teacher's) in the training run's trackers (`logger=` of the
+    train stage), the runs training logged to."""
+    from distil.training.trackers import log_evaluation
+
+    summary = train_record(cfg, train_summary)
+    if summary is None:
+        return
+    train_cfg = compose_stage("train", stage_overrides(cfg, "train"), cfg.paths)
+    # The trackers' paths (TensorBoard's, the MLflow file store) are in the training's run directory.
+    train_cfg.out_dir = summary["out_dir"]
+    for role, metrics in evals.items():
+        if role != "teacher":
+            log_evaluation(train_cfg, summary, role, metrics)
 
 
 def _set_paths(sets: DictConfig | None) -> dict[str, str]:
@@ -342,6 +373,7 @@ def run_command(cfg: DictConfig) -> dict[str, Any]:
 
 
 @writable_home
+@known_choices  # recipe=nope: one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pipeline")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

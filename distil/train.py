@@ -16,8 +16,8 @@ Several processes (`trainer.devices=2`, DDP; gloo on CPU, NCCL on GPUs): Lightni
 this same command in each further process (with `hydra.run.dir` pinned to the first one's), so every process
 derives the same out_dir and checkpoint to resume from. Each process trains on its own batches
 (`TrainStream`), one optimiser step consumes `effective_batch_size` samples, validation WER is computed
-over all processes' transcripts, and only rank 0 writes files (run info, checkpoints, TensorBoard, exports,
-train_summary.json).
+over all processes' transcripts, and only rank 0 writes files (run info, checkpoints, the trackers' logs,
+exports, train_summary.json).
 """
 
 from __future__ import annotations
@@ -36,12 +36,14 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from distil.config.choices import known_choices
 from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.label_store import check_labeller
 from distil.training.callbacks import DATA_FILTER_REPORT, ResumeWithConfigOptimiser
 from distil.training.checkpoints import CHECKPOINT_DIR, AtomicCheckpointIO, export_student, resolve_ckpt_path
 from distil.training.optim import effective_batch_size
+from distil.training.trackers import FinalResults, close, log_config, run_ids
 from distil.utils.errors import InputError, instantiate, one_line_errors
 from distil.utils.hub import push_from_config
 from distil.utils.io import (
@@ -247,13 +249,18 @@ def _train(
     trainer = instantiate(
         cfg.trainer,
         default_root_dir=str(out_dir),
-        logger=[instantiate(c) for c in cfg.logger.values()],
-        callbacks=[instantiate(c) for c in cfg.callbacks.values()] + list(callbacks or []),
+        logger=[instantiate(c) for c in (cfg.get("logger") or {}).values()],  # logger=null: none
+        callbacks=[
+            *(instantiate(c) for c in cfg.callbacks.values()),
+            *(callbacks or []),
+            FinalResults(started),
+        ],
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],
     )
     # The trainer knows each process's rank from the launcher's environment before fit: only rank 0 writes.
     if trainer.is_global_zero:
         write_run_info(cfg, out_dir)
+        log_config(trainer.loggers, cfg)
     check_training_data(
         out_dir,
         datamodule.data_fingerprint(),
@@ -330,7 +337,10 @@ def _train(
     def save_summary() -> None:
         write_atomic(out_dir / "train_summary.json", json.dumps(summary, indent=2, default=str) + "\n")
 
+    summary["trackers"] = run_ids(cfg, trainer.loggers)  # the runs the pipeline's evaluation joins
     save_summary()
+    for logger in trainer.loggers:
+        close(logger)
     # Each export's README.md, from the records just written (the pipeline adds its evaluation results later).
     exports = summary.get("exports") or {}
     write_run_cards(out_dir, exports, command)
@@ -531,6 +541,7 @@ def run_command(cfg: DictConfig) -> dict[str, Any]:
 
 
 @writable_home
+@known_choices  # logger=nope: one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="train")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

@@ -46,6 +46,8 @@ OTHER_TOOLS = {
     "huggingface-cli",
     "hf",
     "tensorboard",
+    "mlflow",
+    "wandb",
     "sbatch",
     "ls",
     "cat",

@@ -29,6 +29,7 @@ from distil.evaluation.sections import ALGORITHMS
 from distil.modules.transcriber import DTYPES
 from distil.training.augment import SPECAUGMENT_WITH_CACHE
 from distil.training.optim import SCHEDULES
+from distil.training.trackers import missing_tracker_package
 from distil.utils.errors import ConfigError
 from distil.utils.hub import is_repo_id
 
@@ -273,6 +274,11 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "augment.specaugment.mask_feature_length": at_most(128, count),
         "augment.specaugment.mask_*_min_masks": non_negative_int,
         "augment.bpe_dropout": probability,
+        # conf/logger: the trackers selected with logger=
+        "logger.*": Rule(
+            "a Lightning logger config (a mapping with _target_)",
+            lambda v: isinstance(v, dict) and "_target_" in v,
+        ),
         **HUB_RULES,
     },
     "evaluate": {
@@ -386,7 +392,8 @@ def _push_without_export(cfg: DictConfig) -> str | None:
 
 # Settings that are each valid but cannot be combined: (stage -> checks returning the one-line error or None).
 CROSS_CHECKS: dict[str, list[Callable[[DictConfig], str | None]]] = {
-    "train": [_specaugment_without_encoder_cache, _push_without_export],
+    # (a tracker's package is checked with the settings: logger=wandb without wandb installed)
+    "train": [_specaugment_without_encoder_cache, _push_without_export, missing_tracker_package],
 }
 
 

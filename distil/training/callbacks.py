@@ -41,7 +41,7 @@ class FinalCheckpoint(L.Callback):
 
 
 class DataFilterReport(L.Callback):
-    """`<out_dir>/data_filter.json` and TensorBoard counts of what the datamodule's filters kept and dropped.
+    """`<out_dir>/data_filter.json` and the trackers' counts of what the datamodule's filters kept and dropped.
 
     Lightning runs the datamodule's `setup` before the callbacks' `setup`, so the counts exist here, before
     the first step; only rank 0 writes."""
@@ -55,14 +55,15 @@ class DataFilterReport(L.Callback):
             return
         report = {source: s.as_dict() for source, s in stats.items()}
         write_atomic(self.out_dir / DATA_FILTER_REPORT, json.dumps(report, indent=2) + "\n")
-        if trainer.logger is None:
-            return
-        for source, s in stats.items():
-            if hasattr(trainer.logger.experiment, "add_text"):
-                trainer.logger.experiment.add_text("data/filter", s.summary(), 0)
-            trainer.logger.log_metrics(
-                {f"data/{source}/kept": s.kept, f"data/{source}/dropped": s.total - s.kept}, 0
-            )
+        for (
+            logger
+        ) in trainer.loggers:  # every tracker (logger=): the counts; TensorBoard also the summary text
+            for source, s in stats.items():
+                if hasattr(logger.experiment, "add_text"):
+                    logger.experiment.add_text("data/filter", s.summary(), 0)
+                logger.log_metrics(
+                    {f"data/{source}/kept": s.kept, f"data/{source}/dropped": s.total - s.kept}, 0
+                )
 
 
 class SchedulerSignals(L.Callback):
@@ -158,7 +159,7 @@ class ResumeWithConfigOptimiser(L.Callback):
 
 
 class LearningRateLog(L.Callback):
-    """`optim/lr` in the loggers (TensorBoard) at every optimiser step: the rate that step applies, read from the
+    """`optim/lr` in the trackers (`logger=`) at every optimiser step: the rate that step applies, read from the
     optimiser itself (so what is logged is what trained, after warm-up, schedule and any resume). Logged at step
     s (Lightning's global_step before the update) is the rate of the update from s to s + 1, i.e.
     `optim.lr * lr_lambda(s, ...)` (distil/training/optim.py). Every step, whatever `trainer.log_every_n_steps`;
