@@ -161,3 +161,40 @@ def cli(name: str, *args: str, home: Path, timeout: float = 180, check: bool = T
     if check:
         assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     return proc
+
+
+def real_speech_clips(n: int, max_seconds: float = 8.0) -> list[dict]:
+    """The first `n` packaged real-speech test clips shorter than `max_seconds`, spread over the speakers:
+    {audio: float32 16 kHz, text}."""
+    import csv
+
+    from distil.data.audio import decode_audio
+    from distil.utils.paths import RESOURCES_DIR
+
+    root = RESOURCES_DIR / "real_speech" / "test"
+    rows = [r for r in csv.DictReader((root / "metadata.csv").open()) if float(r["duration"]) < max_seconds]
+    rows = rows[::4][:n]
+    return [
+        {
+            "audio": decode_audio({"path": str(root / r["file_name"]), "bytes": None}, 16_000).astype(
+                np.float32
+            ),
+            "text": r["text"],
+        }
+        for r in rows
+    ]
+
+
+def pytorch_greedy_texts(model_dir, clips: list[dict]) -> list[str]:
+    """transformers' greedy transcripts of `clips` (features clip by clip, one batched generate)."""
+    import torch
+    from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+    processor = WhisperProcessor.from_pretrained(model_dir)
+    model = WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
+    feats = torch.cat(
+        [processor(c["audio"], sampling_rate=16_000, return_tensors="pt").input_features for c in clips]
+    )
+    with torch.inference_mode():
+        ids = model.generate(feats, num_beams=1)
+    return [t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True)]

@@ -11,6 +11,7 @@ the source's weight fingerprint and the quantisation, so exporting the same mode
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 from distil.utils.errors import InputError
@@ -68,9 +69,10 @@ def check_quantization(quantization: str, device: str = "cpu") -> str:
     return quantization
 
 
-def check_whisper_dir(path: str | Path) -> Path:
+def check_whisper_dir(path: str | Path, target: str = "CTranslate2") -> Path:
     """A local Hugging Face Whisper directory with weights, tokenizer.json, preprocessor_config.json and
-    generation settings the export keeps (language/task tokens, alignment heads that fit the decoder)."""
+    generation settings the export keeps (language/task tokens, alignment heads that fit the decoder);
+    `target` names the format in the messages (every export reads this same directory)."""
     d = Path(path).expanduser()
     if not (d / "config.json").is_file():
         raise ExportInputError(
@@ -82,7 +84,7 @@ def check_whisper_dir(path: str | Path) -> Path:
     if config.get("model_type") != "whisper":
         raise ExportInputError(
             f"{d} holds a {config.get('model_type')!r} model, not Whisper (config.json model_type): "
-            "only Whisper models export to faster-whisper"
+            f"only Whisper models export to {target}"
         )
     missing = [] if (d / "tokenizer.json").is_file() else ["tokenizer.json"]
     if not any((d / f).is_file() for f in FEATURE_FILES):
@@ -91,7 +93,7 @@ def check_whisper_dir(path: str | Path) -> Path:
         missing.insert(0, "weights (*.safetensors)")
     if missing:
         raise ExportInputError(
-            f"Whisper directory {d} lacks {', '.join(missing)}, which the CTranslate2 export needs: save the "
+            f"Whisper directory {d} lacks {', '.join(missing)}, which the {target} export needs: save the "
             "model and its WhisperProcessor into it (`model.save_pretrained(dir)`, "
             "`WhisperProcessor.from_pretrained(teacher).save_pretrained(dir)`)"
         )
@@ -114,33 +116,39 @@ def check_whisper_dir(path: str | Path) -> Path:
     return d
 
 
-def export_spec(source_dir: str | Path, quantization: str) -> dict:
-    """What identifies an export: the source's weights and the quantisation (the completeness marker's spec)."""
+def export_spec(
+    source_dir: str | Path,
+    quantization: str,
+    export_format: str = EXPORT_FORMAT,
+    version: int = EXPORT_FORMAT_VERSION,
+) -> dict:
+    """What identifies an export: the format, the source's weights and the quantisation (the completeness
+    marker's spec)."""
     return {
-        "format": EXPORT_FORMAT,
-        "version": EXPORT_FORMAT_VERSION,
+        "format": export_format,
+        "version": version,
         "source_fingerprint": model_fingerprint(source_dir),
         "quantization": quantization,
     }
 
 
-def is_export(directory: str | Path) -> bool:
-    """Whether `directory` is a complete CTranslate2 export written by distil (of any model)."""
+def is_export(directory: str | Path, export_format: str = EXPORT_FORMAT) -> bool:
+    """Whether `directory` is a complete `export_format` export written by distil (of any model)."""
     marker = Path(directory) / COMPLETE_MARKER
     try:
-        return read_json(marker)["spec"]["format"] == EXPORT_FORMAT
+        return read_json(marker)["spec"]["format"] == export_format
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def check_output(out: str | Path) -> None:
-    """An existing non-empty `out` must be a distil CTranslate2 export: anything else is never overwritten."""
+def check_output(out: str | Path, export_format: str = EXPORT_FORMAT, target: str = "CTranslate2") -> None:
+    """An existing non-empty `out` must be a distil export of this format: anything else is never overwritten."""
     out = Path(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    if not is_export(out):
+    if not is_export(out, export_format):
         raise ExportInputError(
-            f"output directory {out} exists and is not a CTranslate2 export written by distil: "
+            f"output directory {out} exists and is not a {target} export written by distil: "
             "choose another out_dir=<directory> (nothing there is overwritten)"
         )
 
@@ -164,24 +172,31 @@ def export_ct2(
     out = Path(out).expanduser()
     check_output(out)
     spec = export_spec(source, quantization)
+    info = {
+        "source": str(source_name or source),
+        "source_fingerprint": spec["source_fingerprint"],
+        "quantization": quantization,
+    }
+    return write_export(
+        out, spec, lambda tmp: _convert(source, tmp, quantization, device, info), force, source_name or source
+    )
+
+
+def write_export(out: Path, spec: dict, build, force: bool, source: str | Path) -> Path:
+    """Build `out` with `build(tmp)` in a hidden sibling and move it into place complete (an interrupted export
+    leaves the previous one intact); a complete export with the same `spec` is kept as it is, and one of
+    another model or quantisation is replaced only with `force`. Shared by every export format."""
     if is_complete(out, spec):
-        log.info("%s is already the %s export of %s", out, quantization, source_name or source)
+        log.info("%s is already the %s export of %s", out, spec["quantization"], source)
         return out
-    if is_export(out) and not force:
+    if is_export(out, spec["format"]) and not force:
         previous = read_json(out / COMPLETE_MARKER)["spec"]
         raise ExportInputError(
             f"output directory {out} is the {previous.get('quantization')} export of another model "
             f"({previous.get('source_fingerprint')}): choose another out_dir=<directory> or pass force=true "
             "to replace it"
         )
-    info = {
-        "source": str(source_name or source),
-        "source_fingerprint": spec["source_fingerprint"],
-        "quantization": quantization,
-    }
-    return build_directory(
-        out, spec, lambda tmp: _convert(source, tmp, quantization, device, info), replace=True
-    )
+    return build_directory(out, spec, build, replace=True)
 
 
 def _convert(source: Path, tmp: Path, quantization: str, device: str, info: dict) -> None:
@@ -217,3 +232,31 @@ def _convert(source: Path, tmp: Path, quantization: str, device: str, info: dict
             "transformers": transformers.__version__,
         },
     )
+
+
+# What distil needs beside an export's weights to evaluate it (feature extractor, tokenizer, generation
+# settings, the Hugging Face config the runtime's hyper-parameters came from): copied as they are.
+EVALUATION_FILES = (
+    "config.json",
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.json",
+    "merges.txt",
+    "normalizer.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    *FEATURE_FILES,
+)
+
+
+def copy_evaluation_files(source: Path, out: Path) -> None:
+    """Copy the source's config, tokenizer, feature extractor and generation files (those it has) into `out`,
+    with preprocessor_config.json, the name every reader knows (transformers 5 may save processor_config.json)."""
+    from transformers import WhisperFeatureExtractor
+
+    for name in EVALUATION_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out / name)
+    if not (out / "preprocessor_config.json").is_file():
+        WhisperFeatureExtractor.from_pretrained(source).to_json_file(out / "preprocessor_config.json")
