@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel is on disk here; on a GPU machine pass e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,models,ct2,slurm,wandb,mlflow
+EXTRAS ?= dev,models,ct2,slurm,wandb,mlflow,ggml
 STAMP := $(VENV)/.distil-installed
 # TTS engines and voices for the synthetic corpora; WordNet to regenerate the sentence bank (distil/data/resources).
 DEBIAN_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts wordnet-base
@@ -30,6 +30,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+# openai-whisper (format=openai's check and evaluation) declares triton, GPU-only and hundreds of MB: its
+# other dependencies (the `openai` extra's) are installed, the package itself without its declared ones.
+	$(PY) -m pip install -q tiktoken numba more-itertools
+	$(PY) -m pip install -q --no-deps "openai-whisper>=20250625"
 	@touch $(STAMP)
 
 demo: setup
