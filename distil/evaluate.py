@@ -27,9 +27,10 @@ from distil.config.schema import validate
 from distil.evaluation.ct2_backend import load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
 from distil.evaluation.pytorch_backend import PyTorchModel
+from distil.evaluation.runtime_backends import detect_runtime_export, load_runtime_export
 from distil.evaluation.scoring import failed_sets, primary_metric
 from distil.evaluation.sections import EvalRun
-from distil.utils.errors import instantiate, one_line_errors
+from distil.utils.errors import ConfigError, instantiate, one_line_errors
 from distil.utils.io import ensure_writable_directory, writable_home, write_atomic
 from distil.utils.paths import CONF_DIR
 from distil.utils.tensorboard import write_tensorboard
@@ -67,11 +68,20 @@ def evaluate(cfg: DictConfig, out_dir: str | Path | None = None) -> dict:
     long_form = eval_cfg.get("long_form") or {}
     for name, e in (long_form.get("sets") or {}).items():
         set_entry(name, e, "long_form.sets")
-    loaded = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
-    if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
-        model = load_ct2(loaded, out / f"ctranslate2-{compute_type}", compute_type)
+    runtime = detect_runtime_export(cfg.model.get("path"))  # a whisper.cpp or openai-whisper export directory
+    if runtime and backend != "pytorch":
+        raise ConfigError(
+            f"backend={backend}: {cfg.model.path} is a {runtime} export, which runs in its own runtime"
+        )
+    if runtime:
+        model = load_runtime_export(runtime, cfg.model.path, cfg.model.get("name"))
+        backend = runtime
     else:
-        model = PyTorchModel.of(loaded)
+        loaded = load_model(cfg.model, cfg.get("device", "auto"), cfg.get("dtype", "auto"), models_root)
+        if backend == "ctranslate2":  # the model as faster-whisper runs it: exported into the run directory
+            model = load_ct2(loaded, out / f"ctranslate2-{compute_type}", compute_type)
+        else:
+            model = PyTorchModel.of(loaded)
     log.info("evaluating %s (%s)", model.name, model.path)
     metrics: dict[str, Any] = {"model": model.info(), "device": model.device_info(), "backend": backend}
 

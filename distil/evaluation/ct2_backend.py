@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from distil.data.audio import SAMPLING_RATE
-from distil.evaluation.latency import feature_batches, time_batches
+from distil.evaluation.latency import cpu_device_info, feature_batches, time_batches
 from distil.evaluation.longform import LongFormSettings
 from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
@@ -59,16 +59,7 @@ class CT2Model:
         }
 
     def device_info(self) -> dict:
-        import os
-        import platform
-
-        return {
-            "device": "cpu",
-            "threads": self.threads,
-            "cpu_count": os.cpu_count(),
-            "device_name": platform.processor() or platform.machine(),
-            "platform": platform.platform(),
-        }
+        return cpu_device_info(self.threads)
 
     def prompt(self, language: str | None, task: str | None) -> list[int]:
         from transformers.models.whisper.tokenization_whisper import TO_LANGUAGE_CODE

@@ -49,6 +49,17 @@ def device_info(device: torch.device | str) -> dict:
     return info
 
 
+def cpu_device_info(threads: int) -> dict:
+    """What a runtime other than PyTorch ran on (CTranslate2, whisper.cpp, openai-whisper on the CPU)."""
+    return {
+        "device": "cpu",
+        "threads": int(threads),
+        "cpu_count": os.cpu_count(),
+        "device_name": platform.processor() or platform.machine(),
+        "platform": platform.platform(),
+    }
+
+
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -208,6 +208,13 @@ def _long_set(run: EvalRun, entry: dict, algorithms: list[str], settings: LongFo
         "skipped_bad_audio": problems,
     }
     for algorithm in algorithms:
+        supported = getattr(run.model, "long_form_algorithms", ALGORITHMS)
+        if algorithm not in supported:  # whisper.cpp and openai-whisper have only the sequential algorithm
+            result[algorithm] = {
+                "status": "skipped",
+                "reason": f"{run.model.kind} runs {', '.join(supported)} only",
+            }
+            continue
         predictions, used = run.model.transcribe_long(
             waves, algorithm, settings, entry["language"], entry["task"]
         )
