@@ -42,6 +42,7 @@ import logging
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.choices import known_choices
 from distil.config.schema import validate
 from distil.data.synthetic_build import build_all
 from distil.utils.errors import one_line_errors
@@ -84,6 +85,7 @@ def run_command(cfg: DictConfig) -> dict[str, dict[str, str]]:
 
 
 @writable_home
+@known_choices  # an unknown option of a config group (model=nope): one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="corpus")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

@@ -23,6 +23,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.choices import known_choices
 from distil.config.schema import validate
 from distil.evaluation.ct2_backend import load_ct2
 from distil.evaluation.data import EvalInputError, set_entry
@@ -120,6 +121,7 @@ def run_command(cfg: DictConfig) -> dict[str, Any]:
 
 
 @writable_home
+@known_choices  # an unknown option of a config group (model=nope): one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="evaluate")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

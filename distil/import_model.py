@@ -12,6 +12,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
+from distil.config.choices import known_choices
 from distil.config.schema import validate
 from distil.utils.errors import ConfigError, one_line_errors
 from distil.utils.io import ensure_writable_directory, ensure_writable_parent, writable_home
@@ -66,6 +67,7 @@ def run_command(cfg: DictConfig) -> dict[str, str]:
 
 
 @writable_home
+@known_choices  # an unknown option of a config group (model=nope): one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="import_model")
 @one_line_errors
 def main(cfg: DictConfig) -> None:

@@ -46,6 +46,7 @@ import lightning as L
 from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf
 
+from distil.config.choices import known_choices
 from distil.config.schema import validate
 from distil.data.encoder_cache import EncoderCache, cache_fingerprint
 from distil.data.entries import (
@@ -358,6 +359,7 @@ def run_command(cfg: DictConfig) -> dict[str, Any]:
 
 
 @writable_home
+@known_choices  # an unknown option of a config group (model=nope): one line before Hydra composes
 @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="pseudo_label")
 @one_line_errors
 def main(cfg: DictConfig) -> float | None:

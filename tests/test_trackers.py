@@ -159,3 +159,20 @@ def test_train_refuses_an_unknown_tracker_in_one_line_before_anything_loads(cli_
         "error: logger=nope: there is no such logger (conf/logger/nope.yaml); choose from mlflow, tensorboard, wandb"
     ]
     assert not list(cli_home.rglob("run_info.json"))
+
+
+@pytest.mark.unit
+@pytest.mark.parametrize(
+    "stage", ["corpus", "import_model", "pseudo_label", "init_student", "train", "evaluate", "pipeline"]
+)
+def test_every_command_names_an_unknown_group_option_before_hydra_composes(stage, monkeypatch):
+    import importlib
+
+    module = importlib.import_module(f"distil.{stage}")
+    monkeypatch.setattr(sys, "argv", [f"distil-{stage}", "paths=nope"])
+    with pytest.raises(SystemExit) as exit_:  # SystemExit(message): Python prints it, exit status 1
+        module.main()
+    assert (
+        exit_.value.code
+        == "error: paths=nope: there is no such paths (conf/paths/nope.yaml); choose from default"
+    )
