@@ -29,8 +29,8 @@ GRAPHS = {
     "float16": {"encoder_model_fp16.onnx", "decoder_model_merged_fp16.onnx"},
     "int8": {"encoder_model_int8.onnx", "decoder_model_merged_int8.onnx"},
 }
-# The stated int8 gate: tiny.en's int8 export within this many WER points of float32 on the test clips
-# (measured: 0.0 points on the 8 clips, one token of one clip differs; the CTranslate2 export's margin).
+# The stated int8 gate: tiny.en's int8 export within this many WER points of float32 on the test clips, the
+# CTranslate2 export's margin. Measured here: 13.6 % for both, the same transcripts of the 8 clips.
 INT8_WER_MARGIN = 5.0
 
 

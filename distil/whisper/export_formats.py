@@ -12,8 +12,8 @@ Every format module provides the same four names:
   intact), a no-op when `out` already holds the same source and quantization unless `force`; `out` also
   carries what distil needs to evaluate it (tokenizer, preprocessor and generation config).
 
-A module may accept more keyword arguments (`options`, e.g. CTranslate2's `device`), which the stage passes
-from its config.
+A module may accept more keyword arguments (`options`): CTranslate2's `device` (from the stage's config), and
+`source_name`, what its record names as the source when that is a temporary directory (a checkpoint's).
 """
 
 from __future__ import annotations
@@ -52,7 +52,12 @@ FORMATS = {
             ("device", "source_name"),
         ),
         ExportFormat(
-            "onnx", "onnx", "distil.whisper.onnx_export", "ONNX Runtime, optimum, transformers.js", "an ONNX"
+            "onnx",
+            "onnx",
+            "distil.whisper.onnx_export",
+            "ONNX Runtime, optimum, transformers.js",
+            "an ONNX",
+            ("source_name",),
         ),
         ExportFormat("ggml", "ggml", "distil.whisper.ggml_export", "whisper.cpp", "a ggml"),
         ExportFormat(
