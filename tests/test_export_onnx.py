@@ -195,6 +195,24 @@ def test_command_defaults_the_quantization_and_names_the_directory(
     assert export(cfg) == tmp_path / "model-onnx-float32"
 
 
+def test_command_exports_a_training_checkpoint(tiny_random_dir, tts_clips, tmp_path):
+    import torch
+    from transformers import WhisperForConditionalGeneration
+
+    from distil.export import export
+
+    model = WhisperForConditionalGeneration.from_pretrained(tiny_random_dir)
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"student.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    overrides = ["model=checkpoint", f"model.path={ckpt}", f"model.base={tiny_random_dir}", "format=onnx"]
+    out = export(compose_export(overrides))
+    assert out == ckpt.parent / "last-onnx-float32"
+    assert json.loads((out / onnx_export.EXPORT_INFO).read_text())["source"] == str(ckpt)
+    feats = features(tiny_random_dir, tts_clips[:2])
+    assert ort_ids(out, feats, 16, tmp_path) == pytorch_ids(tiny_random_dir, feats, 16)
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
