@@ -30,7 +30,6 @@ class ExportFormat:
     name: str
     suffix: str  # the default output directory is <model>-<suffix>-<quantization>
     module_path: str
-    runtime: str  # what loads the export, for messages and docs
     title: str  # "<title> export" in messages
     options: tuple[str, ...] = ()  # extra keyword arguments its check_quantization/export take
 
@@ -47,7 +46,6 @@ FORMATS = {
             "ctranslate2",
             "ct2",
             "distil.whisper.ct2_export",
-            "faster-whisper",
             "a CTranslate2",
             ("device", "source_name"),
         ),
@@ -55,17 +53,15 @@ FORMATS = {
             "onnx",
             "onnx",
             "distil.whisper.onnx_export",
-            "ONNX Runtime, optimum, transformers.js",
             "an ONNX",
             ("source_name",),
         ),
-        ExportFormat("ggml", "ggml", "distil.whisper.ggml_export", "whisper.cpp", "a ggml"),
+        ExportFormat("ggml", "ggml", "distil.whisper.ggml_export", "a ggml"),  # whisper.cpp
         ExportFormat(
-            "openai", "openai", "distil.whisper.openai_export", "openai-whisper", "an OpenAI-format"
-        ),
+            "openai", "openai", "distil.whisper.openai_export", "an OpenAI-format"
+        ),  # openai-whisper
     )
 }
-DEFAULT_FORMAT = "ctranslate2"
 
 
 def export_format(name: str) -> ExportFormat:
