@@ -5,7 +5,13 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # The CPU wheel is on disk here; on a GPU machine pass e.g. `make setup TORCH="torch==2.13.0 --index-url ..."`.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,models,ct2,slurm,wandb,mlflow,ggml
+EXTRAS ?= dev,models,ct2,onnx,slurm,wandb,mlflow,ggml
+# The ONNX exporter (distil-export format=onnx): optimum-onnx pins transformers<4.58 while distil runs
+# transformers 5, so it and its own transformers go into a folder of their own that only the export's child
+# process puts first on its path (distil/whisper/onnx_export.py); torch, onnx and onnxruntime are the venv's.
+ONNX_EXPORTER := $(VENV)/optimum-onnx
+ONNX_EXPORTER_PACKAGES := optimum-onnx==0.1.0 optimum==2.1.0 transformers==4.57.6 tokenizers==0.22.2 \
+	huggingface_hub==0.36.2 requests==2.34.2 charset-normalizer==3.5.3 urllib3==2.8.0 certifi
 STAMP := $(VENV)/.distil-installed
 # TTS engines and voices for the synthetic corpora; WordNet to regenerate the sentence bank (distil/data/resources).
 DEBIAN_PACKAGES := espeak-ng flite festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts wordnet-base
@@ -34,6 +40,9 @@ $(STAMP): pyproject.toml
 # other dependencies (the `openai` extra's) are installed, the package itself without its declared ones.
 	$(PY) -m pip install -q tiktoken numba more-itertools
 	$(PY) -m pip install -q --no-deps "openai-whisper>=20250625"
+	@if [[ ",$(EXTRAS)," == *,onnx,* ]]; then \
+	  rm -rf $(ONNX_EXPORTER) && $(PY) -m pip install -q --no-deps --target $(ONNX_EXPORTER) $(ONNX_EXPORTER_PACKAGES); \
+	fi
 	@touch $(STAMP)
 
 demo: setup

@@ -159,3 +159,23 @@ def test_distil_export_of_a_run_export_carries_a_ctranslate2_card(run_dir):
     assert "WhisperModel(" in card.text and 'compute_type="int8"' in card.text
     assert "distil-export model=path model.path=run/best" in card.text
     assert isinstance(ModelCardData(**card.data.to_dict()), ModelCardData)
+
+
+def test_an_onnx_export_s_card_names_its_format_and_how_to_load_it(run_dir):
+    """The card of a `format=onnx` export (written as distil-export writes it, without converting here)."""
+    from distil.whisper.model_card import build_card
+
+    evaluation = evaluation_summary({**EVALS, "student-onnx-int8": metrics(6.75, 8.5, 30.0)})
+    facts = card_facts(
+        run_dir / "best-onnx-int8",
+        source_dir=run_dir / "best",
+        quantization="int8",
+        export_format="onnx",
+        evaluation=evaluation,
+    )
+    card = ModelCard(str(build_card(facts)))
+    assert card.data.library_name == "onnx" and card.data.model_name.endswith("-onnx-int8")
+    assert {"onnx", "transformers.js", "int8"} <= set(card.data.tags)
+    assert [r.metric_value for r in card.data.eval_results][0] == 6.75  # the int8 ONNX model's own WER
+    assert "ORTModelForSpeechSeq2Seq.from_pretrained(" in card.text and 'dtype: "int8"' in card.text
+    assert "ONNX graphs (int8 weights)" in card.text and "faster-whisper" not in card.text

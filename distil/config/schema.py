@@ -32,6 +32,7 @@ from distil.training.optim import SCHEDULES
 from distil.training.trackers import missing_tracker_package
 from distil.utils.errors import ConfigError
 from distil.utils.hub import is_repo_id
+from distil.whisper.export_formats import FORMATS
 
 STAGES = ("corpus", "pseudo_label", "init_student", "train", "evaluate")  # distil-pipeline's, in order
 
@@ -311,7 +312,8 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "eval.noise.samples": count,
         "eval.noise.seed": integer,
     },
-    "export": dict(HUB_RULES),
+    # The quantization's values depend on the format: its module checks them (export_formats).
+    "export": {"format": one_of(*FORMATS), "quantization": optional(text), "force": boolean, **HUB_RULES},
     "import_model": {},
     "init_student": {"overwrite": boolean},
     "corpus": {

@@ -6,6 +6,9 @@ tokenizer.json is copied beside them and preprocessor_config.json written from t
 as `faster_whisper.WhisperModel(dir)` reads both. Everything is checked before any work, and the export is built in a hidden temporary
 sibling and moved into place complete (`distil.utils.io.build_directory`); its completeness marker records
 the source's weight fingerprint and the quantisation, so exporting the same model again is a no-op.
+
+It is the `ctranslate2` entry of `distil.whisper.export_formats` (QUANTIZATIONS, check_quantization,
+check_model, export), and holds what every format shares: ExportInputError, the output checks.
 """
 
 from __future__ import annotations
@@ -25,6 +28,18 @@ EXPORT_FORMAT = "ctranslate2"
 EXPORT_FORMAT_VERSION = 1
 EXPORT_INFO = "distil_export.json"  # what was exported: source, fingerprint, quantisation, versions
 FEATURE_FILES = ("preprocessor_config.json", "processor_config.json")  # either holds the feature extractor
+# ctranslate2's ACCEPTED_MODEL_TYPES (a test keeps them equal), written out so that listing them imports
+# nothing; the first, int8, is the default.
+QUANTIZATIONS = (
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
 
 
 class ExportInputError(InputError):
@@ -132,25 +147,42 @@ def export_spec(
     }
 
 
-def is_export(directory: str | Path, export_format: str = EXPORT_FORMAT) -> bool:
-    """Whether `directory` is a complete `export_format` export written by distil (of any model)."""
+def is_export(directory: str | Path, fmt: str = EXPORT_FORMAT) -> bool:
+    """Whether `directory` is a complete export of format `fmt` written by distil (of any model)."""
     marker = Path(directory) / COMPLETE_MARKER
     try:
-        return read_json(marker)["spec"]["format"] == export_format
+        return read_json(marker)["spec"]["format"] == fmt
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def check_output(out: str | Path, export_format: str = EXPORT_FORMAT, target: str = "CTranslate2") -> None:
-    """An existing non-empty `out` must be a distil export of this format: anything else is never overwritten."""
+def check_output(out: str | Path, fmt: str = EXPORT_FORMAT, title: str = "a CTranslate2") -> None:
+    """An existing non-empty `out` must be a distil export of format `fmt` (`title` names it in the message):
+    anything else is never overwritten."""
     out = Path(out)
     if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return
-    if not is_export(out, export_format):
+    if not is_export(out, fmt):
         raise ExportInputError(
-            f"output directory {out} exists and is not a {target} export written by distil: "
+            f"output directory {out} exists and is not {title} export written by distil: "
             "choose another out_dir=<directory> (nothing there is overwritten)"
         )
+
+
+def is_done(out: Path, spec: dict, force: bool, source_name: str) -> bool:
+    """Whether `out` already holds the export `spec` describes (then there is nothing to do); refuses, before
+    any work, an export of another model or quantisation there unless `force` (it is then replaced)."""
+    if is_complete(out, spec):
+        log.info("%s is already the %s export of %s", out, spec["quantization"], source_name)
+        return True
+    if is_export(out, spec["format"]) and not force:
+        previous = read_json(out / COMPLETE_MARKER)["spec"]
+        raise ExportInputError(
+            f"output directory {out} is the {previous.get('quantization')} export of another model "
+            f"({previous.get('source_fingerprint')}): choose another out_dir=<directory> or pass force=true "
+            "to replace it"
+        )
+    return False
 
 
 def export_ct2(
@@ -184,19 +216,26 @@ def export_ct2(
 
 def write_export(out: Path, spec: dict, build, force: bool, source: str | Path) -> Path:
     """Build `out` with `build(tmp)` in a hidden sibling and move it into place complete (an interrupted export
-    leaves the previous one intact); a complete export with the same `spec` is kept as it is, and one of
-    another model or quantisation is replaced only with `force`. Shared by every export format."""
-    if is_complete(out, spec):
-        log.info("%s is already the %s export of %s", out, spec["quantization"], source)
+    leaves the previous one intact), unless it already holds this export (`is_done`). Shared by every format."""
+    if is_done(out, spec, force, str(source)):
         return out
-    if is_export(out, spec["format"]) and not force:
-        previous = read_json(out / COMPLETE_MARKER)["spec"]
-        raise ExportInputError(
-            f"output directory {out} is the {previous.get('quantization')} export of another model "
-            f"({previous.get('source_fingerprint')}): choose another out_dir=<directory> or pass force=true "
-            "to replace it"
-        )
     return build_directory(out, spec, build, replace=True)
+
+
+# The interface of distil.whisper.export_formats: the stage calls these for format=ctranslate2.
+check_model = check_whisper_dir
+
+
+def export(
+    source: Path,
+    out: Path,
+    quantization: str,
+    force: bool = False,
+    device: str = "cpu",
+    source_name: str | None = None,
+) -> Path:
+    """`export_ct2` under the name every format module gives its export."""
+    return export_ct2(source, out, quantization, device, force, source_name)
 
 
 def _convert(source: Path, tmp: Path, quantization: str, device: str, info: dict) -> None:

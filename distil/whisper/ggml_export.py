@@ -109,7 +109,7 @@ def export(source: Path, out: Path, quantization: str, force: bool = False) -> P
     check_model(source)
     check_widths(read_json(source / "config.json"), quantization, source)
     out = Path(out).expanduser()
-    check_output(out, EXPORT_FORMAT, "whisper.cpp (GGML)")
+    check_output(out, EXPORT_FORMAT, "a whisper.cpp (GGML)")
     spec = export_spec(source, quantization, EXPORT_FORMAT, EXPORT_FORMAT_VERSION)
     return write_export(out, spec, lambda tmp: _convert(source, tmp, quantization, spec), force, source)
 

@@ -123,12 +123,36 @@ def evaluation_summary(evals: dict[str, dict], set_paths: dict[str, Any] | None 
     return {"roles": roles, "set_hub_ids": hub_sets}
 
 
+# What a card says of an export for a runtime (distil-export format=...): its name's suffix, its Hub tags and
+# what it is; a format not listed here is named by itself.
+EXPORT_CARDS = {
+    "ctranslate2": (
+        "ct2",
+        ["ctranslate2", "faster-whisper"],
+        "a CTranslate2 model ({q} weights) for faster-whisper",
+    ),
+    "onnx": (
+        "onnx",
+        ["onnx", "transformers.js"],
+        "ONNX graphs ({q} weights) for ONNX Runtime and transformers.js",
+    ),
+}
+TRANSFORMERS_JS_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "int8"}  # its `dtype` option
+
+
+def _export_card(facts: dict) -> tuple[str, list[str], str]:
+    fmt = facts["format"]
+    suffix, tags, what = EXPORT_CARDS.get(fmt, (fmt, [fmt], f"a {fmt} export ({{q}} weights)"))
+    return suffix, tags, what.format(q=facts["quantization"])
+
+
 def card_facts(
     model_dir: str | Path,
     *,
     run_dir: str | Path | None = None,
     source_dir: str | Path | None = None,
     quantization: str | None = None,
+    export_format: str = "ctranslate2",
     evaluation: dict | None = None,
     command: str | None = None,
     runtimes: list[str] | None = None,
@@ -136,8 +160,8 @@ def card_facts(
 ) -> dict[str, Any]:
     """Everything the card of `model_dir` says, from the records on disk (nothing loads a model).
 
-    `source_dir`: the Hugging Face directory a CTranslate2 export (`quantization` set) was made from (default:
-    `model_dir`); `run_dir`: the training run that made it (default: the source's parent, if it is a run);
+    `source_dir`: the Hugging Face directory an export (`quantization` set, of `export_format`) was made from
+    (default: `model_dir`); `run_dir`: the training run that made it (default: the source's parent, if it is a run);
     `evaluation`: an `evaluation_summary` (default: the source's distil_evaluation.json); `command`: the
     command that made it (default: the one train_summary.json records); `runtimes`: the other exports made
     of it (e.g. `best-ct2-int8`), for the card's loading section; `export_command`: the `distil-export`
@@ -157,7 +181,7 @@ def card_facts(
         languages = [settings["teacher.language"]]
     return {
         "export": source.name,
-        "format": "ctranslate2" if quantization else "transformers",
+        "format": export_format if quantization else "transformers",
         "quantization": quantization,
         "teacher": teacher_facts(settings) if settings else _recorded_teacher(source),
         "student": student_facts(source),
@@ -196,12 +220,12 @@ def _model_name(facts: dict) -> str:
     teacher = facts["teacher"]["name"] or "whisper"
     layers = facts["student"].get("decoder_layers")
     name = f"distil-{Path(str(teacher)).name}" + (f"-{layers}dec" if layers else "")
-    return name + (f"-ct2-{facts['quantization']}" if facts["quantization"] else "")
+    return name + (f"-{_export_card(facts)[0]}-{facts['quantization']}" if facts["quantization"] else "")
 
 
 def _role(facts: dict) -> str:
-    """The evaluation role of this export: the float student, or the student as CTranslate2 runs it."""
-    return f"student-ct2-{facts['quantization']}" if facts["quantization"] else "student"
+    """The evaluation role of this export: the float student, or the student as its runtime runs it."""
+    return f"student-{_export_card(facts)[0]}-{facts['quantization']}" if facts["quantization"] else "student"
 
 
 def eval_results(facts: dict) -> list:
@@ -254,7 +278,7 @@ def build_card(facts: dict[str, Any]):
         pipeline_tag=TASK,
         datasets=hub_datasets or None,
         tags=["distil-whisper", "whisper", "knowledge-distillation", "distil"]
-        + (["ctranslate2", "faster-whisper", facts["quantization"]] if facts["quantization"] else []),
+        + ([*_export_card(facts)[1], facts["quantization"]] if facts["quantization"] else []),
         metrics=["wer"] if results else None,
         eval_results=results or None,
     )
@@ -301,9 +325,7 @@ def _body(facts: dict, name: str) -> list[str]:
         else (f"`{teacher['name']}` (a local model)")
     )
     fmt = (
-        f"a CTranslate2 model ({facts['quantization']} weights) for faster-whisper"
-        if facts["quantization"]
-        else "a Hugging Face transformers model (safetensors)"
+        _export_card(facts)[2] if facts["quantization"] else "a Hugging Face transformers model (safetensors)"
     )
     lines = [
         f"# {name}",
@@ -460,7 +482,32 @@ def _limit_lines(facts: dict) -> list[str]:
 
 
 def _usage_lines(facts: dict) -> list[str]:
-    if facts["quantization"]:
+    if facts["format"] == "onnx":
+        return [
+            "With [optimum](https://github.com/huggingface/optimum-onnx) (ONNX Runtime):",
+            "",
+            "```python",
+            "from optimum.onnxruntime import ORTModelForSpeechSeq2Seq",
+            "from transformers import WhisperProcessor",
+            "",
+            'processor = WhisperProcessor.from_pretrained("<this directory or repo id>")',
+            'model = ORTModelForSpeechSeq2Seq.from_pretrained("<this directory or repo id>")',
+            "# audio: 16 kHz mono float samples",
+            'features = processor(audio, sampling_rate=16000, return_tensors="pt").input_features',
+            "print(processor.batch_decode(model.generate(features), skip_special_tokens=True)[0])",
+            "```",
+            "",
+            "With [transformers.js](https://github.com/huggingface/transformers.js):",
+            "",
+            "```js",
+            'import { pipeline } from "@huggingface/transformers";',
+            "",
+            'const asr = await pipeline("automatic-speech-recognition", "<repo id>", '
+            f'{{ dtype: "{TRANSFORMERS_JS_DTYPES.get(facts["quantization"], facts["quantization"])}" }});',
+            'console.log((await asr("audio.wav")).text);',
+            "```",
+        ]
+    if facts["format"] == "ctranslate2" and facts["quantization"]:
         return [
             "With [faster-whisper](https://github.com/SYSTRAN/faster-whisper) (CTranslate2):",
             "",

@@ -153,7 +153,7 @@ def export(source: Path, out: Path, quantization: str, force: bool = False) -> P
     source = Path(source).expanduser()
     check_model(source)
     out = Path(out).expanduser()
-    check_output(out, EXPORT_FORMAT, "openai-whisper")
+    check_output(out, EXPORT_FORMAT, "an openai-whisper")
     spec = export_spec(source, quantization, EXPORT_FORMAT, EXPORT_FORMAT_VERSION)
     return write_export(out, spec, lambda tmp: _convert(source, tmp, quantization, spec), force, source)
 
