@@ -83,6 +83,7 @@ def validate_stages(cfg: DictConfig) -> None:
     """The pipeline's config and each stage's, composed as the stages will be, checked before any stage runs
     (a bad value in the recipe or `overrides.train` is refused up front, not after labelling)."""
     validate(cfg, "pipeline")
+    deploy_formats(cfg)  # each format known and its quantization one its runtime has
     for stage in STAGES:
         if stage in cfg.stages:
             stage_cfg = compose_stage(stage, stage_overrides(cfg, stage), cfg.paths)
@@ -184,6 +185,7 @@ def _run_stages(cfg: DictConfig, out: Path, results: dict[str, Any]) -> None:
             ),
             ("student", student_dir, ["++eval.speculative=null"]),  # a model is not its own assistant
             *deployment_role(cfg, student_dir),
+            *format_roles(cfg, {"teacher": teacher_dir, "student": student_dir}, out),
         ]:
             if model_dir is None:
                 continue
@@ -266,6 +268,52 @@ def deployment_role(cfg: DictConfig, student_dir: str | None) -> list[tuple[str,
     if not q or not student_dir:
         return []
     return [(f"student-ct2-{q}", student_dir, ["backend=ctranslate2", f"compute_type={q}"])]
+
+
+def deploy_formats(cfg: DictConfig) -> list[tuple[str, str]]:
+    """`deploy_formats` as (format, quantization) pairs, each checked against its format's quantizations before
+    any stage runs (`ggml:q8_0`; `ggml` alone: the format's default quantization)."""
+    from distil.whisper.export_formats import export_format, load_module
+
+    pairs = []
+    for spec in cfg.get("deploy_formats") or []:
+        name, _, quantization = str(spec).partition(":")
+        if name == "ctranslate2":
+            raise ConfigError(
+                f"deploy_formats={spec}: CTranslate2 is deploy_compute_type's (deploy_compute_type=int8)"
+            )
+        module = load_module(export_format(name))
+        quantization = quantization or module.QUANTIZATIONS[0]
+        module.check_quantization(quantization)
+        pairs.append((name, quantization))
+    return pairs
+
+
+def format_roles(
+    cfg: DictConfig, sources: dict[str, str | None], out: Path
+) -> list[tuple[str, str, list[str]]]:
+    """Each model exported to each of `deploy_formats` (as `distil-export format=... quantization=...` would,
+    into <run>/exports/<role>-<format>-<quantization>), to be evaluated in that format's runtime."""
+    from distil.export import export
+
+    roles = []
+    for name, quantization in deploy_formats(cfg):
+        for role, source in sources.items():
+            if source is None:
+                continue
+            tag = f"{role}-{name}-{quantization}"
+            overrides = [
+                "model=path",
+                f"model.path={_quoted(source)}",
+                f"format={name}",
+                f"quantization={quantization}",
+                f"out_dir={_quoted(out / 'exports' / tag)}",
+            ]
+            log.info("stage export_%s: python -m distil.export %s", tag, " ".join(overrides))
+            stage_cfg = compose_stage("export", overrides, cfg.paths)
+            write_run_info(stage_cfg, out / f"export_{tag}")
+            roles.append((tag, str(export(stage_cfg, command_line("distil-export", overrides))), []))
+    return roles
 
 
 def _quoted(path: str | Path) -> str:
@@ -353,7 +401,9 @@ def dry_run_plan(cfg: DictConfig, out_dir: str | Path | None) -> dict[str, Any]:
                 + ["student"]
                 + ([f"student-ct2-{cfg.deploy_compute_type}"] if cfg.get("deploy_compute_type") else [])
             )
-            entry["models"] = roles
+            entry["models"] = roles + [
+                f"{role}-{name}-{q}" for name, q in deploy_formats(cfg) for role in roles[:2]
+            ]
         stages[stage] = entry
     return {"run_directory": str(out_dir), "stages": stages}
 

@@ -25,7 +25,7 @@ from distil.pipeline import (
     stage_overrides,
     validate_stages,
 )
-from distil.utils.errors import ConfigError
+from distil.utils.errors import ConfigError, InputError
 from distil.utils.paths import CONF_DIR
 
 TINY_EVAL = [
@@ -316,6 +316,42 @@ def test_evaluate_stage_alone_can_skip_the_teacher_and_read_another_export(pipel
     assert set(results["evaluate"]) == {"student"}
     assert Path(results["evaluate"]["student"]["model"]["path"]) == Path(first["train"]["exports"]["last"])
     assert (tmp_path / "run_student_only" / "metrics.json").is_file()  # what the sweep collector reads
+
+
+@pytest.mark.slow  # about a minute: four exports, four evaluations (the runtimes themselves: test_evaluate_runtimes)
+def test_deploy_formats_export_both_models_and_evaluate_them_in_their_runtimes(pipeline_run, tiny_random_dir):
+    pytest.importorskip("pywhispercpp.model")
+    pytest.importorskip("whisper")
+    tmp_path, _, _ = pipeline_run
+    run_dir = tmp_path / "run_formats"
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        extra = [
+            f"paths.models={tiny_random_dir.parent}",
+            "stages=[evaluate]",
+            "deploy_compute_type=null",
+            "deploy_formats=[ggml:q8_0,openai]",  # openai alone: its default quantization, float32
+            "overrides.evaluate=["
+            + ",".join(f"'{o}'" for o in [*TINY_EVAL, "eval.latency.batch_sizes=[1]"])
+            + "]",
+        ]
+        results = run_pipeline(_pipeline_cfg(tmp_path, extra), run_dir)
+    roles = ["teacher-ggml-q8_0", "student-ggml-q8_0", "teacher-openai-float32", "student-openai-float32"]
+    assert list(results["evaluate"]) == ["teacher", "student", *roles]
+    for role in roles:
+        metrics = results["evaluate"][role]
+        assert metrics["backend"] == role.split("-")[1] and metrics["model"]["dtype"] == role.split("-")[2]
+        assert Path(metrics["model"]["path"]) == run_dir / "exports" / role
+        assert (run_dir / f"export_{role}" / "config.yaml").is_file()  # the export stage's record
+    report = (run_dir / "report.md").read_text()
+    table = report.split("### Deployed formats")[1].split("###")[0]
+    assert "| student-ggml-q8_0 | ggml | q8_0 |" in table and "| teacher | pytorch | float32 |" in table
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        with pytest.raises(InputError, match="quantization"):
+            validate_stages(_pipeline_cfg(tmp_path, ["stages=[evaluate]", "deploy_formats=[ggml:int3]"]))
+        with pytest.raises(ConfigError, match="deploy_compute_type"):
+            validate_stages(
+                _pipeline_cfg(tmp_path, ["stages=[evaluate]", "deploy_formats=[ctranslate2:int8]"])
+            )
 
 
 def test_rerun_with_a_changed_evaluation_setting_redoes_only_the_evaluation(pipeline_run, tiny_random_dir):

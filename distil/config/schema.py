@@ -342,6 +342,9 @@ STAGE_RULES: dict[str, dict[str, Rule]] = {
         "train.ablation": optional(text),
         "train.export": one_of("auto", "best", "last", "averaged", "ema"),
         "evaluate_teacher": boolean,
+        "deploy_formats": list_of(
+            Rule("<format>:<quantization> (e.g. ggml:q8_0)", lambda v: isinstance(v, str) and bool(v))
+        ),
         "overrides.*": list_of(Rule("an override (key=value)", lambda v: isinstance(v, str))),
         **HUB_RULES,
     },

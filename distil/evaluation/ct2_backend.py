@@ -26,7 +26,7 @@ from distil.evaluation.longform import LongFormSettings
 from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
 from distil.whisper.generation import Guards, Transcript, check_prompt, transcribe_by_duration
-from distil.whisper.loading import LoadedModel
+from distil.whisper.loading import LoadedModel, weights_size_bytes
 
 BACKENDS = ("pytorch", "ctranslate2")
 WHISPER_MAX_LENGTH = 448  # decoder positions (faster-whisper refuses a longer prompt + max_new_tokens)
@@ -55,6 +55,7 @@ class CT2Model:
             "kind": self.kind,
             "source_path": self.source["path"],
             "dtype": self.compute_type,
+            "size_bytes": weights_size_bytes(self.path),
             "ctranslate2": ctranslate2.__version__,
         }
 

@@ -48,6 +48,8 @@ def comparison_tables(evals: dict[str, dict], train: dict | None) -> str:
         return _missing("no model was evaluated (the evaluate stage did not run or failed)")
     roles = list(evals)
     parts = ["### Headline", headline_table(evals)]
+    if any(m.get("backend", "pytorch") != "pytorch" for m in evals.values()):
+        parts += ["### Deployed formats", deployment_table(evals)]
     short_sets = sorted({s for m in evals.values() for s in (_get(m, "short_form", "sets") or {})})
     long_sets = sorted({s for m in evals.values() for s in (_get(m, "long_form", "sets") or {})})
     rows = [
@@ -148,6 +150,34 @@ def headline_table(evals: dict[str, dict]) -> str:
             + [_count_or_num(numbers.get(key, {}).get("value")) for key in columns]
         )
     return _table(["model", "parameters (M)", "decoder layers", *columns.values()], rows)
+
+
+def deployment_table(evals: dict[str, dict]) -> str:
+    """Each model in each runtime it was evaluated in: what runs it, its files' size, WER and speed."""
+    rows = []
+    for role, m in evals.items():
+        numbers = headlines(m)
+        long_form = {k: v for k, v in numbers.items() if k.startswith("long_form_wer_")}
+        size = _get(m, "model", "size_bytes")
+        rows.append(
+            [
+                role,
+                str(m.get("backend", "pytorch")),
+                str(_get(m, "model", "dtype") or "-"),
+                _num(size / 1e6, 1) if isinstance(size, int | float) else "-",
+                _num(numbers.get("short_form_wer", {}).get("value")),
+                " / ".join(
+                    f"{k.removeprefix('long_form_wer_')} {_num(v.get('value'))}" for k, v in long_form.items()
+                )
+                or "-",
+                _num(numbers.get("rtfx", {}).get("value")),
+            ]
+        )
+    header = ["model", "runtime", "dtype", "size on disk (MB)", "short-form WER %", "long-form WER %", "RTFx"]
+    return _table(header, rows) + (
+        "\n\nwhisper.cpp and openai-whisper decode one recording at a time and have no chunked long-form "
+        "algorithm; their RTFx includes computing the features (docs/evaluation.md)."
+    )
 
 
 def latency_rows(evals: dict[str, dict]) -> list[list[str]]:

@@ -31,7 +31,9 @@ from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import cpu_device_info, time_batches
 from distil.evaluation.longform import LongFormSettings
 from distil.utils.errors import ConfigError
+from distil.whisper.ct2_export import EXPORT_INFO
 from distil.whisper.generation import Guards, Transcript
+from distil.whisper.loading import weights_size_bytes
 
 # The file each runtime's export is found by (distil.whisper.ggml_export / openai_export write them).
 RUNTIME_FILES = {"ggml": "ggml-model.bin", "openai": "model.pt"}
@@ -45,6 +47,12 @@ def detect_runtime_export(path: str | Path | None) -> str | None:
         return None
     folder = Path(str(path)).expanduser()
     return next((kind for kind, name in RUNTIME_FILES.items() if (folder / name).is_file()), None)
+
+
+def export_record(folder: Path) -> dict:
+    """What distil-export recorded about the export (its quantization, source, versions); {} if none."""
+    record = folder / EXPORT_INFO
+    return json.loads(record.read_text()) if record.is_file() else {}
 
 
 @dataclass
@@ -71,7 +79,8 @@ class RuntimeModel(abc.ABC):
             "path": self.path,
             "kind": self.kind,
             "file": RUNTIME_FILES[self.kind],
-            "size_bytes": (folder / RUNTIME_FILES[self.kind]).stat().st_size,
+            "size_bytes": weights_size_bytes(folder),
+            "dtype": export_record(folder).get("quantization"),
             "decoder_layers": config.get("decoder_layers"),
             "encoder_layers": config.get("encoder_layers"),
             "runtime_version": self.runtime_version(),

@@ -50,6 +50,7 @@ class LoadedModel:
             "decoder_macs_per_token": decoder_macs_per_token(cfg),
             "multilingual": is_multilingual(self.model),
             "dtype": str(self.model.dtype).replace("torch.", ""),
+            "size_bytes": weights_size_bytes(self.path) if self.kind == "hf" else None,
         }
 
     def transcribe(
@@ -172,6 +173,17 @@ def model_from_checkpoint(ckpt: str | Path, base: str):
         log.warning("no generation_config.json in %s; using the default", base)
     load_checkpoint_into(model, state, str(ckpt), base)
     return model
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.onnx", "*.onnx_data")
+
+
+def weights_size_bytes(path: str | Path) -> int | None:
+    """Bytes of the model files in directory `path` (weights, not tokenizer or configs); None for a Hub id."""
+    folder = Path(str(path)).expanduser()
+    if not folder.is_dir():
+        return None
+    return sum(f.stat().st_size for pattern in WEIGHT_FILES for f in folder.rglob(pattern) if f.is_file())
 
 
 def load_model(
