@@ -30,8 +30,9 @@ def run_script(name: str, *args: str, cwd: Path) -> str:
     return proc.stdout
 
 
-# Each benchmark configuration is a subprocess (~15 s here): the default run times fp32 only.
-@pytest.mark.parametrize("dtypes", [["fp32"], pytest.param(["fp32", "bf16"], marks=pytest.mark.slow)])
+# Each benchmark configuration is a subprocess (~15 s here): the slow tier runs them.
+@pytest.mark.slow
+@pytest.mark.parametrize("dtypes", [["fp32"], ["fp32", "bf16"]])
 def test_train_step_benchmark_measures_each_precision(tmp_path, tiny_random_dir, dtypes):
     student = init_student(tiny_random_dir, tmp_path / "student", decoder_layers=1)
     out = tmp_path / "results.json"

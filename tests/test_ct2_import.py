@@ -305,6 +305,7 @@ def test_base_directory_multilingual_settings(base_dir):
 # --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 15 s: tiny.en through both runtimes (the import itself: the tiny random tests)
 def test_tiny_en_transcripts_equal_ctranslate2(tiny_en_dir, tts_clips, tmp_path):
     compare_with_ctranslate2(
         tiny_en_dir,

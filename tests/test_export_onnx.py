@@ -195,6 +195,7 @@ def test_command_defaults_the_quantization_and_names_the_directory(
     assert export(cfg) == tmp_path / "model-onnx-float32"
 
 
+@pytest.mark.slow  # about 15 s: a checkpoint to ONNX (the checkpoint path of the stage: test_export.py)
 def test_command_exports_a_training_checkpoint(tiny_random_dir, tts_clips, tmp_path):
     import torch
     from transformers import WhisperForConditionalGeneration

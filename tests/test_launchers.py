@@ -222,6 +222,7 @@ def test_model_options_reach_the_models_and_train(tmp_path, tiny_random_dir, mon
 # ------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # about 15 s: two submitit jobs, then the collector (the collector alone: test_collect.py)
 def test_train_multirun_through_submitit_and_the_collector(home):
     """`distil-train -m hydra/launcher=slurm_local data.wer_threshold=5,50`: two submitit jobs, each its own
     job directory and training run directory; the collector turns the multirun into its table."""
@@ -247,6 +248,7 @@ def test_train_multirun_through_submitit_and_the_collector(home):
     assert len(out_dirs) == 2 and all((Path(d) / "checkpoints" / "last.ckpt").is_file() for d in out_dirs)
 
 
+@pytest.mark.slow  # about 30 s: a submitit job preempted, requeued and resumed
 def test_preempted_job_is_requeued_by_submitit_and_resumes(home):
     """SIGTERM then USR2 (how SLURM preempts a submitit job; submitit's own `_interrupt` sends the same pair) to
     a training job of a local multirun: submitit requeues it and it resumes from last.ckpt."""

@@ -78,6 +78,7 @@ def home(tmp_path, monkeypatch, tiny_random_dir) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow  # about 15 s: the paper recipe end to end on local stand-ins
 def test_paper_recipe_runs_on_paper_shaped_data(home, tts_clips):
     paper = paper_config("train", ["experiment=paper"])
     train_entries = OmegaConf.to_container(paper.data.datasets)

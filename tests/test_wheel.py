@@ -69,6 +69,7 @@ def test_wheel_ships_the_configs_and_imports_from_the_wheel(wheel_venv, tmp_path
     assert shipped == {p.relative_to(PROJECT_ROOT / "conf") for p in (PROJECT_ROOT / "conf").rglob("*.yaml")}
 
 
+@pytest.mark.slow  # about 30 s: every console script run from another directory of a wheel install
 def test_console_scripts_find_their_config_from_any_directory(wheel_venv, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 

@@ -23,16 +23,17 @@ import importlib.metadata
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 from distil.utils.io import write_json_atomic
 from distil.whisper.ct2_export import (
+    EXPORT_INFO,
     ExportInputError,
     check_output,
     check_whisper_dir,
+    copy_evaluation_files,
     export_spec,
     write_export,
 )
@@ -40,20 +41,7 @@ from distil.whisper.ct2_export import (
 log = logging.getLogger(__name__)
 
 EXPORT_FORMAT = "onnx"
-EXPORT_INFO = "distil_export.json"
 QUANTIZATIONS = ("float32", "float16", "int8")  # the first, exact, is the default
-# Everything of the source but its weights: what ORTModelForSpeechSeq2Seq, transformers.js and distil read.
-CARRIED_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "vocab.json",
-    "merges.txt",
-    "normalizer.json",
-    "added_tokens.json",
-    "special_tokens_map.json",
-)
 # The exporter's packages, pinned together (optimum-onnx 0.1.0 needs transformers<4.58 and optimum 2.1).
 EXPORTER_DIR = Path(sys.prefix) / "optimum-onnx"
 
@@ -125,14 +113,9 @@ def export(
 
 
 def _convert(source: Path, tmp: Path, quantization: str, info: dict) -> None:
-    from transformers import WhisperFeatureExtractor
 
     log.info("exporting %s to ONNX (%s) ...", source, quantization)
-    for name in CARRIED_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, tmp / name)
-    # transformers.js and optimum read preprocessor_config.json (transformers 5 may save processor_config.json).
-    WhisperFeatureExtractor.from_pretrained(source).to_json_file(tmp / "preprocessor_config.json")
+    copy_evaluation_files(source, tmp)  # what ORTModelForSpeechSeq2Seq, transformers.js and distil read
     versions = json.loads(run_worker("export", source, tmp, quantization))
     write_json_atomic(
         tmp / EXPORT_INFO,
