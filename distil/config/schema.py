@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from distil.data.audio import NOISE_TYPES
 from distil.datamodules.speech import STOPPING_STRATEGIES
 from distil.evaluation.ct2_backend import BACKENDS
-from distil.evaluation.sections import ALGORITHMS
+from distil.evaluation.longform import ALGORITHMS
 from distil.modules.transcriber import DTYPES
 from distil.training.augment import SPECAUGMENT_WITH_CACHE
 from distil.training.optim import SCHEDULES

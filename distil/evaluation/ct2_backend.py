@@ -22,7 +22,7 @@ import numpy as np
 
 from distil.data.audio import SAMPLING_RATE
 from distil.evaluation.latency import cpu_device_info, feature_batches, time_batches
-from distil.evaluation.longform import LongFormSettings
+from distil.evaluation.longform import ALGORITHMS, LongFormSettings
 from distil.utils.errors import ConfigError
 from distil.whisper.ct2_export import export_ct2, restore_float_mode
 from distil.whisper.generation import Guards, Transcript, check_prompt, transcribe_by_duration
@@ -43,6 +43,7 @@ class CT2Model:
     source: dict  # the PyTorch model's info()
     kind: str = "ctranslate2"
     supports_speculative: ClassVar[bool] = False  # faster-whisper has no assistant model
+    long_form_algorithms: ClassVar[tuple[str, ...]] = ALGORITHMS  # faster-whisper's own
     _faster_whisper: Any = None  # faster_whisper.WhisperModel over the same directory, built on first use
 
     def info(self) -> dict:

@@ -105,6 +105,9 @@ def longform_metrics(
 # --------------------------------------------------------------------------- transcription
 
 
+ALGORITHMS = ("chunked", "sequential")  # every backend's `long_form_algorithms` is these or a subset
+
+
 @dataclass
 class SequentialOptions:
     """OpenAI's long-form decoding heuristics (defaults: the Whisper paper / transformers docs)."""

@@ -6,6 +6,7 @@ which backend runs:
   transcribe_long(waves, algorithm, settings, language, task)               whole recordings, and the settings used
   measure_latency(waves, batch_sizes, warmup, repeats, language, task, max_new_tokens)
   speculative(assistant, waves, language, task, max_new_tokens, warmup)     only where `supports_speculative`
+  long_form_algorithms                                                       the algorithms transcribe_long runs
   info(), device_info()
 """
 
@@ -18,7 +19,7 @@ from typing import ClassVar
 import numpy as np
 
 from distil.evaluation.latency import device_info, measure_latency
-from distil.evaluation.longform import LongFormSettings, transcribe_chunked, transcribe_sequential
+from distil.evaluation.longform import ALGORITHMS, LongFormSettings, transcribe_chunked, transcribe_sequential
 from distil.utils.errors import ConfigError
 from distil.whisper.generation import generation_kwargs
 from distil.whisper.loading import LoadedModel
@@ -27,6 +28,7 @@ from distil.whisper.loading import LoadedModel
 @dataclass
 class PyTorchModel(LoadedModel):
     supports_speculative: ClassVar[bool] = True  # transformers' assisted generation
+    long_form_algorithms: ClassVar[tuple[str, ...]] = ALGORITHMS
 
     @classmethod
     def of(cls, loaded: LoadedModel) -> PyTorchModel:

@@ -21,7 +21,7 @@ from distil.data.audio import add_noise, make_noise
 from distil.data.text import corpus_wer, get_normalizer
 from distil.evaluation.ct2_backend import CT2Model
 from distil.evaluation.data import EvalInputError, Sample, has_references, load_samples, set_entry
-from distil.evaluation.longform import LongFormSettings, longform_metrics, repeated_ngrams
+from distil.evaluation.longform import ALGORITHMS, LongFormSettings, longform_metrics, repeated_ngrams
 from distil.evaluation.pytorch_backend import PyTorchModel
 from distil.evaluation.scoring import averages, decoding_counts, headline, prediction_rows, score
 from distil.utils.errors import InputError
@@ -30,8 +30,6 @@ from distil.whisper.generation import Guards, Transcript
 from distil.whisper.loading import load_model
 
 log = logging.getLogger(__name__)
-
-ALGORITHMS = ("chunked", "sequential")
 
 
 @dataclass
@@ -208,7 +206,7 @@ def _long_set(run: EvalRun, entry: dict, algorithms: list[str], settings: LongFo
         "skipped_bad_audio": problems,
     }
     for algorithm in algorithms:
-        supported = getattr(run.model, "long_form_algorithms", ALGORITHMS)
+        supported = run.model.long_form_algorithms
         if algorithm not in supported:  # whisper.cpp and openai-whisper have only the sequential algorithm
             result[algorithm] = {
                 "status": "skipped",
